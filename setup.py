@@ -1,0 +1,29 @@
+"""The product-embeddings distribution; also what Dataflow installs on workers (--setup_file)."""
+
+from pathlib import Path
+
+import setuptools
+
+HERE = Path(__file__).resolve().parent
+REQUIRES = [
+    line.strip()
+    for line in (HERE / "requirements.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+]
+
+setuptools.setup(
+    name="product-embeddings",
+    version="0.1.0",
+    description="Streaming product image+text embeddings on Apache Beam, with a FAISS HNSW index for search.",
+    python_requires=">=3.11,<3.12",
+    packages=setuptools.find_packages(include=["pipelines*", "model_handlers*", "transforms*", "search*"]),
+    py_modules=["schemas"],
+    package_data={"model_handlers": ["model_configs/*.json"]},
+    install_requires=REQUIRES,
+    extras_require={
+        # faiss-cpu and faiss-gpu install the same module: pick exactly one.
+        "cpu": ["faiss-cpu==1.15.1"],
+        "gpu": ["faiss-gpu==1.15.1"],
+        "dev": ["faiss-cpu==1.15.1", "pytest==9.2.0", "hypothesis==6.170.15"],
+    },
+)

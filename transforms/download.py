@@ -1,0 +1,136 @@
+"""Image download that a merchant's URL can't turn against the worker (DESIGN §6).
+
+One pooled `requests` session per worker process, urllib3's `Retry` for bounded retries with
+backoff (5xx and timeouts only), redirects followed here so that every hop is checked, and a
+byte cap and a total deadline enforced while the body streams, so a huge or dripping body
+can't hold memory or a thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from urllib.parse import urljoin, urlsplit
+
+import requests
+from urllib3.util.retry import Retry
+
+from transforms.host_guard import GuardedAdapter, HostRefused
+
+__all__ = ["DownloadError", "FetchConfig", "HostRefused", "ImageFetcher"]
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+_CHUNK = 64 * 1024
+
+
+class DownloadError(IOError):
+    """The image could not be fetched: HTTP status, timeout, size, type or too many redirects."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchConfig:
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 10.0
+    total_timeout_s: float = 30.0
+    max_bytes: int = 20 * 1024 * 1024
+    retries: int = 2
+    backoff_s: float = 0.25
+    max_redirects: int = 5
+    allow_private_hosts: bool = False
+    max_concurrent_downloads: int = 16
+
+    def __post_init__(self):
+        for name in ("connect_timeout_s", "read_timeout_s", "total_timeout_s", "max_bytes", "max_concurrent_downloads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.retries < 0 or self.max_redirects < 0:
+            raise ValueError("retries and max_redirects must be >= 0")
+
+
+class ImageFetcher:
+    """Fetches image bytes; thread-safe, meant to be shared by a worker's download threads."""
+
+    def __init__(self, config: FetchConfig):
+        self.config = config
+        retry = Retry(
+            total=None,
+            connect=config.retries,
+            read=config.retries,
+            status=config.retries,
+            other=0,
+            redirect=False,
+            status_forcelist=(500, 502, 503, 504),
+            allowed_methods=frozenset({"GET"}),
+            backoff_factor=config.backoff_s,
+            backoff_max=5.0,
+            raise_on_status=False,
+            respect_retry_after_header=False,
+        )
+        adapter = GuardedAdapter(
+            pool_connections=32,
+            pool_maxsize=config.max_concurrent_downloads,
+            max_retries=retry,
+            pool_block=True,
+            allow_loopback=config.allow_private_hosts,
+        )
+        self._session = requests.Session()
+        # Proxies from the environment would bypass the address guard; workers talk directly.
+        self._session.trust_env = False
+        self._session.headers["Accept"] = "image/*"
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def fetch(self, url: str) -> bytes:
+        """Returns the body of `url`, following at most `max_redirects` redirects."""
+        deadline = time.monotonic() + self.config.total_timeout_s
+        for _ in range(self.config.max_redirects + 1):
+            if urlsplit(url).scheme.lower() not in ("http", "https"):
+                raise DownloadError(f"refusing non-http(s) URL {url[:200]!r}")
+            try:
+                response = self._session.get(
+                    url,
+                    stream=True,
+                    allow_redirects=False,
+                    timeout=(self.config.connect_timeout_s, self.config.read_timeout_s),
+                )
+            except requests.RequestException as e:
+                raise DownloadError(f"GET {url[:200]} failed: {_short(e)}") from e
+            with response:
+                if response.status_code in _REDIRECTS and "location" in response.headers:
+                    url = urljoin(url, response.headers["location"])
+                    continue
+                return self._read_body(url, response, deadline)
+        raise DownloadError(f"more than {self.config.max_redirects} redirects")
+
+    def _read_body(self, url: str, response: requests.Response, deadline: float) -> bytes:
+        if response.status_code != 200:
+            raise DownloadError(f"GET {url[:200]} returned HTTP {response.status_code}")
+        content_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if content_type and not (content_type.startswith("image/") or content_type == "application/octet-stream"):
+            raise DownloadError(f"content type {content_type!r} is not an image")
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.config.max_bytes:
+            raise DownloadError(f"body is {declared} bytes, over the {self.config.max_bytes}-byte cap")
+        body = bytearray()
+        try:
+            for chunk in response.iter_content(_CHUNK):
+                body += chunk
+                if len(body) > self.config.max_bytes:
+                    raise DownloadError(f"body exceeds the {self.config.max_bytes}-byte cap")
+                if time.monotonic() > deadline:
+                    raise DownloadError(f"download took over {self.config.total_timeout_s}s")
+        except requests.RequestException as e:
+            raise DownloadError(f"reading {url[:200]} failed: {_short(e)}") from e
+        if not body:
+            raise DownloadError("empty body")
+        return bytes(body)
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def _short(error: Exception) -> str:
+    """The innermost cause, which says what happened (timeout, refused) in one line."""
+    while error.__context__ is not None and isinstance(error.__context__, Exception):
+        error = error.__context__
+    return f"{type(error).__name__}: {error}"[:500]

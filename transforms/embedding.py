@@ -1,0 +1,87 @@
+"""`EmbedProducts`: validated events → embedding records and dead letters, nothing lost.
+
+    deletes ───────────────────────────────────────────────► delete records
+    upserts ─► FetchImages ─► ToRequests ─► RunInference ─► records
+                   │              │              └─ failed batches ─► dead letters (inference)
+                   │              └─ no image left and no text ─────► dead letters (download/decode)
+                   └─ each failed image ────────────────────────────► dead letters (image_url set)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import PredictionResult, RunInference
+
+from model_handlers.config import ModelConfig
+from model_handlers.handler import EmbeddingRequest, ProductEmbeddingHandler
+from schemas import ProductEvent, Stage
+from transforms.dead_letter import from_beam_failure, image_dead_letters, nothing_left
+from transforms.images import FetchedProduct, FetchImages, ImageOptions
+from transforms.records import delete_record, embedding_record
+
+__all__ = ["EmbedProducts"]
+
+NOTHING_LEFT = "nothing_left"
+
+
+class _Product(NamedTuple):
+    """What travels through RunInference as the request key."""
+
+    event: ProductEvent
+    image_url: str
+
+
+class _ToRequestFn(beam.DoFn):
+    def process(self, product: FetchedProduct):
+        event = product.event
+        if not product.images and not event.text:
+            yield beam.pvalue.TaggedOutput(NOTHING_LEFT, nothing_left(product))
+            return
+        failed = {failure.url for failure in product.failures}
+        shown = next((url for url in event.image_urls if url not in failed), "")
+        yield EmbeddingRequest(key=_Product(event, shown), images=product.images, text=event.text)
+
+
+class _ToRecordFn(beam.DoFn):
+    def __init__(self):
+        self._embedded = Metrics.counter("embed", "records_ok")
+
+    def process(self, prediction: PredictionResult):
+        product: _Product = prediction.example.key
+        self._embedded.inc()
+        yield embedding_record(product.event, prediction.inference, prediction.model_id, product.image_url)
+
+
+class EmbedProducts(beam.PTransform):
+    """`ProductEvent`s → (`EmbeddingRecord`s, `DeadLetter`s)."""
+
+    def __init__(self, model_config: ModelConfig, image_options: ImageOptions = ImageOptions(),
+                 handler: ProductEmbeddingHandler | None = None):
+        """`handler` replaces the one built from `model_config` (tests pass fakes here)."""
+        super().__init__()
+        self._model_config = model_config
+        self._image_options = image_options
+        self._handler = handler or ProductEmbeddingHandler(model_config)
+
+    def expand(self, events):
+        deletes, upserts = events | "SplitDeletes" >> beam.Partition(lambda event, _: 0 if event.is_delete else 1, 2)
+        delete_records = deletes | "DeleteRecords" >> beam.Map(delete_record, self._model_config.spec)
+
+        fetched = upserts | "FetchImages" >> FetchImages(self._model_config.spec, self._image_options)
+        image_letters = fetched | "ImageFailures" >> beam.FlatMap(image_dead_letters)
+        requests = fetched | "ToRequests" >> beam.ParDo(_ToRequestFn()).with_outputs(NOTHING_LEFT, main="requests")
+        predictions, failed = (
+            requests.requests
+            | "RunInference" >> RunInference(self._handler).with_exception_handling()
+        )
+        inference_letters = failed.failed_inferences | "InferenceFailures" >> beam.FlatMap(
+            lambda failure: from_beam_failure(Stage.INFERENCE, failure)
+        )
+        upsert_records = predictions | "ToRecords" >> beam.ParDo(_ToRecordFn())
+
+        records = (delete_records, upsert_records) | "AllRecords" >> beam.Flatten()
+        dead_letters = (image_letters, requests[NOTHING_LEFT], inference_letters) | "AllDeadLetters" >> beam.Flatten()
+        return records, dead_letters

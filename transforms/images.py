@@ -1,0 +1,153 @@
+"""Download and decode a product's images, several at a time, with memory bounded per worker.
+
+Each image is fetched and decoded by one task of a process-wide thread pool of
+`max_concurrent_downloads` threads, so at most that many raw bodies are in memory per
+worker process, however many harness threads Dataflow runs. Tasks of all products in a
+bundle run concurrently; results come out in input order, each with its own timestamp
+and window. What fails is reported per image; the product goes on with what is left.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterable
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.utils.windowed_value import WindowedValue
+
+from model_handlers.backends import image_preprocess
+from schemas import ProductEvent, Stage
+from transforms.decode import DEFAULT_MAX_PIXELS, decode_image
+from transforms.download import FetchConfig, ImageFetcher
+
+__all__ = ["FetchImages", "FetchedProduct", "ImageFailure", "ImageOptions"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageOptions:
+    fetch: FetchConfig = FetchConfig()
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFailure:
+    url: str
+    stage: str
+    error_type: str
+    error: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchedProduct:
+    """An upsert with the pixels of the images that worked and the reasons of those that did not."""
+
+    event: ProductEvent
+    images: tuple[np.ndarray, ...]
+    failures: tuple[ImageFailure, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Loaded:
+    pixels: np.ndarray | None
+    failure: ImageFailure | None
+    download_ms: float
+
+
+class _ImageWorker:
+    """One per process and FetchConfig: the pool is the per-worker concurrency cap."""
+
+    _lock = threading.Lock()
+    _instances: dict[FetchConfig, "_ImageWorker"] = {}
+
+    def __init__(self, config: FetchConfig):
+        self.fetcher = ImageFetcher(config)
+        self.pool = ThreadPoolExecutor(config.max_concurrent_downloads, thread_name_prefix="image-fetch")
+
+    @classmethod
+    def for_config(cls, config: FetchConfig) -> "_ImageWorker":
+        with cls._lock:
+            if config not in cls._instances:
+                cls._instances[config] = cls(config)
+            return cls._instances[config]
+
+
+def _load(fetcher: ImageFetcher, url: str, preprocess, max_pixels: int) -> _Loaded:
+    started = time.perf_counter()
+    try:
+        body = fetcher.fetch(url)
+    except Exception as e:  # every download failure is reported, none escapes the pool
+        return _Loaded(None, ImageFailure(url, Stage.DOWNLOAD, type(e).__name__, str(e)[:1000]), 0.0)
+    download_ms = (time.perf_counter() - started) * 1000
+    try:
+        pixels = decode_image(body, preprocess, max_pixels)
+    except Exception as e:
+        return _Loaded(None, ImageFailure(url, Stage.DECODE, type(e).__name__, str(e)[:1000]), download_ms)
+    return _Loaded(pixels, None, download_ms)
+
+
+class _FetchImagesFn(beam.DoFn):
+    def __init__(self, model_spec: str, options: ImageOptions):
+        self._model_spec = model_spec
+        self._options = options
+        # Bounds decoded pixels held per DoFn instance while earlier products are still loading.
+        self._max_pending = 4 * options.fetch.max_concurrent_downloads
+        self._ok = Metrics.counter("embed", "images_ok")
+        self._failed = {stage: Metrics.counter("embed", f"{stage}_failed") for stage in (Stage.DOWNLOAD, Stage.DECODE)}
+        self._download_ms = Metrics.distribution("embed", "download_ms")
+
+    def setup(self):
+        self._preprocess = image_preprocess(self._model_spec)
+        self._worker = _ImageWorker.for_config(self._options.fetch)
+
+    def start_bundle(self):
+        self._pending: collections.deque[tuple[ProductEvent, list[Future], WindowedValue]] = collections.deque()
+
+    def process(self, event: ProductEvent, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        futures = [
+            self._worker.pool.submit(_load, self._worker.fetcher, url, self._preprocess, self._options.max_pixels)
+            for url in event.image_urls
+        ]
+        self._pending.append((event, futures, WindowedValue(None, timestamp, (window,))))
+        yield from self._drain(block=len(self._pending) > self._max_pending)
+
+    def finish_bundle(self):
+        yield from self._drain(block=True, everything=True)
+
+    def _drain(self, block: bool, everything: bool = False) -> Iterable[WindowedValue]:
+        while self._pending:
+            event, futures, where = self._pending[0]
+            if not (block or all(f.done() for f in futures)):
+                return
+            self._pending.popleft()
+            yield where.with_value(self._collect(event, [f.result() for f in futures]))
+            block = everything
+
+    def _collect(self, event: ProductEvent, loaded: list[_Loaded]) -> FetchedProduct:
+        images, failures = [], []
+        for item in loaded:
+            if item.download_ms:
+                self._download_ms.update(int(item.download_ms))
+            if item.failure:
+                self._failed[item.failure.stage].inc()
+                failures.append(item.failure)
+            else:
+                self._ok.inc()
+                images.append(item.pixels)
+        return FetchedProduct(event, tuple(images), tuple(failures))
+
+
+class FetchImages(beam.PTransform):
+    """Upsert `ProductEvent`s → `FetchedProduct`s (one each, never dropped)."""
+
+    def __init__(self, model_spec: str, options: ImageOptions = ImageOptions()):
+        super().__init__()
+        self._fn = _FetchImagesFn(model_spec, options)
+
+    def expand(self, events):
+        return events | "DownloadAndDecode" >> beam.ParDo(self._fn)

@@ -1,0 +1,52 @@
+"""Model outputs and deletes → `EmbeddingRecord`s (DESIGN §4)."""
+
+from __future__ import annotations
+
+from schemas import EmbeddingRecord, ProductEvent, utc_now
+from model_handlers.backend import ProductVectors
+
+__all__ = ["delete_record", "embedding_record"]
+
+
+def _vector(values) -> tuple[float, ...]:
+    return tuple(float(x) for x in values)
+
+
+def embedding_record(event: ProductEvent, vectors: ProductVectors, model_id: str, image_url: str) -> EmbeddingRecord:
+    """`image_url` is the first image that made it into the vector, for display downstream."""
+    return EmbeddingRecord(
+        product_id=event.product_id,
+        shop_id=event.shop_id,
+        op=event.op,
+        version=event.version,
+        event_id=event.event_id,
+        embedding=_vector(vectors.embedding),
+        image_embedding=_vector(vectors.image_embedding),
+        text_embedding=_vector(vectors.text_embedding),
+        image_count=vectors.image_count,
+        title=event.title,
+        image_url=image_url,
+        model=model_id,
+        event_time=event.event_time or utc_now(),
+        embedded_at=utc_now(),
+    )
+
+
+def delete_record(event: ProductEvent, model_id: str) -> EmbeddingRecord:
+    """A delete carries no vectors; the model id says which index it applies to."""
+    return EmbeddingRecord(
+        product_id=event.product_id,
+        shop_id=event.shop_id,
+        op=event.op,
+        version=event.version,
+        event_id=event.event_id,
+        embedding=(),
+        image_embedding=(),
+        text_embedding=(),
+        image_count=0,
+        title=event.title,
+        image_url="",
+        model=model_id,
+        event_time=event.event_time or utc_now(),
+        embedded_at=utc_now(),
+    )
