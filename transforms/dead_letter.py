@@ -6,9 +6,10 @@ emits the failed batch as the element. Both become one dead letter per event.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Iterable
 
-from schemas import DeadLetter, ProductEvent, Stage
+from schemas import DeadLetter, EmbeddingRecord, ProductEvent, Stage
 from transforms.images import FetchedProduct
 
 __all__ = ["from_beam_failure", "image_dead_letters", "nothing_left"]
@@ -19,14 +20,19 @@ def from_beam_failure(stage: str, failure: tuple[Any, tuple]) -> Iterable[DeadLe
     elements = element if isinstance(element, list) else [element]
     for item in elements:
         event = _event_of(item)
-        payload = event.to_json() if event else repr(item)[:2000]
+        if event is not None:
+            ids, payload = (event.event_id, event.product_id), event.to_json()
+        elif isinstance(item, EmbeddingRecord):  # a record the sink could not write
+            ids, payload = (item.event_id, item.product_id), json.dumps(item.to_dict())
+        else:
+            ids, payload = ("", ""), repr(item)
         yield DeadLetter(
             stage=stage,
             error_type=getattr(error_type, "__name__", str(error_type)),
             error=error_repr,
             payload=payload,
-            event_id=event.event_id if event else "",
-            product_id=event.product_id if event else "",
+            event_id=ids[0],
+            product_id=ids[1],
         )
 
 

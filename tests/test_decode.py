@@ -1,0 +1,147 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model_handlers.backends import image_preprocess
+from model_handlers.packaged_backend import PACKAGED_PREPROCESS
+from model_handlers.preprocess import ImagePreprocess, normalize_on_device
+from tests.conftest import TINY_CLIP, image_bytes
+from transforms.decode import DecodeError, decode_image
+
+CLIP_224 = ImagePreprocess(224, 224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+
+def open_clip_reference(data: bytes, size: int) -> np.ndarray:
+    """open_clip's own inference transform, minus normalisation, as uint8."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    transform = image_transform_v2(PreprocessCfg(size=size), is_train=False)
+    resize_and_crop = open_clip.transform.Compose(transform.transforms[:2])
+    return np.asarray(resize_and_crop(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+@pytest.mark.parametrize("size", [(640, 480), (300, 700), (224, 224), (97, 180)])
+def test_matches_open_clips_own_resize_and_crop_exactly(size):
+    data = image_bytes("PNG", size=size)
+    ours = decode_image(data, CLIP_224)
+    assert ours.shape == (224, 224, 3) and ours.dtype == np.uint8 and ours.flags.c_contiguous
+    np.testing.assert_array_equal(ours, open_clip_reference(data, 224))
+
+
+def test_reduced_scale_jpeg_decoding_stays_close_to_the_full_decode():
+    data = image_bytes("JPEG", size=(2400, 1800), quality=92)
+    fast = decode_image(data, CLIP_224).astype(np.float64)
+    full = open_clip_reference(data, 224).astype(np.float64)
+    assert fast.shape == full.shape
+    assert np.abs(fast - full).mean() < 3.0
+
+
+def test_packaged_geometry_is_resize_256_crop_224():
+    out = decode_image(image_bytes("PNG", size=(512, 384)), PACKAGED_PREPROCESS)
+    assert out.shape == (224, 224, 3)
+
+
+def test_exif_orientation_is_applied():
+    pixels = np.zeros((100, 200, 3), np.uint8)
+    pixels[:, :100] = 255  # left half white, landscape
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif.tobytes(), quality=95)
+    square = ImagePreprocess(64, 64, (0.5,) * 3, (0.5,) * 3, resize_mode="squash")
+    out = decode_image(buffer.getvalue(), square).mean(axis=2)
+    # After rotating clockwise, the white left half is on top.
+    assert out[:24].mean() > 200 and out[-24:].mean() < 50
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "1", "I;16", "I"])
+def test_every_mode_becomes_rgb(mode):
+    fmt = "JPEG" if mode == "CMYK" else ("TIFF" if mode.startswith("I") else "PNG")
+    base = Image.open(io.BytesIO(image_bytes("PNG", size=(80, 60))))
+    if mode.startswith("I"):
+        gray = np.asarray(base.convert("L"), dtype=np.uint16) * 257
+        image = Image.fromarray(gray.astype(np.uint16 if mode == "I;16" else np.int32))
+        assert image.mode == mode
+    else:
+        image = base.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    out = decode_image(buffer.getvalue(), CLIP_224)
+    assert out.shape == (224, 224, 3)
+    if mode.startswith("I"):
+        expected = np.asarray(base.convert("L").resize((224, 224)), dtype=np.float64)
+        # 16-bit is scaled to 8-bit, not clipped to white.
+        assert abs(out[..., 0].mean() - expected.mean()) < 8
+
+
+def test_transparency_is_composited_on_white():
+    image = Image.new("RGBA", (50, 50), (255, 0, 0, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    out = decode_image(buffer.getvalue(), CLIP_224)
+    assert out.min() == 255
+
+
+def test_palette_with_transparency_is_composited_on_white():
+    image = Image.new("P", (40, 40), 0)
+    image.putpalette([0, 0, 0] * 256)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", transparency=0)
+    assert decode_image(buffer.getvalue(), CLIP_224).min() == 255
+
+
+def test_animations_use_the_first_frame():
+    frames = [Image.new("RGB", (40, 40), colour) for colour in ((0, 0, 255), (255, 0, 0))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    out = decode_image(buffer.getvalue(), CLIP_224)
+    assert out[..., 2].mean() > 200 and out[..., 0].mean() < 50
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims a huge canvas: the bomb shape, without the memory."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bombs_are_refused_from_the_header():
+    # Ours or Pillow's own guard, whichever trips first: either way nothing is decoded.
+    with pytest.raises(DecodeError, match="pixel cap|decompression bomb"):
+        decode_image(png_header_claiming(30_000, 30_000), CLIP_224)
+    with pytest.raises(DecodeError, match="pixel cap"):
+        decode_image(png_header_claiming(8_000, 8_000), CLIP_224)
+    with pytest.raises(DecodeError, match="pixel cap"):
+        decode_image(image_bytes("PNG", size=(300, 300)), CLIP_224, max_pixels=50_000)
+
+
+@pytest.mark.parametrize("data", [b"", b"hello, not an image", image_bytes("JPEG")[:600], image_bytes("PNG")[:300]])
+def test_garbage_and_truncated_files_raise_decode_error(data):
+    with pytest.raises(DecodeError):
+        decode_image(data, CLIP_224)
+
+
+def test_the_decoder_uses_the_backends_geometry():
+    assert image_preprocess(TINY_CLIP).crop_size == 64
+    assert image_preprocess("packaged:effnet-lite0+minilm") == PACKAGED_PREPROCESS
+
+
+def test_normalisation_on_device_matches_the_float_reference():
+    import torch
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    out = normalize_on_device(torch.from_numpy(pixels), CLIP_224, torch.device("cpu"))
+    expected = (pixels.transpose(0, 3, 1, 2) / 255.0 - np.array(CLIP_224.mean)[:, None, None]) / np.array(
+        CLIP_224.std)[:, None, None]
+    assert out.shape == (2, 3, 8, 8)
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
+    with pytest.raises(TypeError):
+        normalize_on_device(torch.zeros(1, 8, 8, 3), CLIP_224, torch.device("cpu"))
