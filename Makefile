@@ -4,12 +4,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
-# Debian packages the tests and the demo need (real product photos for the demo and the
-# known-answer test). Installed when missing; apt needs root.
-APT_PACKAGES := dataset-fashion-mnist
+# Debian packages the tests and the demo need: real product photos (demo, known-answer test)
+# and Java for the Pub/Sub emulator. Installed when missing; apt needs root.
+APT_PACKAGES := dataset-fashion-mnist openjdk-17-jre-headless
+PUBSUB_EMULATOR_BIN ?= /usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator
+export PUBSUB_EMULATOR_BIN
 
 .DEFAULT_GOAL := help
-.PHONY: help setup apt-deps test demo lint clean
+.PHONY: help setup apt-deps pubsub-emulator test demo lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -22,6 +24,14 @@ apt-deps: ## Install the Debian packages the tests and the demo need
 	  else echo "missing Debian packages:$$missing -- run: sudo apt-get install -y$$missing" >&2; exit 1; fi; \
 	fi
 
+pubsub-emulator: ## Check for Google's Pub/Sub emulator; install it from apt where the Cloud SDK repository is set up
+	@test -x "$(PUBSUB_EMULATOR_BIN)" || { \
+	  [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq google-cloud-cli-pubsub-emulator >/dev/null 2>&1; } || { \
+	  echo "The Pub/Sub emulator is missing ($(PUBSUB_EMULATOR_BIN))." >&2; \
+	  echo "Install it with: sudo apt-get install google-cloud-cli-pubsub-emulator  (needs Google's Cloud SDK apt repository," >&2; \
+	  echo "see https://cloud.google.com/sdk/docs/install#deb), or: gcloud components install pubsub-emulator," >&2; \
+	  echo "then point PUBSUB_EMULATOR_BIN at its bin/cloud-pubsub-emulator." >&2; exit 1; }
+
 $(VENV)/.installed: setup.py requirements.txt constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (torch and Beam pins); set PYTHON=python3.11")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +39,7 @@ $(VENV)/.installed: setup.py requirements.txt constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -r requirements.txt -e '.[dev]'
 	touch $@
 
-setup: apt-deps $(VENV)/.installed ## Create the virtualenv with pinned dependencies and install system packages
+setup: apt-deps pubsub-emulator $(VENV)/.installed ## Create the virtualenv with pinned dependencies and install system packages
 
 test: setup ## Set everything up and run the whole test suite
 	$(PY) -m pytest -q tests

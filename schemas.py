@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import typing
 from typing import Any, Mapping
 
 __all__ = [
+    "bigquery_schema",
     "DeadLetter",
     "EmbeddingRecord",
     "ProductEvent",
@@ -187,3 +189,29 @@ class DeadLetter:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
+
+
+_BIGQUERY_TYPES = {str: "STRING", int: "INTEGER", float: "FLOAT", bool: "BOOLEAN", dt.datetime: "TIMESTAMP"}
+
+
+def bigquery_schema(cls: type) -> dict[str, list[dict[str, str]]]:
+    """The BigQuery table schema of a contract, derived from its fields (one definition).
+
+    `tuple[float, ...]` becomes a REPEATED FLOAT column, `datetime` a TIMESTAMP; optional
+    (`X | None`) and mapping fields are NULLABLE, everything else REQUIRED.
+    """
+    fields = []
+    for name, hint in typing.get_type_hints(cls).items():
+        mode = "REQUIRED"
+        args = typing.get_args(hint)
+        if type(None) in args:
+            hint = next(arg for arg in args if arg is not type(None))
+            mode = "NULLABLE"
+        origin = typing.get_origin(hint)
+        if origin is tuple:
+            hint, mode = typing.get_args(hint)[0], "REPEATED"
+        elif origin is not None and issubclass(origin, Mapping):
+            fields.append({"name": name, "type": "JSON", "mode": "NULLABLE"})
+            continue
+        fields.append({"name": name, "type": _BIGQUERY_TYPES[hint], "mode": mode})
+    return {"fields": fields}

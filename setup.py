@@ -16,7 +16,7 @@ setuptools.setup(
     version="0.1.0",
     description="Streaming product image+text embeddings on Apache Beam, with a FAISS HNSW index for search.",
     python_requires=">=3.11,<3.12",
-    packages=setuptools.find_packages(include=["pipelines*", "model_handlers*", "transforms*", "search*"]),
+    packages=setuptools.find_packages(include=["pipelines*", "model_handlers*", "transforms*", "search*", "localstack*"]),
     py_modules=["schemas"],
     package_data={"model_handlers": ["model_configs/*.json"]},
     install_requires=REQUIRES,
@@ -24,6 +24,6 @@ setuptools.setup(
         # faiss-cpu and faiss-gpu install the same module: pick exactly one.
         "cpu": ["faiss-cpu==1.15.1"],
         "gpu": ["faiss-gpu==1.15.1"],
-        "dev": ["faiss-cpu==1.15.1", "pytest==9.2.0", "hypothesis==6.170.15"],
+        "dev": ["faiss-cpu==1.15.1", "pytest==9.2.0", "hypothesis==6.170.15", "bqemulator==1.4.0"],
     },
 )

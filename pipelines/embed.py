@@ -1,7 +1,12 @@
 """The embed pipeline: product-change events → embedding records + dead letters.
 
-    python -m pipelines.embed --input_file 'events/*.jsonl' --output_dir out/ \
-        [--model packaged:effnet-lite0+minilm] [--allow_private_hosts] [--runner DirectRunner]
+Files mode (batch):
+    python -m pipelines.embed --input_file 'events/*.jsonl' --output_dir out/ [--bigquery_table P:D.T]
+Streaming mode:
+    python -m pipelines.embed --streaming --input_subscription projects/P/subscriptions/S \
+        --output_topic projects/P/topics/T --dead_letter_topic projects/P/topics/D [--bigquery_table P:D.T]
+
+One builder, two sources, the same transforms in between.
 
 Every input line ends as exactly one embedding record or one event-level dead letter;
 images that failed for a product that was still embedded are dead-lettered as well.
@@ -18,8 +23,11 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.options import EmbedJobConfig
+from schemas import DeadLetter, EmbeddingRecord
+from transforms.bigquery import WriteToBigQueryTable
 from transforms.embedding import EmbedProducts
 from transforms.events import ParseEvents
+from transforms.pubsub import PublishDeadLetters, PublishRecords, ReadEventMessages
 from transforms.sinks import WriteJsonLines
 
 __all__ = ["EmbedOutputs", "build_pipeline", "run"]
@@ -31,16 +39,33 @@ class EmbedOutputs(NamedTuple):
 
 
 def build_pipeline(p: beam.Pipeline, config: EmbedJobConfig) -> EmbedOutputs:
-    messages = p | "ReadEvents" >> beam.io.ReadFromText(config.input_file, coder=BytesCoder())
+    if config.streaming:
+        messages = p | "ReadEvents" >> ReadEventMessages(
+            config.input_subscription, config.timestamp_attribute, config.id_label)
+    else:
+        messages = p | "ReadEvents" >> beam.io.ReadFromText(config.input_file, coder=BytesCoder())
     parsed = messages | "ParseEvents" >> ParseEvents()
     records, embed_letters = parsed.events | "EmbedProducts" >> EmbedProducts(config.model, config.images)
-    output_dir = config.output_dir.rstrip("/")
-    sink_letters = records | "WriteEmbeddings" >> WriteJsonLines(f"{output_dir}/embeddings/part")
+
+    sink_letters = []
+    if config.output_dir:
+        sink_letters.append(records | "WriteEmbeddings" >> WriteJsonLines(f"{config.output_dir.rstrip('/')}/embeddings/part"))
+    if config.output_topic:
+        sink_letters.append(records | "PublishEmbeddings" >> PublishRecords(config.output_topic))
+    if config.bigquery_table:
+        sink_letters.append(records | "EmbeddingsToBigQuery" >> WriteToBigQueryTable(
+            config.bigquery_table, EmbeddingRecord, config.bigquery_write_method, "embedded_at"))
     dead_letters = (
-        (parsed[ParseEvents.DEAD_LETTER], embed_letters, sink_letters) | "AllDeadLetters" >> beam.Flatten()
+        [parsed[ParseEvents.DEAD_LETTER], embed_letters, *sink_letters] | "AllDeadLetters" >> beam.Flatten()
     )
-    # A dead letter that can't be written would be lost: let that fail the job loudly.
-    _ = dead_letters | "WriteDeadLetters" >> WriteJsonLines(f"{output_dir}/dead_letter/part")
+    # Dead letters are the last resort: a dead letter that can't be written fails the job loudly.
+    if config.output_dir:
+        _ = dead_letters | "WriteDeadLetters" >> WriteJsonLines(f"{config.output_dir.rstrip('/')}/dead_letter/part")
+    if config.dead_letter_topic:
+        _ = dead_letters | "PublishDeadLetters" >> PublishDeadLetters(config.dead_letter_topic)
+    if config.bigquery_dead_letter_table:
+        _ = dead_letters | "DeadLettersToBigQuery" >> WriteToBigQueryTable(
+            config.bigquery_dead_letter_table, DeadLetter, config.bigquery_write_method, "failed_at")
     return EmbedOutputs(records, dead_letters)
 
 
@@ -59,7 +84,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(pipeline, config)
     result = pipeline.run()
-    result.wait_until_finish()
+    result.wait_until_finish()  # a streaming job runs until it is cancelled
     logging.info("embed pipeline finished: %s", summarize(result))
     return result
 

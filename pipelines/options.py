@@ -8,12 +8,15 @@ rejects bad combinations at launch, not on a worker.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, StandardOptions
 
 from model_handlers.config import DEFAULT_MODEL, DEVICES, PRECISIONS, ModelConfig
 from transforms.decode import DEFAULT_MAX_PIXELS
 from transforms.download import FetchConfig
+from transforms.bigquery import EMULATOR_ENV, WRITE_METHODS
 from transforms.images import ImageOptions
 
 __all__ = ["EmbedJobConfig", "EmbedOptions"]
@@ -22,9 +25,30 @@ __all__ = ["EmbedJobConfig", "EmbedOptions"]
 class EmbedOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
-        io = parser.add_argument_group("input and output")
+        io = parser.add_argument_group("files mode (batch)")
         io.add_argument("--input_file", help="Glob of JSON-lines event files (batch mode).")
         io.add_argument("--output_dir", help="Directory (local or gs://) for embeddings/ and dead_letter/.")
+
+        stream = parser.add_argument_group("streaming mode (--streaming)")
+        stream.add_argument("--input_subscription", help="projects/P/subscriptions/S carrying product events.")
+        stream.add_argument("--output_topic", help="projects/P/topics/T for embedding records (JSON + attributes).")
+        stream.add_argument("--dead_letter_topic", help="projects/P/topics/T for dead letters.")
+        stream.add_argument("--timestamp_attribute",
+                            help="Message attribute holding the event time (ms since epoch or RFC 3339); "
+                                 "default: the publish time.")
+        stream.add_argument("--id_label",
+                            help="Message attribute Dataflow deduplicates on (e.g. event_id). Dataflow only: "
+                                 "the DirectRunner cannot deduplicate.")
+        stream.add_argument("--max_batch_duration_secs", type=float, default=0.0,
+                            help="> 0 turns on stateful batching across bundles: fuller batches on bursty "
+                                 "topics, at up to this much added latency. Default: in-bundle batching.")
+
+        bq = parser.add_argument_group("BigQuery (both modes)")
+        bq.add_argument("--bigquery_table", help="P:DATASET.TABLE for embedding records (created if needed).")
+        bq.add_argument("--bigquery_dead_letter_table", help="P:DATASET.TABLE for dead letters.")
+        bq.add_argument("--bigquery_write_method", default="auto", choices=("auto",) + WRITE_METHODS,
+                        help="auto: the Storage Write API on Dataflow, streaming inserts elsewhere "
+                             "(and always against an emulator).")
 
         model = parser.add_argument_group("model")
         model.add_argument("--model", default=DEFAULT_MODEL,
@@ -55,12 +79,27 @@ class EmbedOptions(PipelineOptions):
                             help="Retries on 5xx and timeouts, with exponential backoff.")
 
 
+LOCAL_RUNNERS = ("DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner", "FnApiRunner", "PrismRunner")
+_TOPIC = re.compile(r"^projects/[a-z][-a-z0-9]{4,61}[a-z0-9]/topics/[A-Za-z][-\w.~+%]{2,254}$")
+_SUBSCRIPTION = re.compile(r"^projects/[a-z][-a-z0-9]{4,61}[a-z0-9]/subscriptions/[A-Za-z][-\w.~+%]{2,254}$")
+_TABLE = re.compile(r"^[a-z][-a-z0-9]{4,61}[a-z0-9][:.][A-Za-z0-9_]{1,1024}\.[-\w ]{1,1024}$")
+
+
 @dataclasses.dataclass(frozen=True)
 class EmbedJobConfig:
     model: ModelConfig
     images: ImageOptions
     input_file: str | None = None
     output_dir: str | None = None
+    streaming: bool = False
+    input_subscription: str | None = None
+    output_topic: str | None = None
+    dead_letter_topic: str | None = None
+    timestamp_attribute: str | None = None
+    id_label: str | None = None
+    bigquery_table: str | None = None
+    bigquery_dead_letter_table: str | None = None
+    bigquery_write_method: str = "STREAMING_INSERTS"
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "EmbedJobConfig":
@@ -75,6 +114,7 @@ class EmbedJobConfig:
                 image_batch_size=o.image_batch_size,
                 share_model_across_processes=o.share_model_across_processes,
                 image_weight=o.image_weight,
+                max_batch_duration_secs=o.max_batch_duration_secs,
             )
             fetch = FetchConfig(
                 connect_timeout_s=min(5.0, o.download_timeout_secs),
@@ -88,12 +128,67 @@ class EmbedJobConfig:
                 raise ValueError("max_image_pixels must be positive")
         except ValueError as e:
             raise SystemExit(f"invalid options: {e}") from e
-        config = cls(model, ImageOptions(fetch, o.max_image_pixels), o.input_file, o.output_dir)
-        config.validate()
+        runner = options.view_as(StandardOptions).runner or "DirectRunner"
+        threads = options.view_as(DebugOptions).number_of_worker_harness_threads
+        if threads is not None and threads < 1:
+            raise SystemExit("invalid options: --number_of_worker_harness_threads must be at least 1")
+        config = cls(
+            model=model,
+            images=ImageOptions(fetch, o.max_image_pixels),
+            input_file=o.input_file,
+            output_dir=o.output_dir,
+            streaming=bool(options.view_as(StandardOptions).streaming),
+            input_subscription=o.input_subscription,
+            output_topic=o.output_topic,
+            dead_letter_topic=o.dead_letter_topic,
+            timestamp_attribute=o.timestamp_attribute,
+            id_label=o.id_label,
+            bigquery_table=o.bigquery_table,
+            bigquery_dead_letter_table=o.bigquery_dead_letter_table,
+            bigquery_write_method=_write_method(o.bigquery_write_method, runner),
+        )
+        config.validate(runner)
         return config
 
-    def validate(self) -> None:
-        if not self.input_file:
-            raise SystemExit("invalid options: --input_file is required")
-        if not self.output_dir:
-            raise SystemExit("invalid options: --output_dir is required")
+    def validate(self, runner: str = "DirectRunner") -> None:
+        """Rejects combinations that would only fail later, on a worker."""
+        problems = []
+        if self.streaming:
+            for flag in ("input_subscription", "output_topic", "dead_letter_topic"):
+                if not getattr(self, flag):
+                    problems.append(f"--{flag} is required with --streaming")
+            for flag in ("input_file", "output_dir"):
+                if getattr(self, flag):
+                    problems.append(f"--{flag} is for the files mode; streaming writes to topics and BigQuery")
+            if self.bigquery_write_method == "FILE_LOADS":
+                problems.append("--bigquery_write_method FILE_LOADS is for batch; streaming uses "
+                                "STORAGE_WRITE_API or STREAMING_INSERTS")
+        else:
+            for flag in ("input_file", "output_dir"):
+                if not getattr(self, flag):
+                    problems.append(f"--{flag} is required (or pass --streaming with Pub/Sub options)")
+            for flag in ("input_subscription", "output_topic", "dead_letter_topic", "timestamp_attribute", "id_label"):
+                if getattr(self, flag):
+                    problems.append(f"--{flag} needs --streaming")
+            if self.model.max_batch_duration_secs:
+                problems.append("--max_batch_duration_secs (stateful batching) needs --streaming")
+        if self.id_label and runner in LOCAL_RUNNERS:
+            problems.append(f"--id_label is Dataflow-only: the {runner} cannot deduplicate on it (and stalls)")
+        for flag, pattern in (("input_subscription", _SUBSCRIPTION), ("output_topic", _TOPIC),
+                              ("dead_letter_topic", _TOPIC), ("bigquery_table", _TABLE),
+                              ("bigquery_dead_letter_table", _TABLE)):
+            value = getattr(self, flag)
+            if value and not pattern.match(value):
+                problems.append(f"--{flag} {value!r} is not a valid name")
+        if problems:
+            raise SystemExit("invalid options: " + "; ".join(problems))
+
+
+def _write_method(requested: str, runner: str) -> str:
+    emulated = bool(os.environ.get(EMULATOR_ENV))
+    if requested == "auto":
+        return "STORAGE_WRITE_API" if runner == "DataflowRunner" and not emulated else "STREAMING_INSERTS"
+    if requested == "STORAGE_WRITE_API" and emulated:
+        raise SystemExit(f"invalid options: {EMULATOR_ENV} is set and the emulator has no Storage Write API; "
+                         "use STREAMING_INSERTS")
+    return requested

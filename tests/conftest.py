@@ -47,3 +47,30 @@ def tiny_clip():
 @pytest.fixture(scope="session")
 def packaged_backend():
     return load_backend(ModelConfig(device="cpu"))
+
+
+# Emulators: started once per session on free loopback ports, stopped at the end.
+@pytest.fixture(scope="session")
+def pubsub_emulator(tmp_path_factory):
+    from localstack.pubsub_emulator import PubSubEmulator
+
+    with PubSubEmulator(log_dir=tmp_path_factory.mktemp("pubsub")) as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="session")
+def bigquery_emulator(tmp_path_factory):
+    from localstack.bigquery_emulator import BigQueryEmulator
+
+    with BigQueryEmulator(log_dir=tmp_path_factory.mktemp("bigquery")) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def unique_name(request):
+    """A name no other test uses: topics, subscriptions and datasets are never shared."""
+    import re
+    import uuid
+
+    stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    return lambda kind: f"{kind}-{stem}-{uuid.uuid4().hex[:8]}"

@@ -1,17 +1,32 @@
-"""Sinks for local runs: records and dead letters as JSON lines (DESIGN §4, §5).
+"""Serialising for sinks, and the JSON-lines sink of local runs (DESIGN §4, §5).
 
-Serialising is the step that can fail (a non-finite float, say); those failures come back
-as dead letters with stage `sink` instead of failing the bundle.
+Serialising is the step that can fail (a non-finite float, say); `Serialize` turns those
+failures into dead letters with stage `sink` instead of failing, and in streaming endlessly
+retrying, the bundle.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import apache_beam as beam
 
 from schemas import Stage
 from transforms.dead_letter import from_beam_failure
 
-__all__ = ["WriteJsonLines"]
+__all__ = ["Serialize", "WriteJsonLines"]
+
+
+class Serialize(beam.PTransform):
+    """items → (`fn(item)` for each item that serialises, dead letters of the rest)."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self._fn = fn
+
+    def expand(self, items):
+        serialized, failed = items | "Serialize" >> beam.Map(self._fn).with_exception_handling()
+        return serialized, failed | "SinkFailures" >> beam.FlatMap(lambda f: from_beam_failure(Stage.SINK, f))
 
 
 def _to_json(item) -> str:
@@ -27,8 +42,8 @@ class WriteJsonLines(beam.PTransform):
         self._num_shards = num_shards
 
     def expand(self, items):
-        lines, failed = items | "ToJson" >> beam.Map(_to_json).with_exception_handling()
+        lines, dead_letters = items | "ToJson" >> Serialize(_to_json)
         _ = lines | "Write" >> beam.io.WriteToText(
             self._path_prefix, file_name_suffix=".jsonl", num_shards=self._num_shards
         )
-        return failed | "SinkFailures" >> beam.FlatMap(lambda failure: from_beam_failure(Stage.SINK, failure))
+        return dead_letters
