@@ -11,10 +11,10 @@ PUBSUB_EMULATOR_BIN ?= /usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cl
 export PUBSUB_EMULATOR_BIN
 
 .DEFAULT_GOAL := help
-.PHONY: help setup apt-deps pubsub-emulator test demo lint clean
+.PHONY: help setup apt-deps pubsub-emulator test demo bench lint clean
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 apt-deps: ## Install the Debian packages the tests and the demo need
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -44,11 +44,14 @@ setup: apt-deps pubsub-emulator $(VENV)/.installed ## Create the virtualenv with
 test: setup ## Set everything up and run the whole test suite
 	$(PY) -m pytest -q tests
 
-demo: setup ## Set everything up and run the embed pipeline on a sample catalogue of real product photos
+demo: setup ## Set everything up; stream a catalogue of real product photos through Pub/Sub, the pipeline and BigQuery
 	$(PY) -m localstack.demo --output_dir $(OUT)/demo
 
+bench: setup ## Run the benchmarks; each prints its figures and writes bench/results/NAME.json
+	$(PY) -m bench.freshness --output_dir $(OUT)/bench-freshness
+
 lint: setup ## Byte-compile everything (catches syntax errors on every module)
-	$(PY) -m compileall -q pipelines model_handlers transforms search localstack schemas.py tests
+	$(PY) -m compileall -q pipelines model_handlers transforms localstack bench schemas.py tests
 
 clean: ## Remove outputs (keeps the virtualenv)
 	rm -rf $(OUT) .pytest_cache

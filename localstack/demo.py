@@ -1,81 +1,248 @@
-"""`make demo`: the embed pipeline end to end on a catalogue of real product photos.
+"""`make demo`: the streaming embed pipeline end to end on the local stand-ins.
 
-Builds the Fashion-MNIST catalogue (plus one broken event of each kind), serves its images
-from a local HTTP server on 127.0.0.1, runs `pipelines.embed` with the packaged model on
-the DirectRunner, and prints what came out: records, dead letters by stage, images/s.
+Starts the Pub/Sub emulator, bqemulator and an image server on 127.0.0.1, creates the topics,
+subscriptions and dataset, runs `pipelines.embed --streaming` on the DirectRunner, publishes a
+catalogue of real product photos (Fashion-MNIST) at a steady rate plus one broken event of each
+kind, reads the output topic, the dead-letter topic and the BigQuery table back, and prints
+counts and freshness (publish → output topic). Everything it started is stopped, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import glob
+import contextlib
+import dataclasses
+import datetime as dt
 import json
 import logging
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
+import apache_beam as beam
+import numpy as np
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from localstack.bigquery_emulator import BigQueryEmulator
 from localstack.catalogue import broken_events, build_catalogue
 from localstack.image_server import ImageServer, Route
+from localstack.pubsub_emulator import PubSubEmulator
+from localstack.streaming import StreamingJob
+from model_handlers.config import DEFAULT_MODEL, ModelConfig
 from pipelines import embed
+from pipelines.options import EmbedJobConfig
+from transforms.download import FetchConfig
+from transforms.images import ImageOptions
+
+__all__ = ["DemoReport", "run_streaming_demo"]
 
 
-def read_jsonl(pattern: str) -> list[dict]:
-    rows = []
-    for path in sorted(glob.glob(pattern)):
-        with open(path, encoding="utf-8") as f:
-            rows.extend(json.loads(line) for line in f if line.strip())
-    return rows
+@dataclasses.dataclass
+class DemoReport:
+    model: str
+    rate: float
+    published: int
+    broken: int
+    records: int
+    images: int
+    event_letters: dict[str, int]
+    image_letters: int
+    bigquery_rows: int
+    freshness_ms: list[float]
+    transport_ms: list[float]
+    seconds: float
+
+    @staticmethod
+    def percentile(values: list[float], q: float) -> float:
+        return float(np.percentile(values, q)) if values else float("nan")
+
+
+class _Collector(threading.Thread):
+    """Pulls a subscription until stopped, keeping every message."""
+
+    def __init__(self, subscription: str):
+        super().__init__(daemon=True, name=f"pull-{subscription.rsplit('/', 1)[1]}")
+        self.subscription = subscription
+        self.messages: list = []
+        self.received_ms: list[float] = []
+        self._stop_event = threading.Event()
+
+    def run(self):
+        from google.cloud import pubsub_v1
+
+        with pubsub_v1.SubscriberClient() as subscriber:
+            while not self._stop_event.is_set():
+                response = subscriber.pull(subscription=self.subscription, max_messages=200, timeout=5)
+                if response.received_messages:
+                    subscriber.acknowledge(subscription=self.subscription,
+                                           ack_ids=[m.ack_id for m in response.received_messages])
+                    now = time.time() * 1000.0
+                    self.messages.extend(m.message for m in response.received_messages)
+                    self.received_ms.extend(now for _ in response.received_messages)
+
+    def wait_for(self, count: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.messages) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def stop(self):
+        self._stop_event.set()
+        self.join(timeout=15)
+
+
+def _millis(message_time) -> float:
+    return message_time.timestamp() * 1000.0
+
+
+def _freshness(message, received_ms: float) -> float:
+    """Input publish time (the record's event_time) → a consumer of the output topic has it."""
+    event_time = json.loads(message.data)["event_time"]
+    return received_ms - dt.datetime.fromisoformat(event_time.replace("Z", "+00:00")).timestamp() * 1000.0
+
+
+def _transport_floor(ps: PubSubEmulator, publisher, samples: int = 50) -> list[float]:
+    """The baseline: publish → a consumer has it, through the emulator with no pipeline between."""
+    ps.create_topic("transport-floor")
+    collector = _Collector(ps.create_subscription("transport-floor", "transport-floor"))
+    collector.start()
+    for _ in range(samples):
+        publisher.publish(ps.topic("transport-floor"), b"x").result(timeout=10)
+        time.sleep(0.02)
+    collector.wait_for(samples, 30)
+    collector.stop()
+    return [received - _millis(m.publish_time) for m, received in zip(collector.messages, collector.received_ms)]
+
+
+def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say=print) -> DemoReport:
+    shutil.rmtree(out, ignore_errors=True)
+    logging.getLogger("apache_beam").setLevel(logging.ERROR)
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(ImageServer(out / "images"))
+        server.routes["/not-an-image.txt"] = Route(body=b"hello", headers={"Content-Type": "text/plain"})
+        catalogue = build_catalogue(out / "images", server.url(""), products)
+        broken = broken_events(server.url(""))
+        say(f"catalogue:  {len(catalogue)} Fashion-MNIST products + {len(broken)} broken events, "
+            f"images at {server.url('')}")
+        ps = stack.enter_context(PubSubEmulator(log_dir=out / "logs"))
+        bq = stack.enter_context(BigQueryEmulator(log_dir=out / "logs"))
+        say(f"emulators:  Pub/Sub at {ps.host}, BigQuery at {bq.endpoint}")
+        for name in ("product-events", "product-embeddings", "product-events-dlq"):
+            ps.create_topic(name)
+        events_sub = ps.create_subscription("product-events", "embed-pipeline")
+        records = _Collector(ps.create_subscription("product-embeddings", "demo-records"))
+        letters = _Collector(ps.create_subscription("product-events-dlq", "demo-dead-letters"))
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import bigquery, pubsub_v1
+
+        bq_client = bigquery.Client(project=ps.project, credentials=AnonymousCredentials(),
+                                    client_options={"api_endpoint": bq.endpoint})
+        bq_client.create_dataset("embeddings")
+
+        config = EmbedJobConfig(
+            model=ModelConfig(spec=model),
+            images=ImageOptions(FetchConfig(allow_private_hosts=True, retries=1)),
+            streaming=True,
+            input_subscription=events_sub,
+            output_topic=ps.topic("product-embeddings"),
+            dead_letter_topic=ps.topic("product-events-dlq"),
+            bigquery_table=f"{ps.project}:embeddings.product_embeddings",
+            bigquery_dead_letter_table=f"{ps.project}:embeddings.dead_letter",
+        )
+        config.validate("BundleBasedDirectRunner")
+        pipeline = beam.Pipeline(options=PipelineOptions(["--streaming", "--runner", "BundleBasedDirectRunner"]))
+        embed.build_pipeline(pipeline, config)
+        publisher = pubsub_v1.PublisherClient()
+        transport = _transport_floor(ps, publisher)
+        for collector in (records, letters):
+            collector.start()
+            stack.callback(collector.stop)
+        job = stack.enter_context(StreamingJob(pipeline, wake_topic=ps.topic("product-events")))
+        say(f"pipeline:   pipelines.embed --streaming with {model} on the BundleBasedDirectRunner")
+
+        # Warm-up: the model loads on the first batch; freshness is measured after it.
+        warm = dict(catalogue[0].event, event_id="warm-up", product_id="warm-up")
+        publisher.publish(ps.topic("product-events"), json.dumps(warm).encode(), event_id="warm-up").result()
+        records.wait_for(1, 300)
+        warmed = len(records.messages)
+        say(f"warm-up:    model loaded, first record out; publishing at {rate:g} events/s ...")
+
+        started = time.monotonic()
+        lines = [json.dumps(p.event).encode() for p in catalogue]
+        every = max(1, len(lines) // (len(broken) + 1))
+        for n, message in enumerate(lines):
+            publisher.publish(ps.topic("product-events"), message, event_id=catalogue[n].event["event_id"])
+            if n % every == 0 and broken:
+                publisher.publish(ps.topic("product-events"), broken.pop(0), event_id=f"broken-{n}")
+            time.sleep(max(0.0, started + (n + 1) / rate - time.monotonic()))
+        for message in broken:
+            publisher.publish(ps.topic("product-events"), message, event_id="broken-tail")
+        records.wait_for(warmed + len(catalogue), 120)
+        letters.wait_for(10 + 3, 30)
+        seconds = time.monotonic() - started
+        count_rows = ("SELECT COUNT(*) AS n FROM `test-project.embeddings.product_embeddings` "
+                      "WHERE event_id != 'warm-up'")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            bq_rows = next(iter(bq_client.query(count_rows).result()))["n"]
+            if bq_rows >= len(catalogue):
+                break
+            time.sleep(1)
+        job.stop()
+
+        out_records = [(m, t) for m, t in zip(records.messages, records.received_ms)
+                       if m.attributes.get("event_id") != "warm-up"]
+        decoded_letters = [json.loads(m.data) for m in letters.messages]
+        event_letters = [d for d in decoded_letters if not d["image_url"] and d["payload"] != "wake-up"]
+        return DemoReport(
+            model=model,
+            rate=rate,
+            published=len(catalogue),
+            broken=len(broken_events(server.url(""))),
+            records=len(out_records),
+            images=sum(json.loads(m.data)["image_count"] for m, _ in out_records),
+            event_letters=dict(collections.Counter(d["stage"] for d in event_letters)),
+            image_letters=sum(1 for d in decoded_letters if d["image_url"]),
+            bigquery_rows=int(bq_rows),
+            freshness_ms=[_freshness(m, received) for m, received in out_records],
+            transport_ms=transport,
+            seconds=seconds,
+        )
+
+
+def print_report(report: DemoReport, say=print) -> None:
+    p = DemoReport.percentile
+    say(f"records:    {report.records} of {report.published} products on the output topic "
+        f"({report.images} images, {report.images / report.seconds:.1f} images/s)")
+    say(f"BigQuery:   {report.bigquery_rows} rows in embeddings.product_embeddings")
+    say(f"dead:       {sum(report.event_letters.values())} of {report.broken} broken events: "
+        + ", ".join(f"{k}={v}" for k, v in sorted(report.event_letters.items()))
+        + f"; plus {report.image_letters} failed-image reports")
+    say(f"freshness:  publish -> output topic p50 {p(report.freshness_ms, 50):.0f} ms, "
+        f"p99 {p(report.freshness_ms, 99):.0f} ms at {report.rate:g} events/s "
+        f"(Pub/Sub alone, publish -> consumer: p50 {p(report.transport_ms, 50):.0f} ms)")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="out/demo")
-    parser.add_argument("--products", type=int, default=2000)
-    parser.add_argument("--model", default="packaged:effnet-lite0+minilm")
+    parser.add_argument("--products", type=int, default=300)
+    parser.add_argument("--rate", type=float, default=5.0, help="events per second")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-
-    out = Path(args.output_dir).resolve()
-    shutil.rmtree(out, ignore_errors=True)
-    with ImageServer(out / "images") as server:
-        server.routes["/not-an-image.txt"] = Route(body=b"hello", headers={"Content-Type": "text/plain"})
-        products = build_catalogue(out / "images", server.url(""), args.products)
-        broken = broken_events(server.url(""))
-        events_file = out / "events.jsonl"
-        with open(events_file, "wb") as f:
-            for product in products:
-                f.write(json.dumps(product.event).encode() + b"\n")
-            for message in broken:
-                f.write(message + b"\n")
-        print(f"catalogue: {len(products)} products from Fashion-MNIST + {len(broken)} broken events -> {events_file}")
-        print(f"images served from {server.url('')} ({out / 'images'})")
-
-        started = time.perf_counter()
-        embed.run([
-            "--input_file", str(events_file),
-            "--output_dir", str(out),
-            "--model", args.model,
-            "--allow_private_hosts",
-            "--runner", "DirectRunner",
-        ])
-        seconds = time.perf_counter() - started
-
-    records = read_jsonl(str(out / "embeddings" / "*.jsonl"))
-    letters = read_jsonl(str(out / "dead_letter" / "*.jsonl"))
-    event_letters = [d for d in letters if not d["image_url"]]
-    by_stage = collections.Counter(d["stage"] for d in event_letters)
-    images = sum(r["image_count"] for r in records)
-    print(f"embedded:      {len(records)} products ({images} images) with {records[0]['model'] if records else '-'}")
-    print(f"dead-lettered: {len(event_letters)} events: " + ", ".join(f"{k}={v}" for k, v in sorted(by_stage.items())))
-    embedded_ids = {r["event_id"] for r in records}
-    image_letters = [d for d in letters if d["image_url"]]
-    kept = sum(1 for d in image_letters if d["event_id"] in embedded_ids)
-    print(f"failed images: {len(image_letters)} ({kept} of products embedded from what was left)")
-    print(f"accounted for: {len(records) + len(event_letters)} of {len(products) + len(broken)} input lines")
-    print(f"throughput:    {images / seconds:.1f} images/s, {seconds:.1f}s wall (model load included)")
-    print(f"output:        {out / 'embeddings'}/  {out / 'dead_letter'}/")
+    # Ctrl-C and `kill` both unwind the ExitStack, which stops everything the demo started
+    # (SIGINT is ignored by default in background jobs, so set it explicitly).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        report = run_streaming_demo(args.products, args.rate, args.model, Path(args.output_dir).resolve())
+    except KeyboardInterrupt:
+        print("interrupted: emulators, image server and pipeline stopped")
+        raise SystemExit(130)
+    print_report(report)
 
 
 if __name__ == "__main__":

@@ -129,3 +129,45 @@ def test_200_events_in_one_record_or_dead_letter_each_out(pubsub_emulator, bigqu
     row = next(r for r in rows if r["event_id"] == "g7")
     np.testing.assert_allclose(row["embedding"], first["embedding"], atol=1e-6)
     assert row["shop_id"] == "s1" and row["version"] == 7 and row["image_count"] == 1
+
+
+def test_the_cli_runs_against_the_emulators_until_stopped(pubsub_emulator, bigquery_emulator, image_server,
+                                                          unique_name, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    ps = pubsub_emulator
+    names = {kind: unique_name(kind) for kind in ("events", "records", "dead")}
+    for name in names.values():
+        ps.create_topic(name)
+    events_sub = ps.create_subscription(names["events"], unique_name("events-sub"))
+    records_sub = ps.create_subscription(names["records"], unique_name("records-sub"))
+    image_server.routes["/a.jpg"] = Route(body=image_bytes("JPEG"), headers={"Content-Type": "image/jpeg"})
+    env = {**os.environ, **ps.env(), **bigquery_emulator.env()}
+    log = open(tmp_path / "cli.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.embed", "--streaming", "--runner", "BundleBasedDirectRunner",
+         "--input_subscription", events_sub, "--output_topic", ps.topic(names["records"]),
+         "--dead_letter_topic", ps.topic(names["dead"]), "--model", TINY_CLIP, "--allow_private_hosts"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        publisher = pubsub_v1.PublisherClient()
+        event = {"event_id": "cli-1", "product_id": "p", "op": "upsert", "version": 1, "title": "t",
+                 "image_urls": [image_server.url("a.jpg")]}
+        publisher.publish(ps.topic(names["events"]), json.dumps(event).encode(), event_id="cli-1").result()
+        (message,) = pull_all(records_sub, 1, timeout_s=120)
+        assert message.attributes["event_id"] == "cli-1"
+        time.sleep(2)
+        assert process.poll() is None, "a streaming job keeps running until it is stopped"
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+    assert process.returncode is not None
