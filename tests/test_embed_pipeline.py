@@ -15,7 +15,6 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from localstack.image_server import Route
-from model_handlers.backend import ProductVectors
 from model_handlers.config import ModelConfig
 from model_handlers.handler import ProductEmbeddingHandler
 from pipelines import embed

@@ -39,6 +39,16 @@ def pull_all(subscription: str, expected: int, timeout_s: float) -> list:
     return received
 
 
+def make_topics(ps, unique_name):
+    """Topics of its own for a test: events in, records and dead letters out, one subscription each."""
+    names = {kind: unique_name(kind) for kind in ("events", "records", "dead")}
+    for name in names.values():
+        ps.create_topic(name)
+    subscriptions = [ps.create_subscription(names[kind], unique_name(f"{kind}-sub"))
+                     for kind in ("events", "records", "dead")]
+    return (names, *subscriptions)
+
+
 def bad_messages(image_url) -> list[bytes]:
     kinds = [
         b"not json at all",
@@ -57,12 +67,7 @@ def bad_messages(image_url) -> list[bytes]:
 def test_200_events_in_one_record_or_dead_letter_each_out(pubsub_emulator, bigquery_emulator, image_server,
                                                           unique_name):
     ps = pubsub_emulator
-    names = {kind: unique_name(kind) for kind in ("events", "records", "dead")}
-    for name in names.values():
-        ps.create_topic(name)
-    events_sub = ps.create_subscription(names["events"], unique_name("events-sub"))
-    records_sub = ps.create_subscription(names["records"], unique_name("records-sub"))
-    dead_sub = ps.create_subscription(names["dead"], unique_name("dead-sub"))
+    names, events_sub, records_sub, dead_sub = make_topics(ps, unique_name)
     client = bigquery.Client(project=ps.project, credentials=AnonymousCredentials(),
                              client_options={"api_endpoint": bigquery_emulator.endpoint})
     dataset = unique_name("ds").replace("-", "_")
@@ -139,11 +144,7 @@ def test_the_cli_runs_against_the_emulators_until_stopped(pubsub_emulator, bigqu
     import sys
 
     ps = pubsub_emulator
-    names = {kind: unique_name(kind) for kind in ("events", "records", "dead")}
-    for name in names.values():
-        ps.create_topic(name)
-    events_sub = ps.create_subscription(names["events"], unique_name("events-sub"))
-    records_sub = ps.create_subscription(names["records"], unique_name("records-sub"))
+    names, events_sub, records_sub, _ = make_topics(ps, unique_name)
     image_server.routes["/a.jpg"] = Route(body=image_bytes("JPEG"), headers={"Content-Type": "image/jpeg"})
     env = {**os.environ, **ps.env(), **bigquery_emulator.env()}
     log = open(tmp_path / "cli.log", "wb")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
-from schemas import DeadLetter, EmbeddingRecord, ProductEvent, Stage
+from schemas import DeadLetter, EmbeddingRecord, ProductEvent
 from transforms.images import FetchedProduct
 
 __all__ = ["from_beam_failure", "image_dead_letters", "nothing_left"]

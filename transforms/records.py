@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from schemas import EmbeddingRecord, ProductEvent, utc_now
+import numpy as np
+
 from model_handlers.backend import ProductVectors
+from schemas import EmbeddingRecord, ProductEvent, utc_now
 
 __all__ = ["delete_record", "embedding_record"]
+
+_NO_VECTORS = ProductVectors(np.zeros(0), np.zeros(0), np.zeros(0), 0)
 
 
 def _vector(values) -> tuple[float, ...]:
@@ -34,19 +38,4 @@ def embedding_record(event: ProductEvent, vectors: ProductVectors, model_id: str
 
 def delete_record(event: ProductEvent, model_id: str) -> EmbeddingRecord:
     """A delete carries no vectors; the model id says which index it applies to."""
-    return EmbeddingRecord(
-        product_id=event.product_id,
-        shop_id=event.shop_id,
-        op=event.op,
-        version=event.version,
-        event_id=event.event_id,
-        embedding=(),
-        image_embedding=(),
-        text_embedding=(),
-        image_count=0,
-        title=event.title,
-        image_url="",
-        model=model_id,
-        event_time=event.event_time or utc_now(),
-        embedded_at=utc_now(),
-    )
+    return embedding_record(event, _NO_VECTORS, model_id, image_url="")
