@@ -1,0 +1,449 @@
+"""The index store: FAISS segments + tombstones + compaction, built the way Lucene is (DESIGN §8).
+
+- Product state lives in SQLite next to the segments: version, live doc id, shop, title,
+  image URL. Last writer wins by `version`: an older or repeated version is a no-op, an
+  upsert tombstones the product's old doc and adds a new one, a delete tombstones.
+- A commit first writes a new immutable `flat` segment (fsynced), then one SQLite transaction
+  updates the products, adds the segment to the manifest and bumps the generation. That
+  transaction is the commit point: a crash before it leaves the previous state (the orphan
+  files are removed on the next open), a crash after it leaves the new one.
+- Compaction merges segments into one HNSW segment without holding up commits; docs
+  tombstoned meanwhile stay tombstoned, because liveness comes from the product table.
+- Readers hold an immutable `_View` (segments + liveness arrays); writers swap in a new one,
+  so a search never sees half a commit. Other processes pick up commits through `refresh()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from schemas import EmbeddingRecord
+from search.segment import HnswParams, Segment, SegmentInfo, top_k
+
+__all__ = ["ApplyResult", "Hit", "IndexMismatch", "IndexStore", "StoreSettings"]
+
+_log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS products (
+    product_id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    doc_id INTEGER,
+    shop_id TEXT NOT NULL,
+    title TEXT NOT NULL,
+    image_url TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS products_doc ON products(doc_id) WHERE doc_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS segments (name TEXT PRIMARY KEY, kind TEXT NOT NULL, count INTEGER NOT NULL);
+"""
+
+
+class IndexMismatch(ValueError):
+    """A record of another model or dimension than the index: refused, never mixed in."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSettings:
+    hnsw: HnswParams = HnswParams()
+    # Compaction merges the flat (delta) segments into HNSW once they hold this many vectors
+    # or number this many, and rebuilds an HNSW segment whose tombstones pass the ratio.
+    delta_limit: int = 20_000
+    max_delta_segments: int = 16
+    max_hnsw_segments: int = 4
+    tombstone_ratio: float = 0.3
+    # Filters that leave fewer docs than this in a segment are searched exactly.
+    exact_below: int = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    product_id: str
+    shop_id: str
+    score: float
+    version: int
+    title: str
+    image_url: str
+
+
+@dataclasses.dataclass
+class ApplyResult:
+    upserted: int = 0
+    deleted: int = 0
+    ignored: int = 0  # older or repeated versions
+    refused: list[tuple[EmbeddingRecord, str]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class _View:
+    """Everything a search reads, swapped whole on every commit."""
+
+    generation: int
+    segments: tuple[Segment, ...]
+    live: np.ndarray  # bool by doc id
+    shop_codes: np.ndarray  # int32 by doc id
+    shops: dict[str, int]
+
+
+class IndexStore:
+    def __init__(self, directory: str | Path, *, model: str | None = None, dim: int | None = None,
+                 settings: StoreSettings = StoreSettings(), read_only: bool = False):
+        """Opens (or, given `model` and `dim`, creates) the store in `directory`."""
+        self.directory = Path(directory)
+        self.settings = settings
+        self.read_only = read_only
+        if not read_only:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        elif not (self.directory / "state.sqlite").exists():
+            raise FileNotFoundError(f"no index at {self.directory}")
+        self._local = threading.local()
+        self._lock_file = None
+        if not read_only:
+            self._take_writer_lock()
+        self._write_lock = threading.RLock()
+        self._compacting = threading.Lock()
+        if not read_only:
+            self._db().executescript(_SCHEMA)  # its own transaction: executescript commits
+        with self._transaction() as db:
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            if not meta:
+                if model is None or dim is None:
+                    raise FileNotFoundError(f"{self.directory} holds no index; give model and dim to create one")
+                meta = {"model": model, "dim": str(dim), "generation": "0", "next_doc_id": "0",
+                        "hnsw_m": str(settings.hnsw.m), "hnsw_ef_construction": str(settings.hnsw.ef_construction)}
+                db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+        self.model = meta["model"]
+        self.dim = int(meta["dim"])
+        if model is not None and model != self.model or dim is not None and dim != self.dim:
+            raise IndexMismatch(f"{self.directory} indexes {self.model} ({self.dim}-d), not {model} ({dim}-d)")
+        self.settings = dataclasses.replace(settings, hnsw=HnswParams(int(meta["hnsw_m"]),
+                                                                      int(meta["hnsw_ef_construction"])))
+        if not read_only:
+            self._remove_orphans()
+        self._view = self._load_view()
+
+    def _take_writer_lock(self) -> None:
+        """One writer process per store: generations and views assume it. Readers are unlimited."""
+        self._lock_file = open(self.directory / "writer.lock", "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise RuntimeError(f"another process is writing to {self.directory}") from None
+
+    # SQLite -------------------------------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            uri = f"file:{self.directory / 'state.sqlite'}" + ("?mode=ro" if self.read_only else "")
+            db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=60, check_same_thread=False)
+            if not self.read_only:
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            self._local.db = db
+        return db
+
+    class _Tx:
+        def __init__(self, db, immediate):
+            self.db, self.immediate = db, immediate
+
+        def __enter__(self):
+            self.db.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
+            return self.db
+
+        def __exit__(self, exc_type, *_):
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def _transaction(self, immediate: bool | None = None):
+        return self._Tx(self._db(), not self.read_only if immediate is None else immediate)
+
+    def _meta(self, db, key: str) -> str:
+        return db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+
+    # Views --------------------------------------------------------------------------------
+    def _load_view(self, reuse: dict[str, Segment] | None = None) -> _View:
+        reuse = reuse or {}
+        with self._transaction(immediate=False) as db:
+            generation = int(self._meta(db, "generation"))
+            next_doc = int(self._meta(db, "next_doc_id"))
+            infos = [SegmentInfo(*row) for row in db.execute("SELECT name, kind, count FROM segments ORDER BY name")]
+            rows = db.execute("SELECT doc_id, shop_id FROM products WHERE doc_id IS NOT NULL").fetchall()
+        live = np.zeros(next_doc, bool)
+        shop_codes = np.zeros(next_doc, np.int32)
+        shops: dict[str, int] = {}
+        if rows:
+            doc_ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            live[doc_ids] = True
+            shop_codes[doc_ids] = [shops.setdefault(r[1], len(shops)) for r in rows]
+        segments = tuple(reuse.get(info.name) or Segment(self.directory, info) for info in infos)
+        return _View(generation, segments, live, shop_codes, shops)
+
+    def refresh(self) -> bool:
+        """Picks up commits made by another process; True if there was one."""
+        with self._transaction(immediate=False) as db:
+            generation = int(self._meta(db, "generation"))
+        if generation == self._view.generation:
+            return False
+        for attempt in range(5):
+            try:
+                self._view = self._load_view({s.info.name: s for s in self._view.segments})
+                return True
+            except FileNotFoundError:
+                # Compaction removed a segment between our manifest read and its load: read again.
+                time.sleep(0.05 * (attempt + 1))
+        raise RuntimeError(f"could not load a consistent view of {self.directory}")
+
+    @property
+    def generation(self) -> int:
+        return self._view.generation
+
+    def _remove_orphans(self) -> None:
+        """Segment files of commits that never happened (a crash between write and commit)."""
+        with self._transaction(immediate=False) as db:
+            live = {name for (name,) in db.execute("SELECT name FROM segments")}
+        for path in self.directory.glob("seg-*"):
+            if path.name.split(".", 1)[0] not in live:
+                path.unlink(missing_ok=True)
+
+    # Writes -------------------------------------------------------------------------------
+    def check(self, record: EmbeddingRecord) -> None:
+        if record.model != self.model:
+            raise IndexMismatch(f"record of model {record.model!r} for an index of {self.model!r}")
+        if record.op == "upsert" and len(record.embedding) != self.dim:
+            raise IndexMismatch(f"{len(record.embedding)}-d vector for a {self.dim}-d index")
+        if record.op not in ("upsert", "delete"):
+            raise IndexMismatch(f"unknown op {record.op!r}")
+
+    def apply(self, records: Sequence[EmbeddingRecord], checkpoint: str | None = None) -> ApplyResult:
+        """Applies a micro-batch in one commit; returns what it did. Refused records are reported."""
+        if self.read_only:
+            raise PermissionError("store opened read-only")
+        result = ApplyResult()
+        accepted = []
+        for record in records:
+            try:
+                self.check(record)
+            except IndexMismatch as e:
+                result.refused.append((record, str(e)))
+            else:
+                accepted.append(record)
+        with self._write_lock:
+            view = self._view
+            with self._transaction() as db:
+                next_doc = int(self._meta(db, "next_doc_id"))
+                current = _current_states(db, {r.product_id for r in accepted})
+                changed: dict[str, tuple] = {}
+                vectors: dict[str, np.ndarray] = {}
+                for record in accepted:
+                    version = (changed.get(record.product_id) or current.get(record.product_id) or (-1,))[0]
+                    if record.version <= version:
+                        result.ignored += 1
+                        continue
+                    if record.op == "upsert":
+                        changed[record.product_id] = (record.version, next_doc, record.shop_id, record.title,
+                                                      record.image_url)
+                        vectors[record.product_id] = np.asarray(record.embedding, np.float32)
+                        next_doc += 1
+                        result.upserted += 1
+                    else:
+                        changed[record.product_id] = (record.version, None, record.shop_id, record.title, "")
+                        vectors.pop(record.product_id, None)
+                        result.deleted += 1
+                info = None
+                if vectors:
+                    ids = np.array([changed[pid][1] for pid in vectors], np.int64)
+                    info = Segment.write(self.directory, self._segment_name(), ids, np.stack(list(vectors.values())),
+                                         "flat")
+                    db.execute("INSERT INTO segments VALUES (?, ?, ?)", (info.name, info.kind, info.count))
+                db.executemany(
+                    "INSERT INTO products VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(product_id) DO UPDATE SET "
+                    "version=excluded.version, doc_id=excluded.doc_id, shop_id=excluded.shop_id, "
+                    "title=excluded.title, image_url=excluded.image_url",
+                    [(pid, *state) for pid, state in changed.items()],
+                )
+                db.execute("UPDATE meta SET value = ? WHERE key = 'next_doc_id'", (str(next_doc),))
+                db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(view.generation + 1),))
+                if checkpoint is not None:
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('checkpoint', ?)", (checkpoint,))
+            self._view = self._next_view(view, changed, current, info, next_doc)
+        return result
+
+    def _next_view(self, view: _View, changed: dict, before: dict, info: SegmentInfo | None, next_doc: int) -> _View:
+        live = np.zeros(next_doc, bool)
+        live[:len(view.live)] = view.live
+        shop_codes = np.zeros(next_doc, np.int32)
+        shop_codes[:len(view.shop_codes)] = view.shop_codes
+        shops = dict(view.shops)
+        for pid, (_, doc, shop, *_rest) in changed.items():
+            old = before.get(pid)
+            if old and old[1] is not None:
+                live[old[1]] = False
+            if doc is not None:
+                live[doc] = True
+                shop_codes[doc] = shops.setdefault(shop, len(shops))
+        segments = view.segments + ((Segment(self.directory, info),) if info else ())
+        return _View(view.generation + 1, segments, live, shop_codes, shops)
+
+    def _segment_name(self) -> str:
+        return f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}"
+
+    # Compaction ---------------------------------------------------------------------------
+    def compaction_plan(self, view: _View | None = None) -> list[Segment]:
+        view = view or self._view
+        s = self.settings
+        delta = [seg for seg in view.segments if seg.info.kind == "flat"]
+        hnsw = [seg for seg in view.segments if seg.info.kind == "hnsw"]
+        plan = []
+        if sum(seg.info.count for seg in delta) >= s.delta_limit or len(delta) > s.max_delta_segments:
+            plan += delta
+        worn = [seg for seg in hnsw if 1 - view.live[seg.ids].mean() > s.tombstone_ratio]
+        plan += worn
+        if len(hnsw) - len(worn) + (1 if plan else 0) > s.max_hnsw_segments:
+            plan += [seg for seg in hnsw if seg not in worn]
+        return plan
+
+    def compact(self, force: bool = False) -> bool:
+        """Merges what the plan (or, forced, everything) says into one HNSW segment; True if it did."""
+        if self.read_only:
+            raise PermissionError("store opened read-only")
+        with self._compacting:
+            view = self._view
+            plan = list(view.segments) if force else self.compaction_plan(view)
+            if not plan or force and len(plan) == 1 and plan[0].info.kind == "hnsw" and view.live[plan[0].ids].all():
+                return False
+            ids = np.concatenate([seg.ids for seg in plan])
+            vectors = np.concatenate([seg.vectors for seg in plan])
+            keep = view.live[ids]
+            info = None
+            if keep.any():
+                info = Segment.write(self.directory, self._segment_name(), ids[keep], vectors[keep], "hnsw",
+                                     self.settings.hnsw)
+            merged = Segment(self.directory, info) if info else None
+            with self._write_lock:
+                with self._transaction() as db:
+                    db.executemany("DELETE FROM segments WHERE name = ?", [(seg.info.name,) for seg in plan])
+                    if info:
+                        db.execute("INSERT INTO segments VALUES (?, ?, ?)", (info.name, info.kind, info.count))
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(self._view.generation + 1),))
+                current = self._view
+                names = {seg.info.name for seg in plan}
+                segments = tuple(seg for seg in current.segments if seg.info.name not in names)
+                self._view = dataclasses.replace(current, generation=current.generation + 1,
+                                                 segments=segments + ((merged,) if merged else ()))
+            for seg in plan:
+                for name in Segment.files(seg.info.name):
+                    (self.directory / name).unlink(missing_ok=True)
+            _log.info("compacted %d segments (%d docs) into %d live docs", len(plan), len(ids), int(keep.sum()))
+            return True
+
+    # Reads --------------------------------------------------------------------------------
+    def search(self, query: np.ndarray, k: int = 10, ef_search: int = 128, shop_id: str | None = None,
+               exact: bool = False) -> list[Hit]:
+        """Top-k live products by inner product; `k` and `ef_search` are independent (DESIGN §8)."""
+        scored = self.search_ids(query, k, ef_search, shop_id, exact)
+        return self.hits(scored)
+
+    def search_ids(self, query: np.ndarray, k: int = 10, ef_search: int = 128, shop_id: str | None = None,
+                   exact: bool = False) -> list[tuple[float, int]]:
+        if k < 1 or ef_search < 1:
+            raise ValueError("k and ef_search must be at least 1")
+        query = np.asarray(query, np.float32).reshape(-1)
+        if query.shape[0] != self.dim:
+            raise IndexMismatch(f"{query.shape[0]}-d query for a {self.dim}-d index")
+        view = self._view
+        if shop_id is not None and shop_id not in view.shops:
+            return []
+        scores, docs = [], []
+        for segment in view.segments:
+            allowed = view.live[segment.ids]
+            if shop_id is not None:
+                allowed &= view.shop_codes[segment.ids] == view.shops[shop_id]
+            if exact:
+                s, d = segment.search_exact(query, k, allowed)
+            else:
+                s, d = segment.search(query, k, ef_search, allowed, self.settings.exact_below)
+            scores.append(s)
+            docs.append(d)
+        if not scores:
+            return []
+        scores, docs = np.concatenate(scores), np.concatenate(docs)
+        best = top_k(scores, k)
+        return [(float(scores[i]), int(docs[i])) for i in best]
+
+    def hits(self, scored: Iterable[tuple[float, int]]) -> list[Hit]:
+        scored = list(scored)
+        if not scored:
+            return []
+        with self._transaction(immediate=False) as db:
+            marks = ",".join("?" * len(scored))
+            rows = {row[0]: row[1:] for row in db.execute(
+                f"SELECT doc_id, product_id, shop_id, version, title, image_url FROM products WHERE doc_id IN ({marks})",
+                [doc for _, doc in scored])}
+        # A doc may have been tombstoned since the search: it is dropped, never returned stale.
+        return [Hit(row[0], row[1], score, row[2], row[3], row[4]) for score, doc in scored
+                if (row := rows.get(doc)) is not None]
+
+    def live_products(self) -> dict[str, tuple[int, str]]:
+        """product_id → (version, shop_id) of every product with a live vector."""
+        with self._transaction(immediate=False) as db:
+            return {pid: (version, shop) for pid, version, shop in
+                    db.execute("SELECT product_id, version, shop_id FROM products WHERE doc_id IS NOT NULL")}
+
+    def live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(doc ids, vectors) of every live doc, for exact-search baselines and recall."""
+        view = self._view
+        ids, vectors = [], []
+        for segment in view.segments:
+            keep = view.live[segment.ids]
+            ids.append(segment.ids[keep])
+            vectors.append(segment.vectors[keep])
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        return np.concatenate(ids), np.concatenate(vectors)
+
+    def checkpoint(self) -> str | None:
+        with self._transaction(immediate=False) as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'checkpoint'").fetchone()
+        return row[0] if row else None
+
+    def stats(self) -> dict:
+        view = self._view
+        return {
+            "model": self.model,
+            "dim": self.dim,
+            "generation": view.generation,
+            "live_docs": int(view.live.sum()),
+            "segments": [{"name": s.info.name, "kind": s.info.kind, "count": s.info.count,
+                          "live": int(view.live[s.ids].sum())} for s in view.segments],
+        }
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+
+def _current_states(db, product_ids: set[str]) -> dict[str, tuple]:
+    states = {}
+    ids = list(product_ids)
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        marks = ",".join("?" * len(chunk))
+        for row in db.execute(f"SELECT product_id, version, doc_id, shop_id, title, image_url FROM products "
+                              f"WHERE product_id IN ({marks})", chunk):
+            states[row[0]] = row[1:]
+    return states

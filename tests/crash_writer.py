@@ -1,0 +1,46 @@
+"""Child process of the crash test: applies a seeded stream of batches, compacting now and then.
+
+    python -m tests.crash_writer INDEX_DIR SEED
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+from search.store import IndexStore, StoreSettings
+from tests.index_helpers import MODEL, record
+
+DIM = 32
+
+
+def batches(seed: int, count: int = 30, size: int = 60) -> list[list]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        out.append([
+            record(f"p{rng.randrange(150)}", rng.randrange(40), "delete" if rng.random() < 0.2 else "upsert",
+                   dim=DIM, shop_id=f"shop-{rng.randrange(3)}", seed=rng.randrange(2**31))
+            for _ in range(size)
+        ])
+    return out
+
+
+def open_store(directory: str) -> IndexStore:
+    return IndexStore(directory, model=MODEL, dim=DIM,
+                      settings=StoreSettings(delta_limit=400, max_delta_segments=6, exact_below=0))
+
+
+def main() -> None:
+    directory, seed = sys.argv[1], int(sys.argv[2])
+    store = open_store(directory)
+    print("ready", flush=True)
+    for n, batch in enumerate(batches(seed)):
+        store.apply(batch, checkpoint=str(n))
+        if n % 4 == 3:
+            store.compact(force=n % 8 == 7)
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()

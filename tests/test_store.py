@@ -1,0 +1,152 @@
+"""The index store: last writer wins, tombstones, compaction, shop scoping, refusals, readers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from search.store import IndexMismatch, IndexStore, StoreSettings
+from tests.index_helpers import MODEL, last_writer_wins, live_truth, record
+
+SMALL = StoreSettings(delta_limit=6, max_delta_segments=3, max_hnsw_segments=2, tombstone_ratio=0.3, exact_below=0)
+
+
+def new_store(path, **kwargs) -> IndexStore:
+    return IndexStore(path, model=MODEL, dim=8, settings=kwargs.pop("settings", SMALL), **kwargs)
+
+
+def assert_equals_truth(store: IndexStore, records) -> None:
+    truth = last_writer_wins(records)
+    assert store.live_products() == live_truth(records)
+    live = {pid: r for pid, r in truth.items() if r.op == "upsert"}
+    every_vector = {r.embedding for r in records if r.op == "upsert"}
+    for vector in every_vector:
+        for exact in (True, False):
+            hits = store.search(np.array(vector), k=len(truth) + 5, ef_search=64, exact=exact)
+            for hit in hits:  # never a deleted product, never a stale version
+                assert hit.product_id in live and hit.version == live[hit.product_id].version
+            if exact:
+                assert sorted(h.product_id for h in hits) == sorted(live)
+    for pid, r in live.items():  # each live product is found by its own current vector
+        (top,) = store.search(np.array(r.embedding), k=1, exact=True)
+        assert top.product_id == pid and top.score == pytest.approx(1.0, abs=1e-5)
+
+
+ops = st.tuples(
+    st.sampled_from(["p0", "p1", "p2", "p3", "p4", "p5"]),
+    st.integers(min_value=0, max_value=6),
+    st.sampled_from(["upsert", "upsert", "delete"]),
+    st.sampled_from(["shop-a", "shop-b"]),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=st.lists(ops, min_size=1, max_size=40), cuts=st.lists(st.integers(0, 40), max_size=6),
+       compact_after=st.sets(st.integers(0, 7)), data=st.data())
+def test_random_streams_equal_last_writer_wins(tmp_path_factory, stream, cuts, compact_after, data):
+    """Upserts, deletes, duplicates and reordered versions, random commit points and compactions."""
+    records = [record(pid, version, op, shop_id=shop) for pid, version, op, shop in stream]
+    records += data.draw(st.lists(st.sampled_from(records), max_size=5))  # redeliveries
+    store = new_store(tmp_path_factory.mktemp("store"))
+    bounds = sorted({0, len(records), *(c for c in cuts if c < len(records))})
+    for n, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        store.apply(records[start:end])
+        if n in compact_after:
+            store.compact(force=data.draw(st.booleans()))
+        assert_equals_truth(store, records[:end])
+    store.compact(force=True)
+    assert_equals_truth(store, records)
+    reopened = IndexStore(store.directory, read_only=True)
+    assert_equals_truth(reopened, records)
+
+
+def test_older_and_repeated_versions_are_no_ops(tmp_path):
+    store = new_store(tmp_path)
+    assert store.apply([record("p", 5)]).upserted == 1
+    result = store.apply([record("p", 5, seed=1), record("p", 4), record("p", 3, "delete")])
+    assert (result.upserted, result.deleted, result.ignored) == (0, 0, 3)
+    assert store.live_products() == {"p": (5, "shop-a")}
+
+
+def test_a_delete_remembers_its_version_so_a_late_older_upsert_stays_out(tmp_path):
+    store = new_store(tmp_path)
+    store.apply([record("p", 7, "delete")])
+    store.apply([record("p", 6)])
+    assert store.live_products() == {}
+    store.apply([record("p", 8)])
+    assert store.live_products() == {"p": (8, "shop-a")}
+
+
+def test_a_shop_scoped_query_never_returns_another_shops_product(tmp_path):
+    store = new_store(tmp_path, settings=StoreSettings(delta_limit=50, exact_below=0))
+    records = [record(f"p{i}", 1, shop_id=f"shop-{i % 3}", seed=i) for i in range(150)]
+    store.apply(records[:100])
+    store.compact(force=True)
+    store.apply(records[100:])
+    for shop in ("shop-0", "shop-1", "shop-2"):
+        for r in records[:20]:
+            hits = store.search(np.array(r.embedding), k=30, ef_search=64, shop_id=shop)
+            assert hits and all(h.shop_id == shop for h in hits)
+    # A product that moves shop moves with its new version only.
+    store.apply([record("p0", 2, shop_id="shop-2", seed=999)])
+    assert all(h.product_id != "p0" for h in store.search(np.array(records[0].embedding), k=150, shop_id="shop-0"))
+    assert store.search(np.array(records[0].embedding), k=5, shop_id="no-such-shop") == []
+
+
+def test_records_of_another_model_or_dimension_are_refused_not_mixed(tmp_path):
+    store = new_store(tmp_path)
+    result = store.apply([record("a", 1), record("b", 1, model="other-model"), record("c", 1, dim=16)])
+    assert result.upserted == 1 and [r.product_id for r, _ in result.refused] == ["b", "c"]
+    assert "other-model" in result.refused[0][1] and "16-d" in result.refused[1][1]
+    assert store.live_products() == {"a": (1, "shop-a")}
+    with pytest.raises(IndexMismatch):
+        store.search(np.zeros(4), k=1)
+    store.close()
+    with pytest.raises(IndexMismatch):
+        IndexStore(tmp_path, model="other-model", dim=8)
+
+
+def test_k_and_ef_search_are_independent(tmp_path):
+    store = new_store(tmp_path, settings=StoreSettings(delta_limit=10, exact_below=0))
+    store.apply([record(f"p{i}", 1, seed=i) for i in range(200)])
+    store.compact(force=True)
+    query = np.array(record("p3", 1, seed=3).embedding)
+    assert len(store.search(query, k=50, ef_search=10)) == 50
+    assert len(store.search(query, k=5, ef_search=400)) == 5
+
+
+def test_compaction_drops_tombstones_and_keeps_results(tmp_path):
+    store = new_store(tmp_path, settings=StoreSettings(delta_limit=10, exact_below=0))
+    store.apply([record(f"p{i}", 1, seed=i) for i in range(30)])
+    store.apply([record(f"p{i}", 2, "delete") for i in range(0, 30, 2)])
+    assert store.compaction_plan()
+    assert store.compact()
+    (segment,) = store.stats()["segments"]
+    assert segment["kind"] == "hnsw" and segment["count"] == segment["live"] == 15
+    assert not store.compact()
+    files = {p.name.split(".")[0] for p in tmp_path.glob("seg-*")}
+    assert files == {segment["name"]}
+
+
+def test_a_reader_picks_up_commits_of_the_writer(tmp_path):
+    writer = new_store(tmp_path)
+    reader = IndexStore(tmp_path, read_only=True)
+    assert not reader.refresh()
+    writer.apply([record("p", 1)])
+    assert reader.live_products() == {"p": (1, "shop-a")} and reader.refresh()
+    assert [h.product_id for h in reader.search(np.array(record("p", 1).embedding), k=1)] == ["p"]
+    writer.apply([record("p", 2, "delete")])
+    writer.compact(force=True)
+    assert reader.refresh()
+    assert reader.search(np.array(record("p", 1).embedding), k=1) == []
+
+
+def test_one_writer_per_store(tmp_path):
+    writer = new_store(tmp_path)
+    with pytest.raises(RuntimeError, match="another process is writing"):
+        new_store(tmp_path)
+    IndexStore(tmp_path, read_only=True)  # readers are fine
+    writer.close()
+    new_store(tmp_path)  # and the lock goes with its writer
