@@ -6,7 +6,7 @@ from model_handlers.backend import EmbeddingBackend
 from model_handlers.config import ModelConfig, ModelSpec
 from model_handlers.preprocess import ImagePreprocess
 
-__all__ = ["image_preprocess", "load_backend"]
+__all__ = ["embedding_dim", "image_preprocess", "load_backend"]
 
 
 def image_preprocess(spec: str | ModelSpec) -> ImagePreprocess:
@@ -19,6 +19,18 @@ def image_preprocess(spec: str | ModelSpec) -> ImagePreprocess:
     from model_handlers.open_clip_backend import open_clip_preprocess
 
     return open_clip_preprocess(spec)
+
+
+def embedding_dim(spec: str | ModelSpec) -> int:
+    """The dimension of the fused vectors a spec produces, known without loading weights."""
+    spec = ModelSpec.parse(spec) if isinstance(spec, str) else spec
+    if spec.backend == "packaged":
+        from model_handlers.packaged_backend import PackagedBackend
+
+        return PackagedBackend.image_dim + PackagedBackend.text_dim
+    from model_handlers.open_clip_backend import open_clip_embed_dim
+
+    return open_clip_embed_dim(spec)
 
 
 def load_backend(config: ModelConfig) -> EmbeddingBackend:

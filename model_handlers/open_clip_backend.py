@@ -21,7 +21,7 @@ from model_handlers.backend import EmbeddingBackend
 from model_handlers.config import ModelSpec
 from model_handlers.preprocess import ImagePreprocess
 
-__all__ = ["OpenClipBackend", "open_clip_preprocess"]
+__all__ = ["OpenClipBackend", "open_clip_embed_dim", "open_clip_preprocess"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 _registered = False
@@ -60,6 +60,13 @@ def open_clip_preprocess(spec: ModelSpec) -> ImagePreprocess:
         cfg.update({k: v for k, v in tag_cfg.items() if k in cfg})
     cfg["size"] = model_cfg["vision_cfg"]["image_size"]
     return _preprocess_from_cfg(cfg)
+
+
+def open_clip_embed_dim(spec: ModelSpec) -> int:
+    model_cfg = _open_clip().get_model_config(spec.name)
+    if model_cfg is None:
+        raise ValueError(f"open_clip has no model config named {spec.name!r}")
+    return int(model_cfg["embed_dim"])
 
 
 def _preprocess_from_cfg(cfg: dict) -> ImagePreprocess:

@@ -24,6 +24,8 @@ def from_beam_failure(stage: str, failure: tuple[Any, tuple]) -> Iterable[DeadLe
             ids, payload = (event.event_id, event.product_id), event.to_json()
         elif isinstance(item, EmbeddingRecord):  # a record the sink could not write
             ids, payload = (item.event_id, item.product_id), json.dumps(item.to_dict())
+        elif isinstance(item, (bytes, str)):  # a message that never became an object
+            ids, payload = ("", ""), item.decode("utf-8", "backslashreplace") if isinstance(item, bytes) else item
         else:
             ids, payload = ("", ""), repr(item)
         yield DeadLetter(

@@ -1,0 +1,133 @@
+"""`UpdateIndex`: embedding records → micro-batches per shard → commits to the index store.
+
+Records are keyed by shard (a hash of product_id) and grouped into micro-batches
+(`GroupIntoBatches`: a size, or a buffering time in streaming). Each batch is one commit of
+that shard's store; records the store refuses (another model, another dimension) become
+dead letters with stage `sink`. Compaction runs on a background thread when the store's plan
+asks for it, so commits never wait for an HNSW build. A failed commit raises: Beam retries the
+batch, and replaying it is harmless (last writer wins by version).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from schemas import DeadLetter, EmbeddingRecord, Stage
+from search.sharded import ShardedIndex, shard_of
+from search.store import IndexStore, StoreSettings
+
+__all__ = ["UpdateIndex", "parse_record"]
+
+
+class _ShardWriters:
+    """One writer `IndexStore` per shard per process, shared by the DoFn's threads."""
+
+    _lock = threading.Lock()
+    _stores: dict[str, IndexStore] = {}
+    _store_locks: dict[str, threading.Lock] = {}
+
+    @classmethod
+    def get(cls, directory: Path, model: str, dim: int, settings: StoreSettings) -> tuple[IndexStore, threading.Lock]:
+        key = str(directory)
+        with cls._lock:
+            if key not in cls._stores:
+                cls._stores[key] = IndexStore(directory, model=model, dim=dim, settings=settings)
+                cls._store_locks[key] = threading.Lock()
+            return cls._stores[key], cls._store_locks[key]
+
+
+def _compact_in_background(store: IndexStore) -> None:
+    if store.compaction_plan() and not getattr(store, "_compaction_thread", None):
+        def run():
+            try:
+                store.compact()
+            finally:
+                store._compaction_thread = None
+
+        store._compaction_thread = threading.Thread(target=run, name=f"compact-{store.directory.name}", daemon=True)
+        store._compaction_thread.start()
+
+
+class _CommitFn(beam.DoFn):
+    def __init__(self, index_dir: str, model: str, dim: int, num_shards: int, settings: StoreSettings,
+                 background_compaction: bool):
+        self._index_dir = index_dir
+        self._model = model
+        self._dim = dim
+        self._num_shards = num_shards
+        self._settings = settings
+        self._background_compaction = background_compaction
+        self._counters = {name: Metrics.counter("index", name) for name in ("upserted", "deleted", "ignored", "refused")}
+        self._commit_ms = Metrics.distribution("index", "commit_ms")
+        self._batch_size = Metrics.distribution("index", "batch_size")
+
+    def setup(self):
+        ShardedIndex.ensure_layout(self._index_dir, self._num_shards, self._model, self._dim)
+
+    def process(self, element):
+        shard, records = element
+        records = list(records)
+        store, lock = _ShardWriters.get(ShardedIndex.shard_dir(self._index_dir, shard), self._model, self._dim,
+                                        self._settings)
+        started = time.perf_counter()
+        with lock:
+            result = store.apply(records)
+            generation = store.generation
+        took = (time.perf_counter() - started) * 1000
+        self._commit_ms.update(int(took))
+        self._batch_size.update(len(records))
+        for name in ("upserted", "deleted", "ignored"):
+            self._counters[name].inc(getattr(result, name))
+        self._counters["refused"].inc(len(result.refused))
+        if self._background_compaction:
+            _compact_in_background(store)
+        else:
+            store.compact()
+        for record, reason in result.refused:
+            yield beam.pvalue.TaggedOutput(UpdateIndex.DEAD_LETTER, DeadLetter(
+                stage=Stage.SINK, error_type="IndexMismatch", error=reason, payload=json.dumps(record.to_dict()),
+                event_id=record.event_id, product_id=record.product_id))
+        # One commit: what it did, and when it became searchable.
+        yield dict(shard=shard, generation=generation, records=len(records), upserted=result.upserted,
+                          deleted=result.deleted, ignored=result.ignored, refused=len(result.refused),
+                          commit_ms=round(took, 2), committed_at=time.time())
+
+
+class UpdateIndex(beam.PTransform):
+    """`EmbeddingRecord`s → commits (dicts of what each did) and dead letters of refused records."""
+
+    DEAD_LETTER = "dead_letter"
+
+    def __init__(self, index_dir: str, model: str, dim: int, num_shards: int = 1, batch_size: int = 1000,
+                 max_buffering_secs: float = 1.0, settings: StoreSettings = StoreSettings(),
+                 background_compaction: bool = True):
+        super().__init__()
+        self._index_dir = index_dir
+        self._num_shards = num_shards
+        self._batch_size = batch_size
+        self._max_buffering_secs = max_buffering_secs
+        self._fn = _CommitFn(index_dir, model, dim, num_shards, settings, background_compaction)
+
+    def expand(self, records):
+        num_shards = self._num_shards
+        batches = (
+            records
+            | "KeyByShard" >> beam.Map(lambda r: (shard_of(r.product_id, num_shards), r))
+            | "MicroBatch" >> beam.GroupIntoBatches(self._batch_size,
+                                                    max_buffering_duration_secs=self._max_buffering_secs)
+        )
+        return batches | "Commit" >> beam.ParDo(self._fn).with_outputs(self.DEAD_LETTER, main="commits")
+
+
+def parse_record(raw: bytes | str) -> EmbeddingRecord:
+    """A record from the embeddings topic or a JSON-lines file."""
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("an embedding record must be a JSON object")
+    return EmbeddingRecord.from_dict(data)
