@@ -5,8 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
 # Debian packages the tests and the demo need: real product photos (demo, known-answer test)
-# and Java for the Pub/Sub emulator. Installed when missing; apt needs root.
-APT_PACKAGES := dataset-fashion-mnist openjdk-17-jre-headless
+# Java for the Pub/Sub emulator, Chromium for the search-page test. Installed when missing; apt needs root.
+APT_PACKAGES := dataset-fashion-mnist openjdk-17-jre-headless chromium chromium-driver
 PUBSUB_EMULATOR_BIN ?= /usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator
 export PUBSUB_EMULATOR_BIN
 

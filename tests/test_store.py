@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from search import recall
+from search.sharded import ShardedIndex, shard_of
 from search.store import IndexMismatch, IndexStore, StoreSettings
 from tests.index_helpers import MODEL, last_writer_wins, live_truth, record
 
@@ -150,3 +154,18 @@ def test_one_writer_per_store(tmp_path):
     IndexStore(tmp_path, read_only=True)  # readers are fine
     writer.close()
     new_store(tmp_path)  # and the lock goes with its writer
+
+
+def test_recall_cli_reports_the_distribution_and_writes_json_and_a_plot(tmp_path):
+    ShardedIndex.ensure_layout(tmp_path, 2, MODEL, 8)
+    writer = ShardedIndex.open(tmp_path, read_only=False, settings=StoreSettings(exact_below=0))
+    records = [record(f"p{i}", 1, seed=i) for i in range(300)]
+    for n, shard in enumerate(writer.shards):
+        shard.apply([r for r in records if shard_of(r.product_id, 2) == n])
+        shard.compact(force=True)
+    report = recall.main(["--index_dir", str(tmp_path), "--k", "10", "--ef_search", "10,200", "--queries", "40"])
+    low, high = report["by_ef_search"]
+    assert {"mean", "median", "std", "min", "p50_ms", "p99_ms"} <= set(high)
+    assert high["mean"] >= low["mean"] and high["min"] >= 0.9
+    assert json.loads((tmp_path / "recall.json").read_text())["k"] == 10
+    assert (tmp_path / "recall.png").stat().st_size > 10_000

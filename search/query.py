@@ -1,0 +1,50 @@
+"""Turns a search request's text, image URL or vector into a query vector of the index's space.
+
+The same backend and fusion as the embed pipeline (DESIGN §8): a text query is a product with
+only a title, an image query a product with only that image. Query images are fetched through
+the same guarded downloader and decoder as product images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from model_handlers.backends import load_backend
+from model_handlers.config import ModelConfig
+from transforms.decode import decode_image
+from transforms.download import FetchConfig, ImageFetcher
+
+__all__ = ["QueryEmbedder", "QueryError"]
+
+
+class QueryError(ValueError):
+    """The query can't be turned into a vector (bad vector, unfetchable image); a 4xx."""
+
+
+class QueryEmbedder:
+    def __init__(self, model: str, dim: int, device: str = "auto", fetch: FetchConfig = FetchConfig()):
+        self.backend = load_backend(ModelConfig(spec=model, device=device))
+        if self.backend.embedding_dim != dim:
+            raise ValueError(f"{model} makes {self.backend.embedding_dim}-d vectors, the index holds {dim}-d")
+        self.dim = dim
+        self._fetcher = ImageFetcher(fetch)
+
+    def text(self, text: str) -> np.ndarray:
+        if not text.strip():
+            raise QueryError("text is empty")
+        return self.backend.embed_query(text=text)
+
+    def image_url(self, url: str) -> np.ndarray:
+        try:
+            pixels = decode_image(self._fetcher.fetch(url), self.backend.preprocess)
+        except (OSError, ValueError) as e:
+            raise QueryError(f"cannot use image {url[:200]}: {e}") from e
+        return self.backend.embed_query(image=pixels)
+
+    def vector(self, values: list[float]) -> np.ndarray:
+        vector = np.asarray(values, np.float32)
+        if vector.shape != (self.dim,):
+            raise QueryError(f"vector has {vector.size} values, the index holds {self.dim}-d vectors")
+        if not np.all(np.isfinite(vector)) or not np.any(vector):
+            raise QueryError("vector must be finite and not all zero")
+        return vector / np.linalg.norm(vector)

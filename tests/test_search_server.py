@@ -1,0 +1,161 @@
+"""The query service over HTTP: search by text, vector and image, scoping, errors, live updates."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import requests
+
+from localstack.http_server import BackgroundServer
+from localstack.image_server import Route
+from search.query import QueryEmbedder
+from search.server import create_app
+from search.sharded import ShardedIndex, shard_of
+from tests.conftest import TINY_CLIP, image_bytes
+from schemas import ProductEvent
+from transforms.decode import decode_image
+from transforms.download import FetchConfig
+from transforms.records import embedding_record
+
+DIM = 64
+COLOURS = {"red": (200, 30, 30), "green": (30, 160, 60), "blue": (40, 60, 200)}
+
+
+def solid_jpeg(rgb) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 96), rgb).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return QueryEmbedder(TINY_CLIP, DIM, device="cpu", fetch=FetchConfig(allow_private_hosts=True))
+
+
+@pytest.fixture
+def catalogue(tmp_path, image_server, embedder):
+    """A small index of products embedded by the real backend, images on the image server."""
+    index_dir = tmp_path / "index"
+    ShardedIndex.ensure_layout(index_dir, 2, TINY_CLIP, DIM)
+    writer = ShardedIndex.open(index_dir, read_only=False)
+    records = []
+    for n in range(24):
+        colour = list(COLOURS)[n % 3]
+        image_server.routes[f"/{n}.jpg"] = Route(body=solid_jpeg(COLOURS[colour]), headers={"Content-Type": "image/jpeg"})
+        event = ProductEvent(f"e{n}", f"p{n}", "upsert", 1, shop_id=f"shop-{n % 2}", title=f"{colour} shirt {n}",
+                             image_urls=(image_server.url(f"{n}.jpg"),))
+        pixels = decode_image(solid_jpeg(COLOURS[colour]), embedder.backend.preprocess)
+        vectors = embedder.backend.embed_products([([pixels], event.text)])[0]
+        records.append(embedding_record(event, vectors, TINY_CLIP, event.image_urls[0]))
+    for n, shard in enumerate(writer.shards):
+        shard.apply([r for r in records if shard_of(r.product_id, 2) == n])
+    return index_dir, writer, records
+
+
+@pytest.fixture
+def server(catalogue, embedder):
+    index_dir, _, _ = catalogue
+    with BackgroundServer(create_app(ShardedIndex.open(index_dir), embedder, refresh_secs=0.0)) as running:
+        yield running
+
+
+def search(server, **body):
+    return requests.post(f"{server.url}/v1/search", json=body, timeout=30)
+
+
+def test_text_queries_return_products_with_every_field(server):
+    response = search(server, text="red shirt 3", k=5)
+    assert response.status_code == 200
+    data = response.json()
+    assert len(data["results"]) == 5 and data["took_ms"] > 0
+    assert set(data["results"][0]) == {"product_id", "shop_id", "score", "version", "title", "image_url"}
+    scores = [hit["score"] for hit in data["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_a_products_own_vector_finds_it_first(server, catalogue):
+    _, _, records = catalogue
+    for record in records[:5]:
+        (top,) = search(server, vector=list(record.embedding), k=1).json()["results"]
+        assert top["product_id"] == record.product_id and top["score"] == pytest.approx(1, abs=1e-4)
+
+
+def test_image_url_queries_are_embedded_like_products(server, image_server):
+    image_server.routes["/query.jpg"] = Route(body=image_bytes("JPEG"), headers={"Content-Type": "image/jpeg"})
+    response = search(server, image_url=image_server.url("query.jpg"), k=3)
+    assert response.status_code == 200 and len(response.json()["results"]) == 3
+
+
+def test_k_and_ef_search_are_separate(server):
+    assert len(search(server, text="shirt", k=20, ef_search=5).json()["results"]) == 20
+    assert len(search(server, text="shirt", k=2, ef_search=500).json()["results"]) == 2
+
+
+def test_shop_scoped_queries_stay_in_the_shop(server):
+    for shop in ("shop-0", "shop-1"):
+        hits = search(server, text="shirt", k=24, shop_id=shop).json()["results"]
+        assert len(hits) == 12 and {hit["shop_id"] for hit in hits} == {shop}
+    assert search(server, text="shirt", shop_id="shop-x").json()["results"] == []
+
+
+@pytest.mark.parametrize("body, message", [
+    ({}, "exactly one of text, vector, image_url"),
+    ({"text": "a", "vector": [1.0] * DIM}, "exactly one"),
+    ({"text": "a", "k": 0}, "k"),
+    ({"text": "a", "k": 5000}, "k"),
+    ({"text": "a", "ef_search": 0}, "ef_search"),
+    ({"text": "a", "colour": "red"}, "colour"),
+    ({"text": "   "}, "text is empty"),
+    ({"vector": [1.0, 2.0]}, "64-d"),
+    ({"vector": [0.0] * DIM}, "not all zero"),
+    ({"image_url": "http://169.254.169.254/latest/meta-data"}, "link-local"),
+    ({"image_url": "ftp://example.com/a.jpg"}, "non-http"),
+])
+def test_bad_requests_get_a_400_with_a_clear_message(server, body, message):
+    response = search(server, **body)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+def test_unfetchable_query_images_are_a_400(server, image_server):
+    response = search(server, image_url=image_server.url("missing.jpg"))
+    assert response.status_code == 400 and "404" in response.json()["error"]
+
+
+def test_health_and_metrics(server):
+    health = requests.get(f"{server.url}/healthz", timeout=10).json()
+    assert health["status"] == "ok" and health["live_docs"] == 24 and health["model"] == TINY_CLIP
+    search(server, text="shirt")
+    search(server, text="")
+    metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+    assert 'search_requests_total{outcome="ok"}' in metrics
+    assert 'search_requests_total{outcome="bad_request"}' in metrics
+    assert "index_live_docs 24.0" in metrics and "search_latency_seconds_bucket" in metrics
+
+
+def test_new_commits_are_searchable_without_a_restart(server, catalogue):
+    _, writer, records = catalogue
+    newest = records[0]
+    vector = np.roll(np.array(newest.embedding), 7)
+    vector /= np.linalg.norm(vector)
+    moved = dataclasses.replace(newest, version=2, embedding=tuple(float(x) for x in vector), title="moved")
+    shard = writer.shards[shard_of(newest.product_id, 2)]
+    shard.apply([moved])
+    (top,) = search(server, vector=list(moved.embedding), k=1).json()["results"]
+    assert (top["product_id"], top["version"], top["title"]) == (newest.product_id, 2, "moved")
+    shard.apply([dataclasses.replace(newest, version=3, op="delete", embedding=())])
+    hits = search(server, vector=list(moved.embedding), k=24).json()["results"]
+    assert newest.product_id not in {hit["product_id"] for hit in hits}
+
+
+def test_the_search_package_never_imports_beam():
+    code = "import sys, search.server, search.recall; sys.exit('apache_beam' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
