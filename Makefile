@@ -44,11 +44,12 @@ setup: apt-deps pubsub-emulator $(VENV)/.installed ## Create the virtualenv with
 test: setup ## Set everything up and run the whole test suite
 	$(PY) -m pytest -q tests
 
-demo: setup ## Set everything up; stream a catalogue of real product photos through Pub/Sub, the pipeline and BigQuery
-	$(PY) -m localstack.demo --output_dir $(OUT)/demo
+demo: setup ## Set everything up; real product photos → Pub/Sub → embed → BigQuery + index → search (SERVE=1 keeps the page up)
+	$(PY) -m localstack.demo --output_dir $(OUT)/demo $(if $(SERVE),--serve,)
 
 bench: setup ## Run the benchmarks; each prints its figures and writes bench/results/NAME.json
 	$(PY) -m bench.freshness --output_dir $(OUT)/bench-freshness
+	$(PY) -m bench.index
 
 lint: setup ## ruff: undefined names, unused imports, syntax errors
 	$(VENV)/bin/ruff check --select F,E9 --exclude $(VENV) .

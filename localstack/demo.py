@@ -1,10 +1,12 @@
-"""`make demo`: the streaming embed pipeline end to end on the local stand-ins.
+"""`make demo`: the whole loop on the local stand-ins, events to search results.
 
 Starts the Pub/Sub emulator, bqemulator and an image server on 127.0.0.1, creates the topics,
-subscriptions and dataset, runs `pipelines.embed --streaming` on the DirectRunner, publishes a
-catalogue of real product photos (Fashion-MNIST) at a steady rate plus one broken event of each
-kind, reads the output topic, the dead-letter topic and the BigQuery table back, and prints
-counts and freshness (publish → output topic). Everything it started is stopped, also on Ctrl-C.
+subscriptions and dataset, runs `pipelines.embed --streaming` and `pipelines.index --streaming`
+on the DirectRunner, publishes a catalogue of real product photos (Fashion-MNIST) at a steady
+rate plus one broken event of each kind, reads the output topic, the dead-letter topic and the
+BigQuery table back, prints counts and freshness (publish → output topic), then starts the
+search service on the index and prints a few text queries with their top results and the URL
+of the search page. Everything it started is stopped, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class DemoReport:
     freshness_ms: list[float]
     transport_ms: list[float]
     seconds: float
+    indexed: int = 0
+    queries: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
+    page_url: str = ""
 
     @staticmethod
     def percentile(values: list[float], q: float) -> float:
@@ -116,7 +121,39 @@ def _transport_floor(ps: PubSubEmulator, publisher, samples: int = 50) -> list[f
     return [received - _millis(m.publish_time) for m, received in zip(collector.messages, collector.received_ms)]
 
 
-def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say=print) -> DemoReport:
+DEMO_QUERIES = ("black ankle boot", "white sneaker", "leather bag", "summer dress")
+
+
+def _index_job(ps: PubSubEmulator, index_dir: Path, model: str) -> StreamingJob:
+    """The index pipeline on the embeddings topic, with dead letters of its own."""
+    from pipelines import index
+
+    ps.create_topic("index-dlq")
+    subscription = ps.create_subscription("product-embeddings", "index-pipeline")
+    config = index.IndexJobConfig.from_options(PipelineOptions([
+        "--streaming", "--input_subscription", subscription, "--index_dir", str(index_dir), "--model", model,
+        "--num_shards", "2", "--dead_letter_topic", ps.topic("index-dlq")]))
+    pipeline = beam.Pipeline(options=PipelineOptions(["--streaming", "--runner", "BundleBasedDirectRunner"]))
+    index.build_pipeline(pipeline, config)
+    return StreamingJob(pipeline, wake_topic=ps.topic("product-embeddings"))
+
+
+def _wait_indexed(index_dir: Path, model: str, dim: int, count: int, timeout_s: float) -> int:
+    from search.sharded import ShardedIndex
+
+    ShardedIndex.ensure_layout(index_dir, 2, model, dim)
+    reader = ShardedIndex.open(index_dir)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reader.refresh()
+        live = reader.stats()["live_docs"]
+        if live >= count or time.monotonic() > deadline:
+            return live
+        time.sleep(0.5)
+
+
+def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say=print,
+                       search: bool = True, serve: bool = False) -> DemoReport:
     shutil.rmtree(out, ignore_errors=True)
     logging.getLogger("apache_beam").setLevel(logging.ERROR)
     with contextlib.ExitStack() as stack:
@@ -159,8 +196,11 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
         for collector in (records, letters):
             collector.start()
             stack.callback(collector.stop)
+        if search:
+            stack.enter_context(_index_job(ps, out / "index", model))
         job = stack.enter_context(StreamingJob(pipeline, wake_topic=ps.topic("product-events")))
-        say(f"pipeline:   pipelines.embed --streaming with {model} on the BundleBasedDirectRunner")
+        say(f"pipelines:  pipelines.embed --streaming with {model}"
+            + (" and pipelines.index --streaming" if search else "") + " on the BundleBasedDirectRunner")
 
         # Warm-up: the model loads on the first batch; freshness is measured after it.
         warm = dict(catalogue[0].event, event_id="warm-up", product_id="warm-up")
@@ -195,6 +235,13 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
         out_records = [(m, t) for m, t in zip(records.messages, records.received_ms)
                        if m.attributes.get("event_id") != "warm-up"]
         decoded_letters = [json.loads(m.data) for m in letters.messages]
+        queries, indexed, page_url = {}, 0, ""
+        if search:
+            from model_handlers.backends import embedding_dim
+
+            dim = embedding_dim(model)
+            indexed = _wait_indexed(out / "index", model, dim, len(out_records) + 1, 60)
+            queries, page_url = _search(out / "index", model, dim, serve, say, server.url(""))
         event_letters = [d for d in decoded_letters if not d["image_url"] and d["payload"] != "wake-up"]
         return DemoReport(
             model=model,
@@ -209,7 +256,32 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
             freshness_ms=[_freshness(m, received) for m, received in out_records],
             transport_ms=transport,
             seconds=seconds,
+            indexed=indexed,
+            queries=queries,
+            page_url=page_url,
         )
+
+
+def _search(index_dir: Path, model: str, dim: int, serve: bool, say, images_url: str) -> tuple[dict, str]:
+    """Starts the search service on the index and runs the demo queries over HTTP."""
+    import requests
+
+    from localstack.http_server import BackgroundServer
+    from search.query import QueryEmbedder
+    from search.server import create_app
+    from search.sharded import ShardedIndex
+
+    app = create_app(ShardedIndex.open(index_dir), QueryEmbedder(model, dim, fetch=FetchConfig(allow_private_hosts=True)))
+    with BackgroundServer(app) as service:
+        queries = {}
+        for text in DEMO_QUERIES:
+            response = requests.post(f"{service.url}/v1/search", json={"text": text, "k": 3}, timeout=60)
+            response.raise_for_status()
+            queries[text] = response.json()["results"]
+        if serve:
+            say(f"search page: {service.url}/  (images from {images_url}; Ctrl-C to stop)")
+            threading.Event().wait()
+        return queries, f"{service.url}/"
 
 
 def print_report(report: DemoReport, say=print) -> None:
@@ -223,6 +295,12 @@ def print_report(report: DemoReport, say=print) -> None:
     say(f"freshness:  publish -> output topic p50 {p(report.freshness_ms, 50):.0f} ms, "
         f"p99 {p(report.freshness_ms, 99):.0f} ms at {report.rate:g} events/s "
         f"(Pub/Sub alone, publish -> consumer: p50 {p(report.transport_ms, 50):.0f} ms)")
+    if report.queries:
+        say(f"index:      {report.indexed} live products (2 shards), searched through the query service:")
+        for text, hits in report.queries.items():
+            say(f"  {text!r}: " + "; ".join(f"{h['title']} ({h['score']:.2f})" for h in hits))
+        say(f"search page: {report.page_url} while it runs; `make demo SERVE=1` keeps it up, or afterwards: "
+            f"python -m search.server --index_dir <out>/index")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -231,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--products", type=int, default=300)
     parser.add_argument("--rate", type=float, default=5.0, help="events per second")
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--serve", action="store_true", help="keep the search page up until Ctrl-C")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     # Ctrl-C and `kill` both unwind the ExitStack, which stops everything the demo started
@@ -238,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        report = run_streaming_demo(args.products, args.rate, args.model, Path(args.output_dir).resolve())
+        report = run_streaming_demo(args.products, args.rate, args.model, Path(args.output_dir).resolve(),
+                                    serve=args.serve)
     except KeyboardInterrupt:
         print("interrupted: emulators, image server and pipeline stopped")
         raise SystemExit(130)

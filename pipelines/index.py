@@ -16,7 +16,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from model_handlers.backends import embedding_dim
-from model_handlers.config import DEFAULT_MODEL, ModelSpec
+from model_handlers.config import ModelSpec
+from pipelines.options import SharedOptions
 from schemas import Stage
 from search.store import HnswParams, StoreSettings
 from transforms.dead_letter import from_beam_failure
@@ -30,16 +31,13 @@ __all__ = ["IndexJobConfig", "IndexOptions", "build_pipeline", "run"]
 class IndexOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
+        # --model, --input_subscription and --dead_letter_topic come from SharedOptions.
         parser.add_argument("--index_dir", help="Local directory of the index (one store per shard).")
         parser.add_argument("--input_dir", help="Directory of JSON-lines records (batch), e.g. out/embeddings.")
-        parser.add_argument("--input_subscription", help="projects/P/subscriptions/S on the embeddings topic.")
         parser.add_argument("--dead_letter_dir", help="Where refused records go in batch mode (JSON lines).")
-        parser.add_argument("--dead_letter_topic", help="Where refused records go in streaming mode.")
-        parser.add_argument("--model", default=DEFAULT_MODEL, help="The model whose vectors this index holds.")
         parser.add_argument("--num_shards", type=int, default=1, help="Stores the index is split into.")
-        parser.add_argument("--commit_batch_size", type=int, default=1000, help="Records per commit at most.")
-        parser.add_argument("--commit_interval_secs", type=float, default=1.0,
-                            help="Longest a record waits for its commit in streaming.")
+        parser.add_argument("--commit_batch_size", type=int, default=1000,
+                            help="Records per commit at most (a shard's records of a bundle are one commit).")
         parser.add_argument("--hnsw_m", type=int, default=16)
         parser.add_argument("--hnsw_ef_construction", type=int, default=512)
 
@@ -55,34 +53,34 @@ class IndexJobConfig(NamedTuple):
     dead_letter_dir: str | None
     dead_letter_topic: str | None
     commit_batch_size: int
-    commit_interval_secs: float
     settings: StoreSettings
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "IndexJobConfig":
         o = options.view_as(IndexOptions)
+        shared = options.view_as(SharedOptions)
         streaming = bool(options.view_as(StandardOptions).streaming)
         problems = []
         if not o.index_dir:
             problems.append("--index_dir is required")
         elif "://" in o.index_dir:
             problems.append("--index_dir must be a local or mounted path: the store keeps its state in SQLite")
-        if streaming and not o.input_subscription:
+        if streaming and not shared.input_subscription:
             problems.append("--input_subscription is required with --streaming")
         if not streaming and not o.input_dir:
             problems.append("--input_dir is required (or pass --streaming with --input_subscription)")
-        if o.num_shards < 1 or o.commit_batch_size < 1 or o.commit_interval_secs <= 0:
-            problems.append("--num_shards and --commit_batch_size must be >= 1, --commit_interval_secs > 0")
+        if o.num_shards < 1 or o.commit_batch_size < 1:
+            problems.append("--num_shards and --commit_batch_size must be >= 1")
         try:
-            ModelSpec.parse(o.model)
-            dim = embedding_dim(o.model)
+            ModelSpec.parse(shared.model)
+            dim = embedding_dim(shared.model)
         except ValueError as e:
             problems.append(str(e))
             dim = 0
         if problems:
             raise SystemExit("invalid options: " + "; ".join(problems))
-        return cls(o.index_dir, o.model, dim, o.num_shards, streaming, o.input_dir, o.input_subscription,
-                   o.dead_letter_dir, o.dead_letter_topic, o.commit_batch_size, o.commit_interval_secs,
+        return cls(o.index_dir, shared.model, dim, o.num_shards, streaming, o.input_dir, shared.input_subscription,
+                   o.dead_letter_dir, shared.dead_letter_topic, o.commit_batch_size,
                    StoreSettings(hnsw=HnswParams(o.hnsw_m, o.hnsw_ef_construction)))
 
 
@@ -98,8 +96,7 @@ def build_pipeline(p: beam.Pipeline, config: IndexJobConfig) -> IndexOutputs:
         raw = p | "ReadRecords" >> beam.io.ReadFromText(f"{config.input_dir.rstrip('/')}/*.jsonl")
     records, unreadable = raw | "ParseRecords" >> beam.Map(parse_record).with_exception_handling()
     updated = records | "UpdateIndex" >> UpdateIndex(
-        config.index_dir, config.model, config.dim, config.num_shards, config.commit_batch_size,
-        config.commit_interval_secs, config.settings)
+        config.index_dir, config.model, config.dim, config.num_shards, config.commit_batch_size, config.settings)
     parse_letters = unreadable | "ParseFailures" >> beam.FlatMap(lambda f: from_beam_failure(Stage.PARSE, f))
     dead_letters = (parse_letters, updated[UpdateIndex.DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
     if config.dead_letter_dir:

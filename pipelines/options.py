@@ -19,7 +19,21 @@ from transforms.download import FetchConfig
 from transforms.bigquery import EMULATOR_ENV, WRITE_METHODS
 from transforms.images import ImageOptions
 
-__all__ = ["EmbedJobConfig", "EmbedOptions"]
+__all__ = ["EmbedJobConfig", "EmbedOptions", "SharedOptions"]
+
+
+class SharedOptions(PipelineOptions):
+    """Flags both pipelines take. Beam registers every options class on one parser, so a flag may
+    be declared once only: the embed and index pipelines read these through `view_as`."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--model", default=DEFAULT_MODEL,
+                            help="open_clip:ARCH[/PRETRAINED] or packaged:effnet-lite0+minilm (default).")
+        parser.add_argument("--input_subscription",
+                            help="projects/P/subscriptions/S to read (streaming): product events for the embed "
+                                 "pipeline, embedding records for the index pipeline.")
+        parser.add_argument("--dead_letter_topic", help="projects/P/topics/T for dead letters (streaming).")
 
 
 class EmbedOptions(PipelineOptions):
@@ -30,9 +44,7 @@ class EmbedOptions(PipelineOptions):
         io.add_argument("--output_dir", help="Directory (local or gs://) for embeddings/ and dead_letter/.")
 
         stream = parser.add_argument_group("streaming mode (--streaming)")
-        stream.add_argument("--input_subscription", help="projects/P/subscriptions/S carrying product events.")
         stream.add_argument("--output_topic", help="projects/P/topics/T for embedding records (JSON + attributes).")
-        stream.add_argument("--dead_letter_topic", help="projects/P/topics/T for dead letters.")
         stream.add_argument("--timestamp_attribute",
                             help="Message attribute holding the event time (ms since epoch or RFC 3339); "
                                  "default: the publish time.")
@@ -51,8 +63,6 @@ class EmbedOptions(PipelineOptions):
                              "(and always against an emulator).")
 
         model = parser.add_argument_group("model")
-        model.add_argument("--model", default=DEFAULT_MODEL,
-                           help="open_clip:ARCH[/PRETRAINED] or packaged:effnet-lite0+minilm (default).")
         model.add_argument("--device", default="auto", choices=DEVICES, help="Where the model runs.")
         model.add_argument("--precision", default="fp32", choices=PRECISIONS,
                            help="fp16/bf16 run under autocast on the device.")
@@ -104,9 +114,10 @@ class EmbedJobConfig:
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "EmbedJobConfig":
         o = options.view_as(EmbedOptions)
+        shared = options.view_as(SharedOptions)
         try:
             model = ModelConfig(
-                spec=o.model,
+                spec=shared.model,
                 device=o.device,
                 precision=o.precision,
                 min_batch_size=o.min_batch_size,
@@ -138,9 +149,9 @@ class EmbedJobConfig:
             input_file=o.input_file,
             output_dir=o.output_dir,
             streaming=bool(options.view_as(StandardOptions).streaming),
-            input_subscription=o.input_subscription,
+            input_subscription=shared.input_subscription,
             output_topic=o.output_topic,
-            dead_letter_topic=o.dead_letter_topic,
+            dead_letter_topic=shared.dead_letter_topic,
             timestamp_attribute=o.timestamp_attribute,
             id_label=o.id_label,
             bigquery_table=o.bigquery_table,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -25,6 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import faiss
 import numpy as np
 
 from schemas import EmbeddingRecord
@@ -58,10 +60,14 @@ class StoreSettings:
     hnsw: HnswParams = HnswParams()
     # Compaction merges the flat (delta) segments into HNSW once they hold this many vectors
     # or number this many, and rebuilds an HNSW segment whose tombstones pass the ratio.
+    # HNSW segments are merged (smallest first) only when there are more than max_hnsw_segments,
+    # so a vector is rarely built into a graph twice: builds are the expensive part.
     delta_limit: int = 20_000
     max_delta_segments: int = 16
-    max_hnsw_segments: int = 4
+    max_hnsw_segments: int = 8
     tombstone_ratio: float = 0.3
+    # Threads an HNSW build may use; the rest stay free for commits and searches. 0: all cores.
+    build_threads: int = max(1, (os.cpu_count() or 2) - 1)
     # Filters that leave fewer docs than this in a segment are searched exactly.
     exact_below: int = 10_000
 
@@ -243,8 +249,10 @@ class IndexStore:
                 next_doc = int(self._meta(db, "next_doc_id"))
                 current = _current_states(db, {r.product_id for r in accepted})
                 changed: dict[str, tuple] = {}
-                vectors: dict[str, np.ndarray] = {}
-                for record in accepted:
+                vectors: dict[str, int] = {}  # product → row of `embeddings`
+                embeddings = np.asarray([r.embedding if r.op == "upsert" else np.zeros(self.dim) for r in accepted],
+                                        np.float32).reshape(len(accepted), self.dim)
+                for row, record in enumerate(accepted):
                     version = (changed.get(record.product_id) or current.get(record.product_id) or (-1,))[0]
                     if record.version <= version:
                         result.ignored += 1
@@ -252,7 +260,7 @@ class IndexStore:
                     if record.op == "upsert":
                         changed[record.product_id] = (record.version, next_doc, record.shop_id, record.title,
                                                       record.image_url)
-                        vectors[record.product_id] = np.asarray(record.embedding, np.float32)
+                        vectors[record.product_id] = row
                         next_doc += 1
                         result.upserted += 1
                     else:
@@ -262,8 +270,8 @@ class IndexStore:
                 info = None
                 if vectors:
                     ids = np.array([changed[pid][1] for pid in vectors], np.int64)
-                    info = Segment.write(self.directory, self._segment_name(), ids, np.stack(list(vectors.values())),
-                                         "flat")
+                    info = Segment.write(self.directory, self._segment_name(), ids,
+                                         embeddings[list(vectors.values())], "flat")
                     db.execute("INSERT INTO segments VALUES (?, ?, ?)", (info.name, info.kind, info.count))
                 db.executemany(
                     "INSERT INTO products VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(product_id) DO UPDATE SET "
@@ -308,8 +316,10 @@ class IndexStore:
             plan += delta
         worn = [seg for seg in hnsw if 1 - view.live[seg.ids].mean() > s.tombstone_ratio]
         plan += worn
-        if len(hnsw) - len(worn) + (1 if plan else 0) > s.max_hnsw_segments:
-            plan += [seg for seg in hnsw if seg not in worn]
+        kept = sorted((seg for seg in hnsw if seg not in worn), key=lambda seg: seg.info.count)
+        excess = len(kept) + (1 if plan else 0) - s.max_hnsw_segments
+        if excess > 0:
+            plan += kept[:excess + 1]  # the smallest ones, merged into one
         return plan
 
     def compact(self, force: bool = False) -> bool:
@@ -326,6 +336,8 @@ class IndexStore:
             keep = view.live[ids]
             info = None
             if keep.any():
+                # omp_set_num_threads is per calling thread: only this build is limited.
+                faiss.omp_set_num_threads(self.settings.build_threads or os.cpu_count() or 1)
                 info = Segment.write(self.directory, self._segment_name(), ids[keep], vectors[keep], "hnsw",
                                      self.settings.hnsw)
             merged = Segment(self.directory, info) if info else None

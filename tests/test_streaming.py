@@ -172,3 +172,39 @@ def test_the_cli_runs_against_the_emulators_until_stopped(pubsub_emulator, bigqu
             process.wait()
         log.close()
     assert process.returncode is not None
+
+
+def test_the_index_pipeline_follows_the_embeddings_topic(pubsub_emulator, unique_name, tmp_path):
+    from pipelines import index
+    from search.sharded import ShardedIndex
+    from tests.index_helpers import live_truth, record
+
+    ps = pubsub_emulator
+    names, records_sub, _, _ = make_topics(ps, unique_name)
+    topic = ps.topic(names["events"])
+    config = index.IndexJobConfig.from_options(PipelineOptions([
+        "--streaming", "--input_subscription", records_sub, "--index_dir", str(tmp_path / "index"),
+        "--model", TINY_CLIP, "--num_shards", "2",
+        "--dead_letter_topic", ps.topic(names["dead"])]))
+    pipeline = beam.Pipeline(options=PipelineOptions(["--streaming", "--runner", "BundleBasedDirectRunner"]))
+    index.build_pipeline(pipeline, config)
+    records = [record(f"p{i}", 1, dim=64, model=TINY_CLIP, seed=i) for i in range(40)]
+    records += [record("p0", 2, "delete", dim=64, model=TINY_CLIP)]
+    with StreamingJob(pipeline, wake_topic=topic):
+        publisher = pubsub_v1.PublisherClient()
+        for r in records:
+            publisher.publish(topic, r.to_json().encode(), event_id=r.event_id).result(timeout=30)
+        ShardedIndex.ensure_layout(tmp_path / "index", 2, TINY_CLIP, 64)
+        reader = ShardedIndex.open(tmp_path / "index")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            reader.refresh()
+            if reader.stats()["live_docs"] == 39:
+                break
+            time.sleep(0.5)
+    live = {}
+    for shard in reader.shards:
+        live.update(shard.live_products())
+    assert live == live_truth(records)
+    (top,) = reader.search(np.array(records[5].embedding), k=1)
+    assert top.product_id == "p5"

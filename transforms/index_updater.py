@@ -1,11 +1,13 @@
 """`UpdateIndex`: embedding records → micro-batches per shard → commits to the index store.
 
-Records are keyed by shard (a hash of product_id) and grouped into micro-batches
-(`GroupIntoBatches`: a size, or a buffering time in streaming). Each batch is one commit of
-that shard's store; records the store refuses (another model, another dimension) become
-dead letters with stage `sink`. Compaction runs on a background thread when the store's plan
-asks for it, so commits never wait for an HNSW build. A failed commit raises: Beam retries the
-batch, and replaying it is harmless (last writer wins by version).
+Records are routed to their shard (a hash of product_id) and committed per bundle: a shard's
+records of a bundle are one commit, or several of at most `batch_size`. Bundle-driven batching
+needs no timers, so a commit follows its records as closely as the runner delivers them (a
+timer-driven `GroupIntoBatches` waits on the DirectRunner's 30-second Pub/Sub pull). Records the
+store refuses (another model, another dimension) become dead letters with stage `sink`.
+Compaction runs on a background thread when the store's plan asks for it, so commits never wait
+for an HNSW build. A failed commit raises: Beam retries the bundle, and replaying it is harmless
+(last writer wins by version).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import DeadLetter, EmbeddingRecord, Stage
 from search.sharded import ShardedIndex, shard_of
@@ -55,24 +58,43 @@ def _compact_in_background(store: IndexStore) -> None:
 
 
 class _CommitFn(beam.DoFn):
-    def __init__(self, index_dir: str, model: str, dim: int, num_shards: int, settings: StoreSettings,
-                 background_compaction: bool):
+    def __init__(self, index_dir: str, model: str, dim: int, num_shards: int, batch_size: int,
+                 settings: StoreSettings, background_compaction: bool):
         self._index_dir = index_dir
         self._model = model
         self._dim = dim
         self._num_shards = num_shards
+        self._batch_size = batch_size
         self._settings = settings
         self._background_compaction = background_compaction
         self._counters = {name: Metrics.counter("index", name) for name in ("upserted", "deleted", "ignored", "refused")}
         self._commit_ms = Metrics.distribution("index", "commit_ms")
-        self._batch_size = Metrics.distribution("index", "batch_size")
+        self._batch_sizes = Metrics.distribution("index", "batch_size")
 
     def setup(self):
         ShardedIndex.ensure_layout(self._index_dir, self._num_shards, self._model, self._dim)
 
-    def process(self, element):
-        shard, records = element
-        records = list(records)
+    def start_bundle(self):
+        self._pending: dict[int, list[EmbeddingRecord]] = {}
+        self._where = None
+
+    def process(self, record: EmbeddingRecord, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        self._where = WindowedValue(None, timestamp, (window,))
+        shard = shard_of(record.product_id, self._num_shards)
+        self._pending.setdefault(shard, []).append(record)
+        if len(self._pending[shard]) >= self._batch_size:
+            yield from self._commit(shard, self._pending.pop(shard))
+
+    def finish_bundle(self):
+        for shard in sorted(self._pending):
+            for output in self._commit(shard, self._pending[shard]):
+                if isinstance(output, beam.pvalue.TaggedOutput):
+                    yield beam.pvalue.TaggedOutput(output.tag, self._where.with_value(output.value))
+                else:
+                    yield self._where.with_value(output)
+        self._pending = {}
+
+    def _commit(self, shard: int, records: list[EmbeddingRecord]):
         store, lock = _ShardWriters.get(ShardedIndex.shard_dir(self._index_dir, shard), self._model, self._dim,
                                         self._settings)
         started = time.perf_counter()
@@ -81,7 +103,7 @@ class _CommitFn(beam.DoFn):
             generation = store.generation
         took = (time.perf_counter() - started) * 1000
         self._commit_ms.update(int(took))
-        self._batch_size.update(len(records))
+        self._batch_sizes.update(len(records))
         for name in ("upserted", "deleted", "ignored"):
             self._counters[name].inc(getattr(result, name))
         self._counters["refused"].inc(len(result.refused))
@@ -95,8 +117,8 @@ class _CommitFn(beam.DoFn):
                 event_id=record.event_id, product_id=record.product_id))
         # One commit: what it did, and when it became searchable.
         yield dict(shard=shard, generation=generation, records=len(records), upserted=result.upserted,
-                          deleted=result.deleted, ignored=result.ignored, refused=len(result.refused),
-                          commit_ms=round(took, 2), committed_at=time.time())
+                   deleted=result.deleted, ignored=result.ignored, refused=len(result.refused),
+                   commit_ms=round(took, 2), committed_at=time.time())
 
 
 class UpdateIndex(beam.PTransform):
@@ -105,24 +127,12 @@ class UpdateIndex(beam.PTransform):
     DEAD_LETTER = "dead_letter"
 
     def __init__(self, index_dir: str, model: str, dim: int, num_shards: int = 1, batch_size: int = 1000,
-                 max_buffering_secs: float = 1.0, settings: StoreSettings = StoreSettings(),
-                 background_compaction: bool = True):
+                 settings: StoreSettings = StoreSettings(), background_compaction: bool = True):
         super().__init__()
-        self._index_dir = index_dir
-        self._num_shards = num_shards
-        self._batch_size = batch_size
-        self._max_buffering_secs = max_buffering_secs
-        self._fn = _CommitFn(index_dir, model, dim, num_shards, settings, background_compaction)
+        self._fn = _CommitFn(index_dir, model, dim, num_shards, batch_size, settings, background_compaction)
 
     def expand(self, records):
-        num_shards = self._num_shards
-        batches = (
-            records
-            | "KeyByShard" >> beam.Map(lambda r: (shard_of(r.product_id, num_shards), r))
-            | "MicroBatch" >> beam.GroupIntoBatches(self._batch_size,
-                                                    max_buffering_duration_secs=self._max_buffering_secs)
-        )
-        return batches | "Commit" >> beam.ParDo(self._fn).with_outputs(self.DEAD_LETTER, main="commits")
+        return records | "Commit" >> beam.ParDo(self._fn).with_outputs(self.DEAD_LETTER, main="commits")
 
 
 def parse_record(raw: bytes | str) -> EmbeddingRecord:
