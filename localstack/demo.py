@@ -296,7 +296,8 @@ def print_report(report: DemoReport, say=print) -> None:
         f"p99 {p(report.freshness_ms, 99):.0f} ms at {report.rate:g} events/s "
         f"(Pub/Sub alone, publish -> consumer: p50 {p(report.transport_ms, 50):.0f} ms)")
     if report.queries:
-        say(f"index:      {report.indexed} live products (2 shards), searched through the query service:")
+        say(f"index:      {report.indexed} live products in 2 shards (the catalogue + the warm-up product); "
+            "through the query service:")
         for text, hits in report.queries.items():
             say(f"  {text!r}: " + "; ".join(f"{h['title']} ({h['score']:.2f})" for h in hits))
         say(f"search page: {report.page_url} while it runs; `make demo SERVE=1` keeps it up, or afterwards: "
