@@ -203,7 +203,7 @@ def test_inference_and_sink_failures_become_dead_letters(tmp_path):
 def test_the_cli_runs_the_batch_pipeline(tmp_path, catalogue):
     cases = messages(catalogue)
     (tmp_path / "events.jsonl").write_bytes(cases["ok:two-images"] + b"\n" + cases["parse:not-json"] + b"\n")
-    embed.run([
+    result = embed.run([
         "--input_file", str(tmp_path / "*.jsonl"),
         "--output_dir", str(tmp_path / "out"),
         "--model", TINY_CLIP,
@@ -213,6 +213,15 @@ def test_the_cli_runs_the_batch_pipeline(tmp_path, catalogue):
     ])
     assert [r["event_id"] for r in read_jsonl(str(tmp_path / "out/embeddings/*.jsonl"))] == ["e1"]
     assert [d["stage"] for d in read_jsonl(str(tmp_path / "out/dead_letter/*.jsonl"))] == ["parse"]
+    # Counters per stage and outcome, distributions for download time and batch size.
+    counters = embed.summarize(result)
+    assert (counters["parse_ok"], counters["parse_failed"], counters["images_ok"], counters["records_ok"]) == (1, 1, 2, 1)
+    from apache_beam.metrics.metric import MetricsFilter
+
+    distributions = {d.key.metric.name: d.committed
+                     for d in result.metrics().query(MetricsFilter().with_namespace("embed"))["distributions"]}
+    assert distributions["download_ms"].count == 2 and distributions["batch_size"].sum == 1
+    assert distributions["batch_images"].sum == 2
 
 
 @pytest.mark.parametrize(

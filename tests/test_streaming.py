@@ -64,8 +64,9 @@ def bad_messages(image_url) -> list[bytes]:
     return [kinds[i % len(kinds)] for i in range(18)] + huge
 
 
+@pytest.mark.parametrize("batch_duration", [0.0, 0.5], ids=["in-bundle", "stateful"])
 def test_200_events_in_one_record_or_dead_letter_each_out(pubsub_emulator, bigquery_emulator, image_server,
-                                                          unique_name):
+                                                          unique_name, batch_duration):
     ps = pubsub_emulator
     names, events_sub, records_sub, dead_sub = make_topics(ps, unique_name)
     client = bigquery.Client(project=ps.project, credentials=AnonymousCredentials(),
@@ -78,7 +79,7 @@ def test_200_events_in_one_record_or_dead_letter_each_out(pubsub_emulator, bigqu
         image_server.routes[f"/{i}.jpg"] = Route(body=image_bytes("JPEG", seed=i), headers={"Content-Type": "image/jpeg"})
 
     config = EmbedJobConfig(
-        model=ModelConfig(spec=TINY_CLIP, device="cpu", max_batch_size=16),
+        model=ModelConfig(spec=TINY_CLIP, device="cpu", max_batch_size=16, max_batch_duration_secs=batch_duration),
         images=ImageOptions(FetchConfig(allow_private_hosts=True, retries=0, read_timeout_s=2)),
         streaming=True,
         input_subscription=events_sub,
