@@ -11,7 +11,7 @@ PUBSUB_EMULATOR_BIN ?= /usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cl
 export PUBSUB_EMULATOR_BIN
 
 .DEFAULT_GOAL := help
-.PHONY: help setup apt-deps pubsub-emulator test demo bench lint clean
+.PHONY: help setup apt-deps pubsub-emulator test demo bench lint clean deploy-infra build-image build-templates launch-embed launch-index
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -50,6 +50,25 @@ demo: setup ## Set everything up; real product photos → Pub/Sub → embed → 
 bench: setup ## Run the benchmarks; each prints its figures and writes bench/results/NAME.json
 	$(PY) -m bench.freshness --output_dir $(OUT)/bench-freshness
 	$(PY) -m bench.index
+
+# Deployment: settings from the environment or .env (PROJECT, REGION, BUCKET, ...; see docs/DEPLOY.md).
+# DRY_RUN=1 prints every command and runs none.
+DEPLOY := PYTHON=$(abspath $(PY)) bash deploy/deploy.sh
+
+deploy-infra: setup ## Create topics, subscriptions, dataset/tables, bucket, registry, service account (idempotent)
+	$(DEPLOY) infra
+
+build-image: ## Build and push the GPU worker / Flex Template launcher image with Cloud Build
+	$(DEPLOY) build-image
+
+build-templates: setup ## Regenerate the Flex Template metadata and build both template specs
+	$(DEPLOY) build-templates
+
+launch-embed: ## Launch the streaming embed job on Dataflow with GPU workers
+	$(DEPLOY) launch-embed
+
+launch-index: ## Launch the index updater + search service on a VM with a persistent disk
+	$(DEPLOY) launch-index
 
 lint: setup ## ruff: undefined names, unused imports, syntax errors
 	$(VENV)/bin/ruff check --select F,E9 --exclude $(VENV) .

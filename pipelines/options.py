@@ -22,6 +22,15 @@ from transforms.images import ImageOptions
 __all__ = ["EmbedJobConfig", "EmbedOptions", "SharedOptions"]
 
 
+def _flag(value: str) -> bool:
+    """Boolean flags take `--flag` or `--flag=true|false` (Flex Templates pass name=value)."""
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 class SharedOptions(PipelineOptions):
     """Flags both pipelines take. Beam registers every options class on one parser, so a flag may
     be declared once only: the embed and index pipelines read these through `view_as`."""
@@ -69,13 +78,13 @@ class EmbedOptions(PipelineOptions):
         model.add_argument("--min_batch_size", type=int, default=1, help="Fewest products per inference batch.")
         model.add_argument("--max_batch_size", type=int, default=32, help="Most products per inference batch.")
         model.add_argument("--image_batch_size", type=int, default=64, help="Images per forward pass.")
-        model.add_argument("--share_model_across_processes", action="store_true",
+        model.add_argument("--share_model_across_processes", type=_flag, nargs="?", const=True, default=False,
                            help="One model per machine shared by all SDK processes (less memory, less throughput).")
         model.add_argument("--image_weight", type=float, default=0.5,
                            help="Weight of the image part in the fused vector (0..1, exclusive).")
 
         images = parser.add_argument_group("images")
-        images.add_argument("--allow_private_hosts", action="store_true",
+        images.add_argument("--allow_private_hosts", type=_flag, nargs="?", const=True, default=False,
                             help="Allow image hosts on loopback (local runs and tests only); private and link-local stay refused.")
         images.add_argument("--max_concurrent_downloads", type=int, default=16,
                             help="Images downloading at once per worker process; bounds image memory.")
@@ -90,9 +99,11 @@ class EmbedOptions(PipelineOptions):
 
 
 LOCAL_RUNNERS = ("DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner", "FnApiRunner", "PrismRunner")
-_TOPIC = re.compile(r"^projects/[a-z][-a-z0-9]{4,61}[a-z0-9]/topics/[A-Za-z][-\w.~+%]{2,254}$")
-_SUBSCRIPTION = re.compile(r"^projects/[a-z][-a-z0-9]{4,61}[a-z0-9]/subscriptions/[A-Za-z][-\w.~+%]{2,254}$")
-_TABLE = re.compile(r"^[a-z][-a-z0-9]{4,61}[a-z0-9][:.][A-Za-z0-9_]{1,1024}\.[-\w ]{1,1024}$")
+# Resource names as Pub/Sub and BigQuery define them; the Flex Template metadata uses the same patterns.
+TOPIC_PATTERN = r"^projects/[a-z][-a-z0-9]{4,61}[a-z0-9]/topics/[A-Za-z][-\w.~+%]{2,254}$"
+SUBSCRIPTION_PATTERN = r"^projects/[a-z][-a-z0-9]{4,61}[a-z0-9]/subscriptions/[A-Za-z][-\w.~+%]{2,254}$"
+TABLE_PATTERN = r"^[a-z][-a-z0-9]{4,61}[a-z0-9][:.][A-Za-z0-9_]{1,1024}\.[-\w ]{1,1024}$"
+_TOPIC, _SUBSCRIPTION, _TABLE = re.compile(TOPIC_PATTERN), re.compile(SUBSCRIPTION_PATTERN), re.compile(TABLE_PATTERN)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Deploys the product-embeddings pipelines to Google Cloud. Every command is printed before it
+# runs; DRY_RUN=1 prints them and runs nothing (no gcloud needed). Settings come from the
+# environment or from .env at the repository root (see docs/DEPLOY.md).
+#
+#   deploy/deploy.sh infra            topics, subscriptions (with dead-letter policy), dataset and
+#                                     tables, bucket, Artifact Registry, worker service account + roles
+#   deploy/deploy.sh build-image      the worker/launcher image, with Cloud Build
+#   deploy/deploy.sh build-templates  Flex Template specs for the embed and index pipelines
+#   deploy/deploy.sh stage-model      copy model weights to the bucket (MODEL_FILE=...)
+#   deploy/deploy.sh launch-embed     the streaming embed job on Dataflow, GPU workers
+#   deploy/deploy.sh launch-index     the index updater + search service on a VM with a persistent disk
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ -f .env ]]; then set -a; source .env; set +a; fi
+
+: "${PROJECT:?set PROJECT (the Google Cloud project id), e.g. in .env}"
+REGION="${REGION:-us-central1}"
+ZONE="${ZONE:-${REGION}-a}"
+BUCKET="${BUCKET:-${PROJECT}-product-embeddings}"
+REPOSITORY="${REPOSITORY:-product-embeddings}"
+IMAGE_TAG="${IMAGE_TAG:-$(git rev-parse --short HEAD 2>/dev/null || echo latest)}"
+IMAGE="${IMAGE:-${REGION}-docker.pkg.dev/${PROJECT}/${REPOSITORY}/worker:${IMAGE_TAG}}"
+DATASET="${DATASET:-product_embeddings}"
+SERVICE_ACCOUNT_NAME="${SERVICE_ACCOUNT_NAME:-product-embeddings-worker}"
+SERVICE_ACCOUNT="${SERVICE_ACCOUNT_NAME}@${PROJECT}.iam.gserviceaccount.com"
+EVENTS_TOPIC="${EVENTS_TOPIC:-product-events}"
+EMBEDDINGS_TOPIC="${EMBEDDINGS_TOPIC:-product-embeddings}"
+DLQ_TOPIC="${DLQ_TOPIC:-product-events-dlq}"
+EMBED_SUBSCRIPTION="${EMBED_SUBSCRIPTION:-product-events-embed}"
+INDEX_SUBSCRIPTION="${INDEX_SUBSCRIPTION:-product-embeddings-index}"
+MODEL="${MODEL:-packaged:effnet-lite0+minilm}"
+GPU_TYPE="${GPU_TYPE:-nvidia-tesla-t4}"
+MACHINE_TYPE="${MACHINE_TYPE:-n1-standard-8}"
+HARNESS_THREADS="${HARNESS_THREADS:-4}"
+MAX_WORKERS="${MAX_WORKERS:-10}"
+MAX_CONCURRENT_DOWNLOADS="${MAX_CONCURRENT_DOWNLOADS:-16}"
+NUM_SHARDS="${NUM_SHARDS:-4}"
+INDEX_VM="${INDEX_VM:-product-index}"
+INDEX_MACHINE_TYPE="${INDEX_MACHINE_TYPE:-n2-highmem-8}"
+INDEX_DISK_GB="${INDEX_DISK_GB:-200}"
+JOB_SUFFIX="${JOB_SUFFIX:-$(date -u +%Y%m%d-%H%M%S)}"
+TEMPLATES="gs://${BUCKET}/templates"
+
+run() {
+  printf '+'; printf ' %q' "$@"; printf '\n'
+  [[ "${DRY_RUN:-0}" == "1" ]] || "$@"
+}
+
+# Runs the create command only when the describe command says the resource is missing.
+ensure() {
+  local describe=() create=()
+  while [[ "$1" != "--" ]]; do describe+=("$1"); shift; done; shift
+  create=("$@")
+  if [[ "${DRY_RUN:-0}" != "1" ]] && "${describe[@]}" >/dev/null 2>&1; then
+    echo "= exists: ${describe[*]:0:4} ..."
+  else
+    run "${create[@]}"
+  fi
+}
+
+infra() {
+  run gcloud services enable dataflow.googleapis.com pubsub.googleapis.com bigquery.googleapis.com \
+    artifactregistry.googleapis.com cloudbuild.googleapis.com compute.googleapis.com --project="$PROJECT"
+  ensure gcloud storage buckets describe "gs://${BUCKET}" -- \
+    gcloud storage buckets create "gs://${BUCKET}" --project="$PROJECT" --location="$REGION" --uniform-bucket-level-access
+  ensure gcloud artifacts repositories describe "$REPOSITORY" --location="$REGION" --project="$PROJECT" -- \
+    gcloud artifacts repositories create "$REPOSITORY" --repository-format=docker --location="$REGION" --project="$PROJECT"
+  for topic in "$EVENTS_TOPIC" "$EMBEDDINGS_TOPIC" "$DLQ_TOPIC"; do
+    ensure gcloud pubsub topics describe "$topic" --project="$PROJECT" -- \
+      gcloud pubsub topics create "$topic" --project="$PROJECT" --message-retention-duration=7d
+  done
+  # Messages Dataflow cannot take after 10 attempts go to the dead-letter topic, not into a loop.
+  ensure gcloud pubsub subscriptions describe "$EMBED_SUBSCRIPTION" --project="$PROJECT" -- \
+    gcloud pubsub subscriptions create "$EMBED_SUBSCRIPTION" --project="$PROJECT" --topic="$EVENTS_TOPIC" \
+      --ack-deadline=600 --message-retention-duration=7d --dead-letter-topic="$DLQ_TOPIC" --max-delivery-attempts=10
+  ensure gcloud pubsub subscriptions describe "$INDEX_SUBSCRIPTION" --project="$PROJECT" -- \
+    gcloud pubsub subscriptions create "$INDEX_SUBSCRIPTION" --project="$PROJECT" --topic="$EMBEDDINGS_TOPIC" \
+      --ack-deadline=600 --message-retention-duration=7d --dead-letter-topic="$DLQ_TOPIC" --max-delivery-attempts=10
+  local schemas; schemas="$(mktemp -d)"
+  run "${PYTHON:-python}" -m deploy.bigquery_schemas "$schemas"
+  ensure bq --project_id="$PROJECT" show "${PROJECT}:${DATASET}" -- \
+    bq --project_id="$PROJECT" --location="$REGION" mk --dataset "${PROJECT}:${DATASET}"
+  ensure bq --project_id="$PROJECT" show "${PROJECT}:${DATASET}.product_embeddings" -- \
+    bq --project_id="$PROJECT" mk --table --time_partitioning_type=DAY --time_partitioning_field=embedded_at \
+      --clustering_fields=product_id "${PROJECT}:${DATASET}.product_embeddings" "${schemas}/product_embeddings.json"
+  ensure bq --project_id="$PROJECT" show "${PROJECT}:${DATASET}.dead_letter" -- \
+    bq --project_id="$PROJECT" mk --table --time_partitioning_type=DAY --time_partitioning_field=failed_at \
+      --clustering_fields=product_id "${PROJECT}:${DATASET}.dead_letter" "${schemas}/dead_letter.json"
+  ensure gcloud iam service-accounts describe "$SERVICE_ACCOUNT" --project="$PROJECT" -- \
+    gcloud iam service-accounts create "$SERVICE_ACCOUNT_NAME" --project="$PROJECT" \
+      --display-name="product-embeddings Dataflow workers"
+  # Least privilege; docs/DEPLOY.md says why each role is needed.
+  for role in roles/dataflow.worker roles/artifactregistry.reader roles/logging.logWriter roles/monitoring.metricWriter; do
+    run gcloud projects add-iam-policy-binding "$PROJECT" --member="serviceAccount:${SERVICE_ACCOUNT}" \
+      --role="$role" --condition=None
+  done
+  run gcloud pubsub subscriptions add-iam-policy-binding "$EMBED_SUBSCRIPTION" --project="$PROJECT" \
+    --member="serviceAccount:${SERVICE_ACCOUNT}" --role=roles/pubsub.subscriber
+  run gcloud pubsub subscriptions add-iam-policy-binding "$INDEX_SUBSCRIPTION" --project="$PROJECT" \
+    --member="serviceAccount:${SERVICE_ACCOUNT}" --role=roles/pubsub.subscriber
+  for topic in "$EMBEDDINGS_TOPIC" "$DLQ_TOPIC"; do
+    run gcloud pubsub topics add-iam-policy-binding "$topic" --project="$PROJECT" \
+      --member="serviceAccount:${SERVICE_ACCOUNT}" --role=roles/pubsub.publisher
+  done
+  run gcloud storage buckets add-iam-policy-binding "gs://${BUCKET}" \
+    --member="serviceAccount:${SERVICE_ACCOUNT}" --role=roles/storage.objectAdmin
+  run bq --project_id="$PROJECT" add-iam-policy-binding --member="serviceAccount:${SERVICE_ACCOUNT}" \
+    --role=roles/bigquery.dataEditor "${PROJECT}:${DATASET}"
+}
+
+build_image() {
+  run gcloud builds submit --project="$PROJECT" --region="$REGION" \
+    --config=deploy/cloudbuild.yaml --substitutions="_IMAGE=${IMAGE}" .
+}
+
+build_templates() {
+  run "${PYTHON:-python}" -m deploy.flex_templates
+  for kind in embed index; do
+    run gcloud dataflow flex-template build "${TEMPLATES}/${kind}.json" --project="$PROJECT" \
+      --image="$IMAGE" --sdk-language=PYTHON --metadata-file="deploy/templates/${kind}-metadata.json" \
+      --env="FLEX_TEMPLATE_PYTHON_PY_FILE=/opt/embed/pipelines/${kind}.py"
+  done
+}
+
+stage_model() {
+  : "${MODEL_FILE:?set MODEL_FILE to a local checkpoint (e.g. an open_clip .pt) to copy to the bucket}"
+  run gcloud storage cp "$MODEL_FILE" "gs://${BUCKET}/models/$(basename "$MODEL_FILE")"
+  echo "then launch with MODEL=open_clip:ARCH/gs://${BUCKET}/models/$(basename "$MODEL_FILE")"
+}
+
+launch_embed() {
+  run gcloud dataflow flex-template run "embed-${JOB_SUFFIX}" --project="$PROJECT" --region="$REGION" \
+    --template-file-gcs-location="${TEMPLATES}/embed.json" \
+    --service-account-email="$SERVICE_ACCOUNT" \
+    --temp-location="gs://${BUCKET}/tmp" --staging-location="gs://${BUCKET}/staging" \
+    --worker-machine-type="$MACHINE_TYPE" --max-workers="$MAX_WORKERS" --enable-streaming-engine \
+    --additional-experiments="use_runner_v2" \
+    --additional-user-labels="app=product-embeddings" \
+    --parameters="^~^input_subscription=projects/${PROJECT}/subscriptions/${EMBED_SUBSCRIPTION}~output_topic=projects/${PROJECT}/topics/${EMBEDDINGS_TOPIC}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~bigquery_table=${PROJECT}:${DATASET}.product_embeddings~bigquery_dead_letter_table=${PROJECT}:${DATASET}.dead_letter~model=${MODEL}~device=cuda~id_label=event_id~max_concurrent_downloads=${MAX_CONCURRENT_DOWNLOADS}~number_of_worker_harness_threads=${HARNESS_THREADS}~sdk_container_image=${IMAGE}~sdk_location=container~dataflow_service_options=worker_accelerator=type:${GPU_TYPE};count:1;install-nvidia-driver"
+}
+
+launch_index() {
+  # The index keeps SQLite state and segment files on a persistent disk (DESIGN §8): the updater
+  # (one writer per shard) and the query service run next to it, on one VM.
+  local args="--streaming --runner=DirectRunner"
+  args+=" --input_subscription=projects/${PROJECT}/subscriptions/${INDEX_SUBSCRIPTION}"
+  args+=" --dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC} --index_dir=/index"
+  args+=" --model=${MODEL} --num_shards=${NUM_SHARDS}"
+  run gcloud compute instances create-with-container "$INDEX_VM" --project="$PROJECT" --zone="$ZONE" \
+    --machine-type="$INDEX_MACHINE_TYPE" --service-account="$SERVICE_ACCOUNT" --scopes=cloud-platform \
+    --create-disk="name=${INDEX_VM}-data,size=${INDEX_DISK_GB}GB,type=pd-ssd,auto-delete=no" \
+    --container-mount-disk="mount-path=/index,name=${INDEX_VM}-data" \
+    --container-image="$IMAGE" --container-env=EMBED_REQUIRE_GPU=0 --container-command=bash \
+    --container-arg=-c \
+    --container-arg="python -m search.server --index_dir /index --host 0.0.0.0 --port 8080 --device cpu & exec python -m pipelines.index ${args}"
+}
+
+case "${1:-}" in
+  infra) infra ;;
+  build-image) build_image ;;
+  build-templates) build_templates ;;
+  stage-model) stage_model ;;
+  launch-embed) launch_embed ;;
+  launch-index) launch_index ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
+esac
