@@ -56,6 +56,7 @@ class DemoReport:
     freshness_ms: list[float]
     transport_ms: list[float]
     seconds: float
+    batch_sizes: dict = dataclasses.field(default_factory=dict)  # RunInference batches: count, mean, max
     indexed: int = 0
     queries: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
     page_url: str = ""
@@ -153,7 +154,9 @@ def _wait_indexed(index_dir: Path, model: str, dim: int, count: int, timeout_s: 
 
 
 def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say=print,
-                       search: bool = True, serve: bool = False) -> DemoReport:
+                       search: bool = True, serve: bool = False, burst: int = 1,
+                       max_batch_duration_secs: float = 0.0) -> DemoReport:
+    """`burst` events are published together every `burst / rate` seconds (1: a steady stream)."""
     shutil.rmtree(out, ignore_errors=True)
     logging.getLogger("apache_beam").setLevel(logging.ERROR)
     with contextlib.ExitStack() as stack:
@@ -179,7 +182,7 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
         bq_client.create_dataset("embeddings")
 
         config = EmbedJobConfig(
-            model=ModelConfig(spec=model),
+            model=ModelConfig(spec=model, max_batch_duration_secs=max_batch_duration_secs),
             images=ImageOptions(FetchConfig(allow_private_hosts=True, retries=1)),
             streaming=True,
             input_subscription=events_sub,
@@ -216,7 +219,8 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
             publisher.publish(ps.topic("product-events"), message, event_id=catalogue[n].event["event_id"])
             if n % every == 0 and broken:
                 publisher.publish(ps.topic("product-events"), broken.pop(0), event_id=f"broken-{n}")
-            time.sleep(max(0.0, started + (n + 1) / rate - time.monotonic()))
+            if (n + 1) % burst == 0:
+                time.sleep(max(0.0, started + (n + 1) / rate - time.monotonic()))
         for message in broken:
             publisher.publish(ps.topic("product-events"), message, event_id="broken-tail")
         records.wait_for(warmed + len(catalogue), 120)
@@ -231,6 +235,7 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
                 break
             time.sleep(1)
         job.stop()
+        batch_sizes = _batch_sizes(job.result)
 
         out_records = [(m, t) for m, t in zip(records.messages, records.received_ms)
                        if m.attributes.get("event_id") != "warm-up"]
@@ -256,10 +261,26 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
             freshness_ms=[_freshness(m, received) for m, received in out_records],
             transport_ms=transport,
             seconds=seconds,
+            batch_sizes=batch_sizes,
             indexed=indexed,
             queries=queries,
             page_url=page_url,
         )
+
+
+def _batch_sizes(result) -> dict:
+    """RunInference's batch sizes from the pipeline's `embed/batch_size` distribution."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        found = result.metrics().query(MetricsFilter().with_namespace("embed").with_name("batch_size"))
+    except Exception as e:  # a runner that can't report metrics after cancel: say so, keep the rest
+        return {"error": str(e)}
+    values = [d.committed or d.attempted for d in found["distributions"]]
+    count = sum(v.count for v in values if v)
+    total = sum(v.sum for v in values if v)
+    return {"batches": count, "mean": round(total / count, 2) if count else 0.0,
+            "max": max((v.max for v in values if v), default=0)}
 
 
 def _search(index_dir: Path, model: str, dim: int, serve: bool, say, images_url: str) -> tuple[dict, str]:

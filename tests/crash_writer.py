@@ -37,6 +37,7 @@ def main() -> None:
     print("ready", flush=True)
     for n, batch in enumerate(batches(seed)):
         store.apply(batch, checkpoint=str(n))
+        print(f"committed {n}", flush=True)
         if n % 4 == 3:
             store.compact(force=n % 8 == 7)
     print("done", flush=True)

@@ -22,10 +22,16 @@ RUNS = 25
 
 
 def kill_at_random(directory, seed: int, rng: random.Random) -> None:
+    """Kills the writer a random few milliseconds after a random commit: inside the next commit,
+    a compaction, or between them, wherever that time lands. Counting commits (not seconds) keeps
+    the kill points spread over the run however fast or loaded the machine is."""
     child = subprocess.Popen([sys.executable, "-m", "tests.crash_writer", str(directory), str(seed)],
                              stdout=subprocess.PIPE, cwd=os.getcwd())
     assert child.stdout.readline().strip() == b"ready"
-    time.sleep(rng.uniform(0.0, 0.35))
+    after = rng.randrange(-1, 28)  # -1: during the first commit
+    for _ in range(after + 1):
+        child.stdout.readline()
+    time.sleep(rng.uniform(0.0, 0.02))
     child.send_signal(signal.SIGKILL)
     child.wait()
     child.stdout.close()
