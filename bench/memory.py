@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
                           for n in (args.events, 2 * args.events))
         growth[str(cap)] = round(double / single - 1, 4)
     holds = all(g < 0.10 for g in growth.values()) and all(r["records"] == r["events"] for r in rows)
-    print(f"peak growth when the burst doubles: " + ", ".join(f"cap {c}: {g:+.1%}" for c, g in growth.items()))
+    print("peak growth when the burst doubles: " + ", ".join(f"cap {c}: {g:+.1%}" for c, g in growth.items()))
     print(f"{'holds' if holds else 'MISSES'}: < 10% growth at every cap")
     write_result("memory", {
         "what": f"peak RSS of a batch pipeline worker process, images of {min(sizes) / 1e6:.1f}-{max(sizes) / 1e6:.1f} MB",
