@@ -47,9 +47,11 @@ test: setup ## Set everything up and run the whole test suite
 demo: setup ## Set everything up; real product photos → Pub/Sub → embed → BigQuery + index → search (SERVE=1 keeps the page up)
 	$(PY) -m localstack.demo --output_dir $(OUT)/demo $(if $(SERVE),--serve,)
 
-bench: setup ## Run the benchmarks; each prints its figures and writes bench/results/NAME.json
+BENCHMARKS := decode pipeline memory batching index search_latency gpu_readiness
+
+bench: setup ## Run every benchmark; each prints its figures against its baseline and writes bench/results/NAME.json
 	$(PY) -m bench.freshness --output_dir $(OUT)/bench-freshness
-	$(PY) -m bench.index
+	set -e; for name in $(BENCHMARKS); do echo "== bench.$$name"; $(PY) -m bench.$$name; done
 
 # Deployment: settings from the environment or .env (PROJECT, REGION, BUCKET, ...; see docs/DEPLOY.md).
 # DRY_RUN=1 prints every command and runs none.

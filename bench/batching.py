@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, duration in (("in-bundle", 0.0), ("stateful", args.duration)):
         report = run_streaming_demo(args.products, args.rate, args.model, Path(args.output_dir).resolve() / name,
                                     say=lambda *_: None, search=False, burst=args.burst,
-                                    max_batch_duration_secs=duration)
+                                    max_batch_duration_secs=duration, dataset=name.replace("-", "_"))
         p50, p99 = percentiles(report.freshness_ms, 50, 99)
         rows[name] = {"max_batch_duration_secs": duration, "batch_fill": report.batch_sizes,
                       "freshness_p50_ms": p50, "freshness_p99_ms": p99, "records": report.records}

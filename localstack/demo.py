@@ -155,8 +155,12 @@ def _wait_indexed(index_dir: Path, model: str, dim: int, count: int, timeout_s: 
 
 def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say=print,
                        search: bool = True, serve: bool = False, burst: int = 1,
-                       max_batch_duration_secs: float = 0.0) -> DemoReport:
-    """`burst` events are published together every `burst / rate` seconds (1: a steady stream)."""
+                       max_batch_duration_secs: float = 0.0, dataset: str = "embeddings") -> DemoReport:
+    """`burst` events are published together every `burst / rate` seconds (1: a steady stream).
+
+    Give each run in one process its own `dataset`: Beam's BigQuery sink remembers the tables it
+    created per process, and a fresh emulator does not have them.
+    """
     shutil.rmtree(out, ignore_errors=True)
     logging.getLogger("apache_beam").setLevel(logging.ERROR)
     with contextlib.ExitStack() as stack:
@@ -179,7 +183,7 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
 
         bq_client = bigquery.Client(project=ps.project, credentials=AnonymousCredentials(),
                                     client_options={"api_endpoint": bq.endpoint})
-        bq_client.create_dataset("embeddings")
+        bq_client.create_dataset(dataset)
 
         config = EmbedJobConfig(
             model=ModelConfig(spec=model, max_batch_duration_secs=max_batch_duration_secs),
@@ -188,8 +192,8 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
             input_subscription=events_sub,
             output_topic=ps.topic("product-embeddings"),
             dead_letter_topic=ps.topic("product-events-dlq"),
-            bigquery_table=f"{ps.project}:embeddings.product_embeddings",
-            bigquery_dead_letter_table=f"{ps.project}:embeddings.dead_letter",
+            bigquery_table=f"{ps.project}:{dataset}.product_embeddings",
+            bigquery_dead_letter_table=f"{ps.project}:{dataset}.dead_letter",
         )
         config.validate("BundleBasedDirectRunner")
         pipeline = beam.Pipeline(options=PipelineOptions(["--streaming", "--runner", "BundleBasedDirectRunner"]))
@@ -226,7 +230,7 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
         records.wait_for(warmed + len(catalogue), 120)
         letters.wait_for(10 + 3, 30)
         seconds = time.monotonic() - started
-        count_rows = ("SELECT COUNT(*) AS n FROM `test-project.embeddings.product_embeddings` "
+        count_rows = (f"SELECT COUNT(*) AS n FROM `{ps.project}.{dataset}.product_embeddings` "
                       "WHERE event_id != 'warm-up'")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -276,7 +280,8 @@ def _batch_sizes(result) -> dict:
         found = result.metrics().query(MetricsFilter().with_namespace("embed").with_name("batch_size"))
     except Exception as e:  # a runner that can't report metrics after cancel: say so, keep the rest
         return {"error": str(e)}
-    values = [d.committed or d.attempted for d in found["distributions"]]
+    # Attempted, not committed: a cancelled streaming job never commits its last bundles.
+    values = [d.attempted for d in found["distributions"]]
     count = sum(v.count for v in values if v)
     total = sum(v.sum for v in values if v)
     return {"batches": count, "mean": round(total / count, 2) if count else 0.0,
