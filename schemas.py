@@ -9,8 +9,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import math
 import typing
 from typing import Any, Mapping
+
+import orjson
 
 __all__ = [
     "bigquery_schema",
@@ -89,6 +92,9 @@ class ProductEvent:
         return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)
 
 
+_VECTORS = ("embedding", "image_embedding", "text_embedding")
+
+
 @dataclasses.dataclass(frozen=True)
 class EmbeddingRecord:
     """One product's vectors and what downstream needs to show it (DESIGN §4)."""
@@ -109,15 +115,20 @@ class EmbeddingRecord:
     embedded_at: dt.datetime
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        for name in ("embedding", "image_embedding", "text_embedding"):
+        # Shallow on purpose: dataclasses.asdict deep-copies thousands of floats per record.
+        out = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        for name in _VECTORS:
             out[name] = list(out[name])
         out["event_time"] = format_timestamp(self.event_time)
         out["embedded_at"] = format_timestamp(self.embedded_at)
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False)
+        """JSON via orjson (float formatting is most of the cost); non-finite vectors are refused."""
+        for name in _VECTORS:
+            if not math.isfinite(math.fsum(getattr(self, name))):
+                raise ValueError(f"{name} holds a non-finite value")
+        return orjson.dumps(self.to_dict()).decode("utf-8")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EmbeddingRecord":

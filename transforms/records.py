@@ -13,7 +13,7 @@ _NO_VECTORS = ProductVectors(np.zeros(0), np.zeros(0), np.zeros(0), 0)
 
 
 def _vector(values) -> tuple[float, ...]:
-    return tuple(float(x) for x in values)
+    return tuple(np.asarray(values, dtype=np.float64).tolist())
 
 
 def embedding_record(event: ProductEvent, vectors: ProductVectors, model_id: str, image_url: str) -> EmbeddingRecord:
