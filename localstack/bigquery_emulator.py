@@ -8,18 +8,17 @@ with that loader replaced by a no-op. Only GEOGRAPHY is lost, which this product
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import urllib.request
 from pathlib import Path
 
-from localstack.emulator import EmulatorProcess, free_port
+from localstack.emulator import Emulator, EmulatorProcess, free_port
 
 __all__ = ["BigQueryEmulator"]
 
 
-class BigQueryEmulator:
+class BigQueryEmulator(Emulator):
     def __init__(self, project: str = "test-project", log_dir: Path | None = None):
         self.project = project
         self.port = free_port()
@@ -46,19 +45,6 @@ class BigQueryEmulator:
     def env(self) -> dict[str, str]:
         return {"BIGQUERY_EMULATOR_HOST": self.endpoint}
 
-    def start(self) -> "BigQueryEmulator":
-        self._process.start()
-        os.environ.update(self.env())
-        return self
-
-    def stop(self) -> None:
-        self._process.stop()
-
-    def __enter__(self) -> "BigQueryEmulator":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def _main() -> None:

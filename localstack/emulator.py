@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-__all__ = ["EmulatorProcess", "free_port"]
+__all__ = ["Emulator", "EmulatorProcess", "free_port"]
 
 
 def free_port() -> int:
@@ -60,3 +60,29 @@ class EmulatorProcess:
             self._process.wait(timeout=10)
         except ProcessLookupError:
             pass
+
+
+class Emulator:
+    """Start/stop and context management for an emulator: subclasses set `_process` and `env()`.
+
+    `start()` also exports `env()` into this process, so clients created afterwards find it.
+    """
+
+    _process: EmulatorProcess
+
+    def env(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def start(self):
+        self._process.start()
+        os.environ.update(self.env())
+        return self
+
+    def stop(self) -> None:
+        self._process.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

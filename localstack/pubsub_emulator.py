@@ -12,7 +12,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from localstack.emulator import EmulatorProcess, free_port
+from localstack.emulator import Emulator, EmulatorProcess, free_port
 
 __all__ = ["PubSubEmulator", "EMULATOR_BIN"]
 
@@ -25,7 +25,7 @@ INSTALL_HINT = (
 )
 
 
-class PubSubEmulator:
+class PubSubEmulator(Emulator):
     def __init__(self, project: str = "test-project", log_dir: Path | None = None):
         if not Path(EMULATOR_BIN).exists() or not shutil.which("java"):
             raise FileNotFoundError(INSTALL_HINT)
@@ -50,19 +50,6 @@ class PubSubEmulator:
     def env(self) -> dict[str, str]:
         return {"PUBSUB_EMULATOR_HOST": self.host}
 
-    def start(self) -> "PubSubEmulator":
-        self._process.start()
-        os.environ.update(self.env())
-        return self
-
-    def stop(self) -> None:
-        self._process.stop()
-
-    def __enter__(self) -> "PubSubEmulator":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     # Names ------------------------------------------------------------------------------
     def topic(self, name: str) -> str:
