@@ -197,15 +197,15 @@ def test_the_index_pipeline_follows_the_embeddings_topic(pubsub_emulator, unique
             publisher.publish(topic, r.to_json().encode(), event_id=r.event_id).result(timeout=30)
         ShardedIndex.ensure_layout(tmp_path / "index", 2, TINY_CLIP, 64)
         reader = ShardedIndex.open(tmp_path / "index")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+
+        def live():
             reader.refresh()
-            if reader.stats()["live_docs"] == 39:
-                break
+            return {pid: state for shard in reader.shards for pid, state in shard.live_products().items()}
+
+        # Wait for the final state itself: the live count passes through 39 on its way there.
+        deadline = time.monotonic() + 60
+        while live() != live_truth(records) and time.monotonic() < deadline:
             time.sleep(0.5)
-    live = {}
-    for shard in reader.shards:
-        live.update(shard.live_products())
-    assert live == live_truth(records)
+    assert live() == live_truth(records)
     (top,) = reader.search(np.array(records[5].embedding), k=1)
     assert top.product_id == "p5"
