@@ -11,7 +11,7 @@ PUBSUB_EMULATOR_BIN ?= /usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cl
 export PUBSUB_EMULATOR_BIN
 
 .DEFAULT_GOAL := help
-.PHONY: help setup apt-deps pubsub-emulator test demo bench lint clean deploy-infra build-image build-templates launch-embed launch-index
+.PHONY: help setup apt-deps pubsub-emulator test demo bench eval lint clean deploy-infra build-image build-templates launch-embed launch-index
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ BENCHMARKS := decode pipeline memory batching index search_latency gpu_readiness
 bench: setup ## Run every benchmark; each prints its figures against its baseline and writes bench/results/NAME.json
 	$(PY) -m bench.freshness --output_dir $(OUT)/bench-freshness
 	set -e; for name in $(BENCHMARKS); do echo "== bench.$$name"; $(PY) -m bench.$$name; done
+
+eval: setup ## Retrieval quality on Fashion-MNIST, pretrained vs top-tuned (bench/results/quality.*; ~5 min)
+	$(PY) -m evaluation.run --dataset fashion-mnist --cache_dir $(OUT)/eval-cache --head_dir $(OUT)/eval-heads
 
 # Deployment: settings from the environment or .env (PROJECT, REGION, BUCKET, ...; see docs/DEPLOY.md).
 # DRY_RUN=1 prints every command and runs none.
