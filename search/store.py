@@ -106,7 +106,6 @@ class IndexStore:
                  settings: StoreSettings = StoreSettings(), read_only: bool = False):
         """Opens (or, given `model` and `dim`, creates) the store in `directory`."""
         self.directory = Path(directory)
-        self.settings = settings
         self.read_only = read_only
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
