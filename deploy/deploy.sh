@@ -30,6 +30,7 @@ DLQ_TOPIC="${DLQ_TOPIC:-product-events-dlq}"
 EMBED_SUBSCRIPTION="${EMBED_SUBSCRIPTION:-product-events-embed}"
 INDEX_SUBSCRIPTION="${INDEX_SUBSCRIPTION:-product-embeddings-index}"
 MODEL="${MODEL:-packaged:effnet-lite0+minilm}"
+PROJECTION="${PROJECTION:-}"  # a top-tuned head on gs:// (evaluation.run writes one); empty: none
 GPU_TYPE="${GPU_TYPE:-nvidia-tesla-t4}"
 MACHINE_TYPE="${MACHINE_TYPE:-n1-standard-8}"
 HARNESS_THREADS="${HARNESS_THREADS:-4}"
@@ -137,7 +138,7 @@ launch_embed() {
     --worker-machine-type="$MACHINE_TYPE" --max-workers="$MAX_WORKERS" --enable-streaming-engine \
     --additional-experiments="use_runner_v2" \
     --additional-user-labels="app=product-embeddings" \
-    --parameters="^~^input_subscription=projects/${PROJECT}/subscriptions/${EMBED_SUBSCRIPTION}~output_topic=projects/${PROJECT}/topics/${EMBEDDINGS_TOPIC}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~bigquery_table=${PROJECT}:${DATASET}.product_embeddings~bigquery_dead_letter_table=${PROJECT}:${DATASET}.dead_letter~model=${MODEL}~device=cuda~id_label=event_id~max_concurrent_downloads=${MAX_CONCURRENT_DOWNLOADS}~number_of_worker_harness_threads=${HARNESS_THREADS}~sdk_container_image=${IMAGE}~sdk_location=container~dataflow_service_options=worker_accelerator=type:${GPU_TYPE};count:1;install-nvidia-driver"
+    --parameters="^~^input_subscription=projects/${PROJECT}/subscriptions/${EMBED_SUBSCRIPTION}~output_topic=projects/${PROJECT}/topics/${EMBEDDINGS_TOPIC}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~bigquery_table=${PROJECT}:${DATASET}.product_embeddings~bigquery_dead_letter_table=${PROJECT}:${DATASET}.dead_letter~model=${MODEL}~device=cuda~id_label=event_id~max_concurrent_downloads=${MAX_CONCURRENT_DOWNLOADS}~number_of_worker_harness_threads=${HARNESS_THREADS}~sdk_container_image=${IMAGE}~sdk_location=container~dataflow_service_options=worker_accelerator=type:${GPU_TYPE};count:1;install-nvidia-driver${PROJECTION:+~projection=${PROJECTION}}"
 }
 
 launch_index() {
@@ -146,14 +147,14 @@ launch_index() {
   local args="--streaming --runner=DirectRunner"
   args+=" --input_subscription=projects/${PROJECT}/subscriptions/${INDEX_SUBSCRIPTION}"
   args+=" --dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC} --index_dir=/index"
-  args+=" --model=${MODEL} --num_shards=${NUM_SHARDS}"
+  args+=" --model=${MODEL} --num_shards=${NUM_SHARDS}${PROJECTION:+ --projection=${PROJECTION}}"
   run gcloud compute instances create-with-container "$INDEX_VM" --project="$PROJECT" --zone="$ZONE" \
     --machine-type="$INDEX_MACHINE_TYPE" --service-account="$SERVICE_ACCOUNT" --scopes=cloud-platform \
     --create-disk="name=${INDEX_VM}-data,size=${INDEX_DISK_GB}GB,type=pd-ssd,auto-delete=no" \
     --container-mount-disk="mount-path=/index,name=${INDEX_VM}-data" \
     --container-image="$IMAGE" --container-env=EMBED_REQUIRE_GPU=0 --container-command=bash \
     --container-arg=-c \
-    --container-arg="python -m search.server --index_dir /index --host 0.0.0.0 --port 8080 --device cpu & exec python -m pipelines.index ${args}"
+    --container-arg="python -m search.server --index_dir /index --host 0.0.0.0 --port 8080 --device cpu${PROJECTION:+ --projection ${PROJECTION}} & exec python -m pipelines.index ${args}"
 }
 
 case "${1:-}" in

@@ -30,6 +30,7 @@ _BOOLEAN = r"^(true|false)$"
 
 REGEXES = {
     "model": r"^(open_clip:[A-Za-z0-9._-]+(/.+)?|packaged:effnet-lite0\+minilm)$",
+    "projection": r"^(gs://[^\s]+|/[^\s]*)\.(pt|pth)$",
     "input_subscription": _SUBSCRIPTION,
     "output_topic": _TOPIC,
     "dead_letter_topic": _TOPIC,

@@ -17,6 +17,7 @@ import torch
 
 from model_handlers.fusion import fuse, l2_normalize
 from model_handlers.preprocess import ImagePreprocess, normalize_on_device
+from model_handlers.projection import Projection
 
 __all__ = ["EmbeddingBackend", "ProductVectors", "resolve_device"]
 
@@ -49,6 +50,7 @@ class EmbeddingBackend(abc.ABC):
     image_dim: int
     text_dim: int
     shared_space: bool
+    projection: Projection | None = None
 
     def __init__(self, device: str = "auto", precision: str = "fp32", image_batch_size: int = 64,
                  image_weight: float = 0.5):
@@ -60,6 +62,23 @@ class EmbeddingBackend(abc.ABC):
     @property
     def embedding_dim(self) -> int:
         return self.image_dim if self.shared_space else self.image_dim + self.text_dim
+
+    def project(self, projection: Projection) -> "EmbeddingBackend":
+        """Serve tuned vectors: image vectors (and text ones in a shared space) go through the head."""
+        if projection.model != self.model_id:
+            raise ValueError(f"projection {projection.name} was trained on {projection.model}, not {self.model_id}")
+        if projection.dim_in != self.image_dim:
+            raise ValueError(f"projection {projection.name} takes {projection.dim_in}-d vectors, "
+                             f"{self.model_id} makes {self.image_dim}-d")
+        self.projection = projection
+        self.model_id = projection.model_id
+        self.image_dim = projection.dim_out
+        if self.shared_space:
+            self.text_dim = projection.dim_out
+        return self
+
+    def _project(self, vectors: np.ndarray) -> np.ndarray:
+        return self.projection(vectors) if self.projection is not None else vectors
 
     @abc.abstractmethod
     def _image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -76,7 +95,7 @@ class EmbeddingBackend(abc.ABC):
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, 3) → unit (N, image_dim) float32, in chunks of `image_batch_size`."""
+        """uint8 (N, H, W, 3) → unit (N, image_dim) float32, in chunks of `image_batch_size`, projected."""
         if len(pixels) == 0:
             return np.zeros((0, self.image_dim), np.float32)
         out = []
@@ -86,7 +105,7 @@ class EmbeddingBackend(abc.ABC):
                 x = normalize_on_device(chunk, self.preprocess, self.device)
                 features = self._image_features(x)
             out.append(features.float().cpu().numpy())
-        return l2_normalize(np.concatenate(out))
+        return self._project(l2_normalize(np.concatenate(out)))
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts → unit (N, text_dim) float32."""
@@ -94,7 +113,8 @@ class EmbeddingBackend(abc.ABC):
             return np.zeros((0, self.text_dim), np.float32)
         with torch.inference_mode(), self._autocast():
             features = self._text_features(list(texts))
-        return l2_normalize(features.float().cpu().numpy())
+        vectors = l2_normalize(features.float().cpu().numpy())
+        return self._project(vectors) if self.shared_space else vectors
 
     def embed_products(self, products: Sequence[tuple[Sequence[np.ndarray], str]]) -> list[ProductVectors]:
         """Each product is (uint8 images, text); all images and texts of the batch share forward passes."""

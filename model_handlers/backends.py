@@ -5,6 +5,7 @@ from __future__ import annotations
 from model_handlers.backend import EmbeddingBackend
 from model_handlers.config import ModelConfig, ModelSpec
 from model_handlers.preprocess import ImagePreprocess
+from model_handlers.projection import load_projection
 
 __all__ = ["embedding_dim", "image_preprocess", "load_backend"]
 
@@ -21,16 +22,17 @@ def image_preprocess(spec: str | ModelSpec) -> ImagePreprocess:
     return open_clip_preprocess(spec)
 
 
-def embedding_dim(spec: str | ModelSpec) -> int:
-    """The dimension of the fused vectors a spec produces, known without loading weights."""
+def embedding_dim(spec: str | ModelSpec, projection: str = "") -> int:
+    """The dimension of the fused vectors a spec (and head) produces, known without loading the model."""
     spec = ModelSpec.parse(spec) if isinstance(spec, str) else spec
+    image_dim = load_projection(projection).dim_out if projection else None
     if spec.backend == "packaged":
         from model_handlers.packaged_backend import PackagedBackend
 
-        return PackagedBackend.image_dim + PackagedBackend.text_dim
+        return (image_dim or PackagedBackend.image_dim) + PackagedBackend.text_dim
     from model_handlers.open_clip_backend import open_clip_embed_dim
 
-    return open_clip_embed_dim(spec)
+    return image_dim or open_clip_embed_dim(spec)
 
 
 def load_backend(config: ModelConfig) -> EmbeddingBackend:
@@ -44,7 +46,9 @@ def load_backend(config: ModelConfig) -> EmbeddingBackend:
     if spec.backend == "packaged":
         from model_handlers.packaged_backend import PackagedBackend
 
-        return PackagedBackend(**kwargs)
-    from model_handlers.open_clip_backend import OpenClipBackend
+        backend = PackagedBackend(**kwargs)
+    else:
+        from model_handlers.open_clip_backend import OpenClipBackend
 
-    return OpenClipBackend(spec, **kwargs)
+        backend = OpenClipBackend(spec, **kwargs)
+    return backend.project(load_projection(config.projection)) if config.projection else backend

@@ -61,6 +61,8 @@ class ModelConfig:
     # One model per machine, served to every SDK process (saves memory, costs throughput).
     share_model_across_processes: bool = False
     image_weight: float = 0.5
+    # A top-tuned head (model_handlers.projection) applied to the image vectors; "" for none.
+    projection: str = ""
 
     def __post_init__(self):
         ModelSpec.parse(self.spec)
@@ -82,3 +84,10 @@ class ModelConfig:
     @property
     def model_spec(self) -> ModelSpec:
         return ModelSpec.parse(self.spec)
+
+    @property
+    def model_id(self) -> str:
+        """What records carry: the spec, plus the head's name and digest when one is applied."""
+        from model_handlers.projection import model_id
+
+        return model_id(self.spec, self.projection)

@@ -56,8 +56,7 @@ class ProductEmbeddingHandler(ModelHandler[EmbeddingRequest, PredictionResult, E
         Metrics.distribution("embed", "batch_size").update(len(batch))
         Metrics.distribution("embed", "batch_images").update(sum(len(request.images) for request in batch))
         vectors = model.embed_products([(request.images, request.text) for request in batch])
-        model_id = self.config.spec
-        return [PredictionResult(request, result, model_id) for request, result in zip(batch, vectors)]
+        return [PredictionResult(request, result, model.model_id) for request, result in zip(batch, vectors)]
 
     def get_num_bytes(self, batch: Sequence[EmbeddingRequest]) -> int:
         return sum(sum(image.nbytes for image in request.images) + len(request.text) for request in batch)

@@ -16,7 +16,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from model_handlers.backends import embedding_dim
-from model_handlers.config import ModelSpec
+from model_handlers.projection import model_id
 from pipelines.options import SharedOptions
 from schemas import Stage
 from search.store import HnswParams, StoreSettings
@@ -72,14 +72,14 @@ class IndexJobConfig(NamedTuple):
         if o.num_shards < 1 or o.commit_batch_size < 1:
             problems.append("--num_shards and --commit_batch_size must be >= 1")
         try:
-            ModelSpec.parse(shared.model)
-            dim = embedding_dim(shared.model)
+            model = model_id(shared.model, shared.projection or "")
+            dim = embedding_dim(shared.model, shared.projection or "")
         except ValueError as e:
             problems.append(str(e))
-            dim = 0
+            model, dim = shared.model, 0
         if problems:
             raise SystemExit("invalid options: " + "; ".join(problems))
-        return cls(o.index_dir, shared.model, dim, o.num_shards, streaming, o.input_dir, shared.input_subscription,
+        return cls(o.index_dir, model, dim, o.num_shards, streaming, o.input_dir, shared.input_subscription,
                    o.dead_letter_dir, shared.dead_letter_topic, o.commit_batch_size,
                    StoreSettings(hnsw=HnswParams(o.hnsw_m, o.hnsw_ef_construction)))
 

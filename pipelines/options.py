@@ -39,6 +39,9 @@ class SharedOptions(PipelineOptions):
     def _add_argparse_args(cls, parser):
         parser.add_argument("--model", default=DEFAULT_MODEL,
                             help="open_clip:ARCH[/PRETRAINED] or packaged:effnet-lite0+minilm (default).")
+        parser.add_argument("--projection",
+                            help="A top-tuned head (evaluation.run writes one; local or gs://): records carry "
+                                 "tuned vectors under a model id that names it. Default: none.")
         parser.add_argument("--input_subscription",
                             help="projects/P/subscriptions/S to read (streaming): product events for the embed "
                                  "pipeline, embedding records for the index pipeline.")
@@ -137,7 +140,9 @@ class EmbedJobConfig:
                 share_model_across_processes=o.share_model_across_processes,
                 image_weight=o.image_weight,
                 max_batch_duration_secs=o.max_batch_duration_secs,
+                projection=shared.projection or "",
             )
+            model.model_id  # reads and checks the head at launch, not on a worker
             fetch = FetchConfig(
                 connect_timeout_s=min(5.0, o.download_timeout_secs),
                 read_timeout_s=o.download_timeout_secs,

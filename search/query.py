@@ -22,8 +22,9 @@ class QueryError(ValueError):
 
 
 class QueryEmbedder:
-    def __init__(self, model: str, dim: int, device: str = "auto", fetch: FetchConfig = FetchConfig()):
-        self.backend = load_backend(ModelConfig(spec=model, device=device))
+    def __init__(self, model: str, dim: int, device: str = "auto", fetch: FetchConfig = FetchConfig(),
+                 projection: str = ""):
+        self.backend = load_backend(ModelConfig(spec=model, device=device, projection=projection))
         if self.backend.embedding_dim != dim:
             raise ValueError(f"{model} makes {self.backend.embedding_dim}-d vectors, the index holds {dim}-d")
         self.dim = dim

@@ -21,12 +21,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from model_handlers.projection import model_id, split_model_id
 from search.query import QueryEmbedder, QueryError
 from search.sharded import ShardedIndex
 from search.store import IndexMismatch
 from transforms.download import FetchConfig
 
-__all__ = ["DEFAULT_EF_SEARCH", "SearchRequest", "create_app", "main"]
+__all__ = ["DEFAULT_EF_SEARCH", "SearchRequest", "create_app", "main", "open_service"]
 
 DEFAULT_EF_SEARCH = 256
 PAGE = (Path(__file__).resolve().parent / "static" / "index.html").read_text(encoding="utf-8")
@@ -116,6 +117,20 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
     return app
 
 
+def open_service(index_dir: str, model: str | None = None, projection: str = "", device: str = "auto",
+                 fetch: FetchConfig = FetchConfig()) -> tuple[ShardedIndex, QueryEmbedder]:
+    """The index and a query embedder that makes vectors of its space; ValueError when they can't match."""
+    index = ShardedIndex.open(index_dir)
+    index_spec, index_head = split_model_id(index.model)
+    spec = model or index_spec
+    query_model = model_id(spec, projection)
+    if query_model != index.model:
+        hint = f" (its vectors were tuned by head {index_head}: pass that --projection)" if index_head else ""
+        raise ValueError(f"queries would be embedded as {query_model}, the index holds {index.model}: "
+                         f"vectors would not be comparable{hint}")
+    return index, QueryEmbedder(spec, index.dim, device, fetch, projection=projection)
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
@@ -123,16 +138,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index_dir", required=True)
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--model", help="Query model; must be the index's (default: the index's model).")
+    parser.add_argument("--model", help="Query model spec; must be the index's (default: the index's model).")
+    parser.add_argument("--projection", default="",
+                        help="The top-tuned head the index's vectors went through; required when the index "
+                             "holds tuned vectors (its model id says which head).")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--allow_private_hosts", action="store_true",
                         help="Allow image-URL queries on loopback (local runs and tests).")
     args = parser.parse_args(argv)
-    index = ShardedIndex.open(args.index_dir)
-    model = args.model or index.model
-    if model != index.model:
-        parser.error(f"--model {model} is not the index's model {index.model}: vectors would not be comparable")
-    embedder = QueryEmbedder(model, index.dim, args.device, FetchConfig(allow_private_hosts=args.allow_private_hosts))
+    try:
+        index, embedder = open_service(args.index_dir, args.model, args.projection, args.device,
+                                       FetchConfig(allow_private_hosts=args.allow_private_hosts))
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
     uvicorn.run(create_app(index, embedder), host=args.host, port=args.port, log_level="warning")
 
 

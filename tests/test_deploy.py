@@ -101,7 +101,7 @@ def test_the_index_job_builds_offline_for_dataflow(no_network, tmp_path):
 
 
 def make_dry_run(target: str, **env) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in ("PROJECT", "REGION", "BUCKET", "IMAGE", "MODEL")}
+    clean = {k: v for k, v in os.environ.items() if k not in ("PROJECT", "REGION", "BUCKET", "IMAGE", "MODEL", "PROJECTION")}
     return subprocess.run(["make", "-s", target], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**clean, "DRY_RUN": "1", **env})
 
@@ -128,6 +128,17 @@ def test_every_deploy_target_dry_runs_to_complete_commands(target, tools):
                        "install-nvidia-driver", "number_of_worker_harness_threads=4", "id_label=event_id",
                        "--enable-streaming-engine", "sdk_location=container", "--service-account-email"):
             assert wanted in run.replace("\\", ""), wanted
+
+
+def test_a_top_tuned_head_reaches_the_embed_job_the_index_updater_and_the_search_service():
+    head = "gs://my-bucket/heads/packaged-fashion-mnist-v1.pt"
+    (embed,) = [c for c in make_dry_run("launch-embed", PROJECT="my-project", PROJECTION=head).stdout.splitlines()
+                if c.startswith("+ ")]
+    assert f"~projection={head}" in embed.replace("\\", "")
+    (vm,) = [c for c in make_dry_run("launch-index", PROJECT="my-project", PROJECTION=head).stdout.splitlines()
+             if c.startswith("+ ")]
+    assert vm.replace("\\", "").count(head) == 2  # the updater and the query service
+    assert "projection" not in make_dry_run("launch-index", PROJECT="my-project").stdout
 
 
 def test_deploy_targets_refuse_to_run_without_a_project():

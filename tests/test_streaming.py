@@ -9,6 +9,7 @@ import apache_beam as beam
 import numpy as np
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
+from google.api_core.exceptions import NotFound
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery, pubsub_v1
 
@@ -37,6 +38,19 @@ def pull_all(subscription: str, expected: int, timeout_s: float) -> list:
                                        ack_ids=[m.ack_id for m in response.received_messages])
                 received.extend(m.message for m in response.received_messages)
     return received
+
+
+def table_rows(client, table: str, expected: int, timeout_s: float) -> list:
+    """The table's rows once `expected` have arrived (or what is there at the deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            rows = list(client.query(f"SELECT * FROM `{table}`").result())
+        except NotFound:  # the sink creates the table with its first rows
+            rows = []
+        if len(rows) >= expected or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
 
 
 def make_topics(ps, unique_name):
@@ -111,6 +125,8 @@ def test_200_events_in_one_record_or_dead_letter_each_out(pubsub_emulator, bigqu
         # An unfetchable image is reported on its own as well as with its event.
         expected_letters = len(bad) + sum(1 for m in bad if b"missing.jpg" in m)
         letters = pull_all(dead_sub, expected_letters, timeout_s=max(5, 120 - (time.monotonic() - started)))
+        # The BigQuery branch runs beside the topic branch: wait for its rows before stopping the job.
+        rows = table_rows(client, f"{ps.project}.{dataset}.product_embeddings", len(good), timeout_s=60)
 
     by_event = {m.attributes["event_id"]: m for m in records}
     assert sorted(by_event) == sorted(e["event_id"] for e in good)
@@ -130,7 +146,6 @@ def test_200_events_in_one_record_or_dead_letter_each_out(pubsub_emulator, bigqu
     assert [(f.name, f.field_type, f.mode) for f in bq_table.schema] == [
         (f["name"], f["type"], f["mode"]) for f in bigquery_schema(EmbeddingRecord)["fields"]]
     assert bq_table.time_partitioning.field == "embedded_at" and bq_table.clustering_fields == ["product_id"]
-    rows = list(client.query(f"SELECT * FROM `{ps.project}.{dataset}.product_embeddings`").result())
     assert sorted(r["event_id"] for r in rows) == sorted(by_event)
     row = next(r for r in rows if r["event_id"] == "g7")
     np.testing.assert_allclose(row["embedding"], first["embedding"], atol=1e-6)

@@ -68,7 +68,7 @@ class EmbedProducts(beam.PTransform):
 
     def expand(self, events):
         deletes, upserts = events | "SplitDeletes" >> beam.Partition(lambda event, _: 0 if event.is_delete else 1, 2)
-        delete_records = deletes | "DeleteRecords" >> beam.Map(delete_record, self._model_config.spec)
+        delete_records = deletes | "DeleteRecords" >> beam.Map(delete_record, self._model_config.model_id)
 
         fetched = upserts | "FetchImages" >> FetchImages(self._model_config.spec, self._image_options)
         image_letters = fetched | "ImageFailures" >> beam.FlatMap(image_dead_letters)

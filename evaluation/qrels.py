@@ -1,0 +1,80 @@
+"""Real search evaluation: labelled relevance judgements scored against the search service's rankings.
+
+The judgement format is JSON lines, one (query, product, ESCI label) a line:
+
+    {"query": "red wool coat", "product_id": "p123", "label": "E"}
+
+E(xact), S(ubstitute), C(omplement) or I(rrelevant), as in Amazon's shopping-queries data. Each
+distinct query is sent to `POST /v1/search` as a text query, exactly as a storefront would send it,
+and the returned product ids are scored with `evaluation.metrics` (ESCI labels mapped to gains).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
+
+from evaluation.metrics import ESCI_GAINS, esci_qrels, evaluate
+
+__all__ = ["Judgements", "http_searcher", "read_judgements", "score_search"]
+
+Judgements = dict[str, dict[str, str]]  # query → product_id → ESCI label
+
+
+def read_judgements(path: str | Path, labels: Sequence[str] = tuple(ESCI_GAINS)) -> Judgements:
+    """Reads the JSON-lines file; a bad line is a ValueError naming the file and line."""
+    judgements: Judgements = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected an object with query, product_id and label")
+            query, product, label = row.get("query"), row.get("product_id"), row.get("label")
+            if not isinstance(query, str) or not query.strip():
+                raise ValueError(f"{where}: query must be a non-empty string")
+            if not isinstance(product, str) or not product:
+                raise ValueError(f"{where}: product_id must be a non-empty string")
+            if label not in labels:
+                raise ValueError(f"{where}: label {label!r} is not one of {', '.join(labels)}")
+            previous = judgements.setdefault(query, {}).setdefault(product, label)
+            if previous != label:
+                raise ValueError(f"{where}: ({query!r}, {product}) was already labelled {previous}")
+    if not judgements:
+        raise ValueError(f"{path} holds no judgements")
+    return judgements
+
+
+def http_searcher(url: str, ef_search: int | None = None, timeout: float = 30.0) -> Callable[[str, int], list[str]]:
+    """Text query → ranked product ids from a running search service (retries on 5xx and resets)."""
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(max_retries=Retry(total=3, backoff_factor=0.2,
+                                                           status_forcelist=(502, 503, 504),
+                                                           allowed_methods=None)))
+    endpoint = f"{url.rstrip('/')}/v1/search"
+
+    def search(query: str, k: int) -> list[str]:
+        body = {"text": query, "k": k, **({"ef_search": ef_search} if ef_search else {})}
+        response = session.post(endpoint, json=body, timeout=timeout)
+        if response.status_code != 200:
+            raise RuntimeError(f"search for {query!r} failed: {response.status_code} {response.text[:300]}")
+        return [hit["product_id"] for hit in response.json()["results"]]
+
+    return search
+
+
+def score_search(judgements: Judgements, search: Callable[[str, int], list[str]], k: int = 10,
+                 depth: int = 100, gains: Mapping[str, float] = ESCI_GAINS) -> dict:
+    """Means of every metric over the judged queries, and each query's ranking."""
+    run = {query: search(query, depth) for query in judgements}
+    return {"metrics": evaluate(run, esci_qrels(judgements, gains), k=k), "queries": len(run), "run": run}
