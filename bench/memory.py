@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench.common import photo_jpeg, write_result
-from localstack.emulator import free_port
+from localstack.static_server import StaticFileServer
 
 MODEL = "open_clip:tiny-clip-test"
 
@@ -63,28 +63,23 @@ def main(argv: list[str] | None = None) -> dict:
         body = photo_jpeg((w, h), seed=i, quality=95, noise=10.0)
         (images / f"{i}.jpg").write_bytes(body)
         sizes.append(len(body))
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", str(images)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = []
     try:
-        time.sleep(1.0)
-        for events in (args.events, 2 * args.events):
-            events_file = work / f"events-{events}.jsonl"
-            events_file.write_text("\n".join(json.dumps({
-                "event_id": f"e{n}", "product_id": f"p{n}", "op": "upsert", "version": 1, "title": f"p{n}",
-                "image_urls": [f"http://127.0.0.1:{port}/{n % 4}.jpg"]}) for n in range(events)))
-            for cap in (int(c) for c in args.caps.split(",")):
-                out = work / f"out-{events}-{cap}"
-                run = subprocess.run([sys.executable, "-m", "bench.memory", "--worker", str(events_file), str(out),
-                                      str(cap)], capture_output=True, text=True, check=True)
-                row = {"events": events, "max_concurrent_downloads": cap, **json.loads(run.stdout.splitlines()[-1])}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                shutil.rmtree(out, ignore_errors=True)
+        with StaticFileServer(images) as server:
+            for events in (args.events, 2 * args.events):
+                events_file = work / f"events-{events}.jsonl"
+                events_file.write_text("\n".join(json.dumps({
+                    "event_id": f"e{n}", "product_id": f"p{n}", "op": "upsert", "version": 1, "title": f"p{n}",
+                    "image_urls": [server.url(f"{n % 4}.jpg")]}) for n in range(events)))
+                for cap in (int(c) for c in args.caps.split(",")):
+                    out = work / f"out-{events}-{cap}"
+                    run = subprocess.run([sys.executable, "-m", "bench.memory", "--worker", str(events_file), str(out),
+                                          str(cap)], capture_output=True, text=True, check=True)
+                    row = {"events": events, "max_concurrent_downloads": cap, **json.loads(run.stdout.splitlines()[-1])}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    shutil.rmtree(out, ignore_errors=True)
     finally:
-        server.terminate()
-        server.wait(timeout=10)
         shutil.rmtree(work, ignore_errors=True)
     growth = {}
     for cap in (int(c) for c in args.caps.split(",")):

@@ -41,6 +41,21 @@ def test_reduced_scale_jpeg_decoding_stays_close_to_the_full_decode():
     assert np.abs(fast - full).mean() < 3.0
 
 
+@pytest.mark.parametrize("size", [(2400, 1800), (1800, 2400)])
+def test_after_a_reduced_decode_only_the_crop_region_is_resampled_to_the_same_pixels(size):
+    data = image_bytes("JPEG", size=size, quality=92)
+    reduced = Image.open(io.BytesIO(data))
+    reduced.draft("RGB", (256, 256))
+    reduced.load()
+    assert reduced.size == (size[0] // 4, size[1] // 4)
+    w, h = reduced.size
+    resized = reduced.resize((256 * w // h, 256) if w > h else (256, 256 * h // w), Image.Resampling.BICUBIC)
+    left, top = round((resized.width - 224) / 2), round((resized.height - 224) / 2)
+    whole = np.asarray(resized.crop((left, top, left + 224, top + 224))).astype(int)
+    region = decode_image(data, PACKAGED_PREPROCESS).astype(int)
+    assert np.abs(region - whole).max() <= 1 and np.abs(region - whole).mean() < 0.01
+
+
 def test_packaged_geometry_is_resize_256_crop_224():
     out = decode_image(image_bytes("PNG", size=(512, 384)), PACKAGED_PREPROCESS)
     assert out.shape == (224, 224, 3)

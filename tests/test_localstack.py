@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import requests
 
 from localstack.catalogue import CLASSES, broken_events, build_catalogue, load_fashion_mnist
@@ -45,3 +46,25 @@ def test_image_server_serves_files_and_routes_and_records(tmp_path):
         assert requests.get(server.url("teapot"), timeout=5).status_code == 418
         assert requests.get(server.url("../etc/passwd"), timeout=5).status_code == 404
         assert server.requested("a.png") == 1 and server.requests[1] == "/teapot"
+
+
+def test_the_static_file_server_keeps_connections_alive_and_stops(tmp_path):
+    import http.client
+
+    from localstack.static_server import StaticFileServer
+
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8 first")
+    (tmp_path / "b.jpg").write_bytes(b"\xff\xd8 second")
+    with StaticFileServer(tmp_path) as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        bodies = []
+        for name in ("a.jpg", "b.jpg"):  # both over one connection: HTTP/1.1 keep-alive
+            connection.request("GET", f"/{name}")
+            response = connection.getresponse()
+            assert response.status == 200 and response.version == 11 and not response.will_close
+            bodies.append(response.read())
+        connection.close()
+        assert bodies == [b"\xff\xd8 first", b"\xff\xd8 second"]
+        assert requests.get(server.url("missing.jpg"), timeout=5).status_code == 404
+    with pytest.raises(requests.ConnectionError):
+        requests.get(server.url("a.jpg"), timeout=2)
