@@ -32,7 +32,10 @@ class IndexOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         # --model, --input_subscription and --dead_letter_topic come from SharedOptions.
-        parser.add_argument("--index_dir", help="Local directory of the index (one store per shard).")
+        parser.add_argument("--index_dir", help="Directory of the index (one store per shard): a local path, or "
+                                                "gs://... (any filesystem Beam knows), mirrored from local stores.")
+        parser.add_argument("--cache_dir", help="With a remote --index_dir: where this worker keeps the shards' "
+                                                "local stores (default: a directory under the system temp dir).")
         parser.add_argument("--input_dir", help="Directory of JSON-lines records (batch), e.g. out/embeddings.")
         parser.add_argument("--dead_letter_dir", help="Where refused records go in batch mode (JSON lines).")
         parser.add_argument("--num_shards", type=int, default=1, help="Stores the index is split into.")
@@ -54,6 +57,7 @@ class IndexJobConfig(NamedTuple):
     dead_letter_topic: str | None
     commit_batch_size: int
     settings: StoreSettings
+    cache_dir: str | None = None
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "IndexJobConfig":
@@ -63,8 +67,6 @@ class IndexJobConfig(NamedTuple):
         problems = []
         if not o.index_dir:
             problems.append("--index_dir is required")
-        elif "://" in o.index_dir:
-            problems.append("--index_dir must be a local or mounted path: the store keeps its state in SQLite")
         if streaming and not shared.input_subscription:
             problems.append("--input_subscription is required with --streaming")
         if not streaming and not o.input_dir:
@@ -81,7 +83,7 @@ class IndexJobConfig(NamedTuple):
             raise SystemExit("invalid options: " + "; ".join(problems))
         return cls(o.index_dir, model, dim, o.num_shards, streaming, o.input_dir, shared.input_subscription,
                    o.dead_letter_dir, shared.dead_letter_topic, o.commit_batch_size,
-                   StoreSettings(hnsw=HnswParams(o.hnsw_m, o.hnsw_ef_construction)))
+                   StoreSettings(hnsw=HnswParams(o.hnsw_m, o.hnsw_ef_construction)), o.cache_dir)
 
 
 class IndexOutputs(NamedTuple):
@@ -96,7 +98,8 @@ def build_pipeline(p: beam.Pipeline, config: IndexJobConfig) -> IndexOutputs:
         raw = p | "ReadRecords" >> beam.io.ReadFromText(f"{config.input_dir.rstrip('/')}/*.jsonl")
     records, unreadable = raw | "ParseRecords" >> beam.Map(parse_record).with_exception_handling()
     updated = records | "UpdateIndex" >> UpdateIndex(
-        config.index_dir, config.model, config.dim, config.num_shards, config.commit_batch_size, config.settings)
+        config.index_dir, config.model, config.dim, config.num_shards, config.commit_batch_size, config.settings,
+        cache_dir=config.cache_dir)
     parse_letters = unreadable | "ParseFailures" >> beam.FlatMap(lambda f: from_beam_failure(Stage.PARSE, f))
     dead_letters = (parse_letters, updated[UpdateIndex.DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
     if config.dead_letter_dir:

@@ -118,9 +118,9 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
 
 
 def open_service(index_dir: str, model: str | None = None, projection: str = "", device: str = "auto",
-                 fetch: FetchConfig = FetchConfig()) -> tuple[ShardedIndex, QueryEmbedder]:
+                 fetch: FetchConfig = FetchConfig(), cache_dir: str | None = None) -> tuple[ShardedIndex, QueryEmbedder]:
     """The index and a query embedder that makes vectors of its space; ValueError when they can't match."""
-    index = ShardedIndex.open(index_dir)
+    index = ShardedIndex.open(index_dir, cache_dir=Path(cache_dir) if cache_dir else None)
     index_spec, index_head = split_model_id(index.model)
     spec = model or index_spec
     query_model = model_id(spec, projection)
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     parser = argparse.ArgumentParser(description="Serve product search over an index directory.")
-    parser.add_argument("--index_dir", required=True)
+    parser.add_argument("--index_dir", required=True, help="A local path, or gs://... (replicated locally).")
+    parser.add_argument("--cache_dir", help="Where a remote index is replicated (default: a new temporary dir).")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--model", help="Query model spec; must be the index's (default: the index's model).")
@@ -148,10 +149,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         index, embedder = open_service(args.index_dir, args.model, args.projection, args.device,
-                                       FetchConfig(allow_private_hosts=args.allow_private_hosts))
+                                       FetchConfig(allow_private_hosts=args.allow_private_hosts), args.cache_dir)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    uvicorn.run(create_app(index, embedder), host=args.host, port=args.port, log_level="warning")
+    # A remote index is polled for new commits (an object listing per shard) less often.
+    refresh_secs = 1.0 if "://" in args.index_dir else 0.2
+    uvicorn.run(create_app(index, embedder, refresh_secs), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -2,21 +2,30 @@
 
 `index.json` in the index directory records the shard count, model and dimension; shard n
 lives in `shard-NNN/`. A search asks every shard for k results (not efSearch) and merges.
+The index directory may be on object storage (gs://...): each shard is then a local store
+mirrored there (search.mirror), the writer's and every reader's in a local cache directory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import tempfile
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from search.mirror import ShardReplica, exists, has_snapshot, is_remote, pull, read_text, restore, write_text
 from search.store import Hit, IndexMismatch, IndexStore, StoreSettings
 
-__all__ = ["ShardedIndex", "shard_of"]
+__all__ = ["ShardedIndex", "shard_of", "writer_cache_dir"]
+
+_log = logging.getLogger(__name__)
 
 
 def shard_of(product_id: str, num_shards: int) -> int:
@@ -24,23 +33,38 @@ def shard_of(product_id: str, num_shards: int) -> int:
     return zlib.crc32(product_id.encode("utf-8")) % num_shards
 
 
+def writer_cache_dir(index_dir: str) -> Path:
+    """Where a writer keeps the local stores of a remote index: stable, so a restart can reuse them."""
+    key = hashlib.sha256(index_dir.rstrip("/").encode()).hexdigest()[:16]
+    return Path(os.environ.get("INDEX_CACHE_DIR", Path(tempfile.gettempdir()) / "index-cache")) / key
+
+
 class ShardedIndex:
-    def __init__(self, index_dir: str | Path, shards: list[IndexStore], num_shards: int):
-        self.index_dir = Path(index_dir)
+    def __init__(self, index_dir: str | Path, shards: list[IndexStore], num_shards: int,
+                 mirrors: list[tuple[str, Path]] | None = None):
+        """`mirrors`: for a remote index opened to read, each shard's (remote dir, local replica)."""
+        self.index_dir = index_dir if is_remote(index_dir) else Path(index_dir)
         self.shards = shards
         self.num_shards = num_shards
         self.model = shards[0].model
         self.dim = shards[0].dim
+        self._mirrors = mirrors
+        self._pull_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max(1, min(num_shards, 8)), thread_name_prefix="shard-search")
 
     @staticmethod
     def layout(index_dir: str | Path) -> dict | None:
+        if is_remote(index_dir):
+            path = f"{str(index_dir).rstrip('/')}/index.json"
+            return json.loads(read_text(path)) if exists(path) else None
         path = Path(index_dir) / "index.json"
         return json.loads(path.read_text()) if path.exists() else None
 
     @classmethod
     def ensure_layout(cls, index_dir: str | Path, num_shards: int, model: str, dim: int) -> dict:
         """Writes `index.json` if there is none; refuses a layout that disagrees."""
+        if is_remote(index_dir):
+            return cls._ensure_remote_layout(str(index_dir), num_shards, model, dim)
         index_dir = Path(index_dir)
         index_dir.mkdir(parents=True, exist_ok=True)
         wanted = {"num_shards": num_shards, "model": model, "dim": dim}
@@ -62,16 +86,67 @@ class ShardedIndex:
                 IndexStore(cls.shard_dir(index_dir, n), model=model, dim=dim).close()
         return current
 
+    @classmethod
+    def _ensure_remote_layout(cls, index_dir: str, num_shards: int, model: str, dim: int) -> dict:
+        # Object stores have no create-if-absent here: two writers racing on a new index both
+        # write the same layout, and the check below still catches a different one.
+        wanted = {"num_shards": num_shards, "model": model, "dim": dim}
+        current = cls.layout(index_dir)
+        if current is None:
+            write_text(f"{index_dir.rstrip('/')}/index.json", json.dumps(wanted))
+            current = wanted
+        if current != wanted:
+            raise IndexMismatch(f"{index_dir} holds {current}, not {wanted}")
+        for n in range(num_shards):  # every shard has a snapshot from the start, so readers can open them all
+            remote = cls.shard_path(index_dir, n)
+            if not has_snapshot(remote):
+                with tempfile.TemporaryDirectory() as tmp:
+                    store = IndexStore(Path(tmp), model=model, dim=dim)
+                    store.close()
+                    ShardReplica(remote, Path(tmp)).snapshot(0)
+        return current
+
     @staticmethod
     def shard_dir(index_dir: str | Path, shard: int) -> Path:
         return Path(index_dir) / f"shard-{shard:03d}"
 
+    @staticmethod
+    def shard_path(index_dir: str | Path, shard: int) -> str:
+        """The shard's directory as a string, local or remote."""
+        return f"{str(index_dir).rstrip('/')}/shard-{shard:03d}"
+
+    @classmethod
+    def open_writer(cls, index_dir: str | Path, shard: int, model: str, dim: int,
+                    settings: StoreSettings = StoreSettings(), cache_dir: Path | None = None,
+                    snapshot_every: int = 500) -> IndexStore:
+        """The one writer of a shard: the store itself, or for a remote index a local store that ships
+        every commit there (restored from there first unless the local copy is at the same commit)."""
+        if not is_remote(index_dir):
+            return IndexStore(cls.shard_dir(index_dir, shard), model=model, dim=dim, settings=settings)
+        remote = cls.shard_path(index_dir, shard)
+        local = (cache_dir or writer_cache_dir(str(index_dir))) / f"shard-{shard:03d}"
+        replica = ShardReplica(remote, local, snapshot_every)
+        if _local_generation(local) != replica.remote.latest():
+            restore(remote, local)
+        return IndexStore(local, model=model, dim=dim, settings=settings, listener=replica)
+
     @classmethod
     def open(cls, index_dir: str | Path, read_only: bool = True,
-             settings: StoreSettings = StoreSettings()) -> "ShardedIndex":
+             settings: StoreSettings = StoreSettings(), cache_dir: Path | None = None) -> "ShardedIndex":
+        """A remote index is read from replicas under `cache_dir` (default: a new temporary directory),
+        kept current by `refresh()`; writers go through `open_writer`."""
         layout = cls.layout(index_dir)
         if layout is None:
             raise FileNotFoundError(f"no index at {index_dir} (no index.json)")
+        if is_remote(index_dir):
+            if not read_only:
+                raise ValueError("open a remote index's shards for writing with ShardedIndex.open_writer")
+            cache = Path(cache_dir or tempfile.mkdtemp(prefix="index-replica-"))
+            mirrors = [(cls.shard_path(index_dir, n), cache / f"shard-{n:03d}") for n in range(layout["num_shards"])]
+            for remote, local in mirrors:
+                restore(remote, local)
+            shards = [IndexStore(local, read_only=True, settings=settings) for _, local in mirrors]
+            return cls(index_dir, shards, layout["num_shards"], mirrors)
         shards = [
             IndexStore(cls.shard_dir(index_dir, n), model=None if read_only else layout["model"],
                        dim=None if read_only else layout["dim"], settings=settings, read_only=read_only)
@@ -80,6 +155,14 @@ class ShardedIndex:
         return cls(index_dir, shards, layout["num_shards"])
 
     def refresh(self) -> bool:
+        if self._mirrors:
+            with self._pull_lock:
+                for remote, local in self._mirrors:
+                    try:
+                        pull(remote, local)
+                    except Exception as e:  # the object store is unreachable or pruned mid-read: serve on
+                        _log.warning("could not pull %s (still serving generation %d): %s",
+                                     remote, self.shards[0].generation, e)
         return any([shard.refresh() for shard in self.shards])
 
     def search(self, query: np.ndarray, k: int = 10, ef_search: int = 128, shop_id: str | None = None,
@@ -97,3 +180,13 @@ class ShardedIndex:
         return {"model": self.model, "dim": self.dim, "num_shards": self.num_shards,
                 "live_docs": sum(s["live_docs"] for s in shards),
                 "generation": sum(s["generation"] for s in shards), "shards": shards}
+
+
+def _local_generation(directory: Path) -> int | None:
+    if not (directory / "state.sqlite").exists():
+        return None
+    store = IndexStore(directory, read_only=True)
+    try:
+        return store.generation
+    finally:
+        store.close()

@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import faiss
 import numpy as np
@@ -32,7 +32,7 @@ import numpy as np
 from schemas import EmbeddingRecord
 from search.segment import HnswParams, Segment, SegmentInfo, top_k
 
-__all__ = ["ApplyResult", "Hit", "IndexMismatch", "IndexStore", "StoreSettings"]
+__all__ = ["ApplyResult", "CommitDelta", "Hit", "IndexMismatch", "IndexStore", "StoreSettings"]
 
 _log = logging.getLogger(__name__)
 
@@ -91,6 +91,26 @@ class ApplyResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class CommitDelta:
+    """What one commit changed, enough for a replica to replay it (search.mirror)."""
+
+    generation: int
+    next_doc_id: int
+    products: tuple[tuple, ...]  # (product_id, version, doc_id, shop_id, title, image_url)
+    added: tuple[SegmentInfo, ...] = ()
+    removed: tuple[str, ...] = ()
+    checkpoint: str | None = None
+
+
+class CommitListener(Protocol):
+    """Told of every segment file set before it is committed, and of every commit after it is."""
+
+    def segment_written(self, directory: Path, info: SegmentInfo) -> None: ...
+
+    def committed(self, delta: CommitDelta) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
 class _View:
     """Everything a search reads, swapped whole on every commit."""
 
@@ -103,10 +123,14 @@ class _View:
 
 class IndexStore:
     def __init__(self, directory: str | Path, *, model: str | None = None, dim: int | None = None,
-                 settings: StoreSettings = StoreSettings(), read_only: bool = False):
-        """Opens (or, given `model` and `dim`, creates) the store in `directory`."""
+                 settings: StoreSettings = StoreSettings(), read_only: bool = False,
+                 listener: CommitListener | None = None):
+        """Opens (or, given `model` and `dim`, creates) the store in `directory`.
+
+        A `listener` (a replica on object storage) hears of each commit before `apply` returns."""
         self.directory = Path(directory)
         self.read_only = read_only
+        self._listener = listener
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
         elif not (self.directory / "state.sqlite").exists():
@@ -271,6 +295,8 @@ class IndexStore:
                     ids = np.array([changed[pid][1] for pid in vectors], np.int64)
                     info = Segment.write(self.directory, self._segment_name(), ids,
                                          embeddings[list(vectors.values())], "flat")
+                    if self._listener:
+                        self._listener.segment_written(self.directory, info)
                     db.execute("INSERT INTO segments VALUES (?, ?, ?)", (info.name, info.kind, info.count))
                 db.executemany(
                     "INSERT INTO products VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(product_id) DO UPDATE SET "
@@ -283,6 +309,10 @@ class IndexStore:
                 if checkpoint is not None:
                     db.execute("INSERT OR REPLACE INTO meta VALUES ('checkpoint', ?)", (checkpoint,))
             self._view = self._next_view(view, changed, current, info, next_doc)
+            if self._listener:
+                self._listener.committed(CommitDelta(
+                    self._view.generation, next_doc, tuple((pid, *state) for pid, state in changed.items()),
+                    (info,) if info else (), (), checkpoint))
         return result
 
     def _next_view(self, view: _View, changed: dict, before: dict, info: SegmentInfo | None, next_doc: int) -> _View:
@@ -339,6 +369,8 @@ class IndexStore:
                 faiss.omp_set_num_threads(self.settings.build_threads or os.cpu_count() or 1)
                 info = Segment.write(self.directory, self._segment_name(), ids[keep], vectors[keep], "hnsw",
                                      self.settings.hnsw)
+                if self._listener:
+                    self._listener.segment_written(self.directory, info)
             merged = Segment(self.directory, info) if info else None
             with self._write_lock:
                 with self._transaction() as db:
@@ -351,6 +383,9 @@ class IndexStore:
                 segments = tuple(seg for seg in current.segments if seg.info.name not in names)
                 self._view = dataclasses.replace(current, generation=current.generation + 1,
                                                  segments=segments + ((merged,) if merged else ()))
+                if self._listener:
+                    self._listener.committed(CommitDelta(self._view.generation, len(current.live), (),
+                                                         (info,) if info else (), tuple(names)))
             for seg in plan:
                 for name in Segment.files(seg.info.name):
                     (self.directory / name).unlink(missing_ok=True)

@@ -69,7 +69,6 @@ def test_records_of_another_model_are_dead_letters_not_index_entries(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--input_dir", "x"], "--index_dir is required"),
-    (["--input_dir", "x", "--index_dir", "gs://bucket/index"], "local or mounted path"),
     (["--index_dir", "x"], "--input_dir is required"),
     (["--streaming", "--index_dir", "x"], "--input_subscription is required"),
     (["--input_dir", "x", "--index_dir", "y", "--num_shards", "0"], "--num_shards"),

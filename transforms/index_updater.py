@@ -36,11 +36,13 @@ class _ShardWriters:
     _store_locks: dict[str, threading.Lock] = {}
 
     @classmethod
-    def get(cls, directory: Path, model: str, dim: int, settings: StoreSettings) -> tuple[IndexStore, threading.Lock]:
-        key = str(directory)
+    def get(cls, index_dir: str, shard: int, model: str, dim: int, settings: StoreSettings,
+            cache_dir: str | None) -> tuple[IndexStore, threading.Lock]:
+        key = ShardedIndex.shard_path(index_dir, shard)
         with cls._lock:
             if key not in cls._stores:
-                cls._stores[key] = IndexStore(directory, model=model, dim=dim, settings=settings)
+                cls._stores[key] = ShardedIndex.open_writer(index_dir, shard, model, dim, settings,
+                                                            Path(cache_dir) if cache_dir else None)
                 cls._store_locks[key] = threading.Lock()
             return cls._stores[key], cls._store_locks[key]
 
@@ -59,8 +61,9 @@ def _compact_in_background(store: IndexStore) -> None:
 
 class _CommitFn(beam.DoFn):
     def __init__(self, index_dir: str, model: str, dim: int, num_shards: int, batch_size: int,
-                 settings: StoreSettings, background_compaction: bool):
+                 settings: StoreSettings, background_compaction: bool, cache_dir: str | None):
         self._index_dir = index_dir
+        self._cache_dir = cache_dir
         self._model = model
         self._dim = dim
         self._num_shards = num_shards
@@ -95,8 +98,8 @@ class _CommitFn(beam.DoFn):
         self._pending = {}
 
     def _commit(self, shard: int, records: list[EmbeddingRecord]):
-        store, lock = _ShardWriters.get(ShardedIndex.shard_dir(self._index_dir, shard), self._model, self._dim,
-                                        self._settings)
+        store, lock = _ShardWriters.get(self._index_dir, shard, self._model, self._dim, self._settings,
+                                        self._cache_dir)
         started = time.perf_counter()
         with lock:
             result = store.apply(records)
@@ -127,9 +130,12 @@ class UpdateIndex(beam.PTransform):
     DEAD_LETTER = "dead_letter"
 
     def __init__(self, index_dir: str, model: str, dim: int, num_shards: int = 1, batch_size: int = 1000,
-                 settings: StoreSettings = StoreSettings(), background_compaction: bool = True):
+                 settings: StoreSettings = StoreSettings(), background_compaction: bool = True,
+                 cache_dir: str | None = None):
+        """`index_dir` local or remote (gs://); for a remote one, `cache_dir` holds the local stores."""
         super().__init__()
-        self._fn = _CommitFn(index_dir, model, dim, num_shards, batch_size, settings, background_compaction)
+        self._fn = _CommitFn(index_dir, model, dim, num_shards, batch_size, settings, background_compaction,
+                             cache_dir)
 
     def expand(self, records):
         return records | "Commit" >> beam.ParDo(self._fn).with_outputs(self.DEAD_LETTER, main="commits")
