@@ -182,8 +182,10 @@ def head_artifact(args, train: np.ndarray, train_labels: np.ndarray) -> Path:
 
 
 def _check_head(projection: Projection, model: str) -> None:
-    if projection.model != model:
-        raise SystemExit(f"projection {projection.name} was trained on {projection.model}'s vectors, not {model}'s")
+    try:
+        projection.check_model(model)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
 
 
 def evaluate_dataset(args) -> dict:

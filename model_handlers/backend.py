@@ -65,8 +65,7 @@ class EmbeddingBackend(abc.ABC):
 
     def project(self, projection: Projection) -> "EmbeddingBackend":
         """Serve tuned vectors: image vectors (and text ones in a shared space) go through the head."""
-        if projection.model != self.model_id:
-            raise ValueError(f"projection {projection.name} was trained on {projection.model}, not {self.model_id}")
+        projection.check_model(self.model_id)
         if projection.dim_in != self.image_dim:
             raise ValueError(f"projection {projection.name} takes {projection.dim_in}-d vectors, "
                              f"{self.model_id} makes {self.image_dim}-d")

@@ -75,6 +75,11 @@ class Projection:
     def model_id(self) -> str:
         return f"{self.model}{_MARK}{self.name}-v{self.version}@{self.digest[:12]}"
 
+    def check_model(self, spec: str) -> None:
+        """ValueError unless the head was trained on `spec`'s vectors."""
+        if self.model != spec:
+            raise ValueError(f"projection {self.name} was trained on {self.model}'s vectors, not {spec}'s")
+
     def __call__(self, vectors: np.ndarray) -> np.ndarray:
         """Unit (N, dim_in) vectors → unit (N, dim_out) tuned vectors."""
         vectors = np.asarray(vectors, np.float32)
@@ -125,8 +130,7 @@ def model_id(spec: str, projection: str = "") -> str:
     if not projection:
         return spec
     head = load_projection(projection)
-    if head.model != spec:
-        raise ValueError(f"projection {projection} was trained on {head.model}'s vectors, not {spec}'s")
+    head.check_model(spec)
     return head.model_id
 
 

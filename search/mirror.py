@@ -29,7 +29,7 @@ from pathlib import Path
 from search.segment import Segment, SegmentInfo
 from search.store import CommitDelta
 
-__all__ = ["ShardReplica", "exists", "has_snapshot", "is_remote", "pull", "read_text", "restore", "write_text"]
+__all__ = ["ShardReplica", "exists", "has_snapshot", "is_remote", "local_generation", "pull", "read_text", "restore", "write_text"]
 
 _log = logging.getLogger(__name__)
 _WIDTH = 20  # generation digits: names sort in commit order
@@ -103,8 +103,19 @@ class _Remote:
         return [m.path for m in result.metadata_list if Path(m.path).name in Segment.files(name)]
 
 
-def _local_generation(db: sqlite3.Connection) -> int:
+def _generation(db: sqlite3.Connection) -> int:
     return int(db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+
+
+def local_generation(local_dir: Path) -> int | None:
+    """The generation of the store in `local_dir`, None when there is none."""
+    if not (local_dir / "state.sqlite").exists():
+        return None
+    db = sqlite3.connect(f"file:{local_dir / 'state.sqlite'}?mode=ro", uri=True, timeout=60)
+    try:
+        return _generation(db)
+    finally:
+        db.close()
 
 
 def _replay(db: sqlite3.Connection, delta: dict) -> None:
@@ -171,7 +182,7 @@ def pull(remote_dir: str, local_dir: Path) -> int:
     remote = _Remote(remote_dir)
     db = sqlite3.connect(local_dir / "state.sqlite", isolation_level=None, timeout=60)
     try:
-        generation = _local_generation(db)
+        generation = _generation(db)
         newer = sorted((g, p) for g, p in remote.commits().items() if g > generation)
         if not newer or newer[0][0] != generation + 1:
             snapshots = remote.snapshots()
@@ -242,8 +253,8 @@ class ShardReplica:
             source, target = sqlite3.connect(self.local_dir / "state.sqlite"), sqlite3.connect(copy)
             try:
                 source.backup(target)
-                if _local_generation(target) != generation:
-                    raise RuntimeError(f"snapshot of generation {_local_generation(target)}, expected {generation}")
+                if _generation(target) != generation:
+                    raise RuntimeError(f"snapshot of generation {_generation(target)}, expected {generation}")
                 live = {name for (name,) in target.execute("SELECT name FROM segments")}
             finally:
                 source.close()

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model_handlers.projection import model_id, split_model_id
+from search.mirror import is_remote
 from search.query import QueryEmbedder, QueryError
 from search.sharded import ShardedIndex
 from search.store import IndexMismatch
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     # A remote index is polled for new commits (an object listing per shard) less often.
-    refresh_secs = 1.0 if "://" in args.index_dir else 0.2
+    refresh_secs = 1.0 if is_remote(args.index_dir) else 0.2
     uvicorn.run(create_app(index, embedder, refresh_secs), host=args.host, port=args.port, log_level="warning")
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from search.mirror import ShardReplica, exists, has_snapshot, is_remote, pull, read_text, restore, write_text
+from search.mirror import (ShardReplica, exists, has_snapshot, is_remote, local_generation, pull, read_text, restore,
+                           write_text)
 from search.store import Hit, IndexMismatch, IndexStore, StoreSettings
 
 __all__ = ["ShardedIndex", "shard_of", "writer_cache_dir"]
@@ -126,7 +127,7 @@ class ShardedIndex:
         remote = cls.shard_path(index_dir, shard)
         local = (cache_dir or writer_cache_dir(str(index_dir))) / f"shard-{shard:03d}"
         replica = ShardReplica(remote, local, snapshot_every)
-        if _local_generation(local) != replica.remote.latest():
+        if local_generation(local) != replica.remote.latest():
             restore(remote, local)
         return IndexStore(local, model=model, dim=dim, settings=settings, listener=replica)
 
@@ -180,13 +181,3 @@ class ShardedIndex:
         return {"model": self.model, "dim": self.dim, "num_shards": self.num_shards,
                 "live_docs": sum(s["live_docs"] for s in shards),
                 "generation": sum(s["generation"] for s in shards), "shards": shards}
-
-
-def _local_generation(directory: Path) -> int | None:
-    if not (directory / "state.sqlite").exists():
-        return None
-    store = IndexStore(directory, read_only=True)
-    try:
-        return store.generation
-    finally:
-        store.close()
