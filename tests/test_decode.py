@@ -10,7 +10,7 @@ from model_handlers.backends import image_preprocess
 from model_handlers.packaged_backend import PACKAGED_PREPROCESS
 from model_handlers.preprocess import ImagePreprocess, normalize_on_device
 from tests.conftest import TINY_CLIP, image_bytes
-from transforms.decode import DecodeError, decode_image
+from transforms.decode import DecodeError, _resample, decode_image
 
 CLIP_224 = ImagePreprocess(224, 224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
@@ -42,7 +42,7 @@ def test_reduced_scale_jpeg_decoding_stays_close_to_the_full_decode():
 
 
 @pytest.mark.parametrize("size", [(2400, 1800), (1800, 2400)])
-def test_after_a_reduced_decode_only_the_crop_region_is_resampled_to_the_same_pixels(size):
+def test_after_a_reduced_decode_only_the_crop_region_is_resampled_to_nearly_the_same_pixels(size):
     data = image_bytes("JPEG", size=size, quality=92)
     reduced = Image.open(io.BytesIO(data))
     reduced.draft("RGB", (256, 256))
@@ -53,7 +53,19 @@ def test_after_a_reduced_decode_only_the_crop_region_is_resampled_to_the_same_pi
     left, top = round((resized.width - 224) / 2), round((resized.height - 224) / 2)
     whole = np.asarray(resized.crop((left, top, left + 224, top + 224))).astype(int)
     region = decode_image(data, PACKAGED_PREPROCESS).astype(int)
-    assert np.abs(region - whole).max() <= 1 and np.abs(region - whole).mean() < 0.01
+    # The region's box is rounded to whole pixels: a sub-pixel shift, not a visible change.
+    assert np.abs(region - whole).max() <= 4 and np.abs(region - whole).mean() < 0.5
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_the_region_resampler_reproduces_pillows_filter(interpolation):
+    pixels = np.asarray(Image.open(io.BytesIO(image_bytes("JPEG", size=(400, 300), quality=92))).convert("RGB"))
+    filters = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+    pillow = np.asarray(Image.fromarray(pixels).resize((224, 224), filters[interpolation], box=(50, 0, 350, 300)))
+    ours = _resample(np.array(pixels[:, 50:350]), 224, interpolation)
+    diff = np.abs(ours.astype(int) - pillow.astype(int))
+    assert ours.shape == (224, 224, 3) and ours.dtype == np.uint8
+    assert diff.max() <= 3 and diff.mean() < 0.02  # rounding of the intermediate pass, on a few pixels
 
 
 def test_packaged_geometry_is_resize_256_crop_224():
