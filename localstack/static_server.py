@@ -25,6 +25,9 @@ __all__ = ["StaticFileServer"]
 
 class _KeepAliveHandler(SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; SimpleHTTPRequestHandler always sends Content-Length
+    # Headers and body go out in two writes: with Nagle's algorithm the body waits for the
+    # client's delayed ACK (40 ms) on a kept-alive connection. CDNs set TCP_NODELAY too.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args) -> None:
         pass

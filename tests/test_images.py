@@ -83,3 +83,30 @@ def test_failed_images_are_reported_and_the_rest_kept(image_server):
 def test_products_without_images_pass_straight_through(image_server):
     (product,) = [wv.value for wv in run_bundle([ProductEvent("e", "p", "upsert", 1, title="t")], cap=2)]
     assert product.images == () and product.failures == ()
+
+
+def test_each_input_hands_on_at_most_one_product_and_the_window_holds_two_batches(image_server):
+    body = image_bytes("JPEG")
+
+    def slow():
+        time.sleep(0.02)
+        return Route(body=body, headers={"Content-Type": "image/jpeg"})
+
+    image_server.routes["/a.jpg"] = slow
+    fn = _FetchImagesFn(TINY_CLIP, ImageOptions(FetchConfig(allow_private_hosts=True, max_concurrent_downloads=2)),
+                        batch_size=8)
+    fn.setup()
+    fn.start_bundle()
+    events = [ProductEvent(f"e{n}", f"p{n}", "upsert", 1, image_urls=(image_server.url("a.jpg"),)) for n in range(40)]
+    handed, counts = [], []
+    for n, event in enumerate(events):
+        if n % 10 == 9:
+            time.sleep(0.5)  # a model batch holds the thread: everything submitted so far loads meanwhile
+        out = list(fn.process(event, timestamp=Timestamp(n), window=GlobalWindow()))
+        counts.append(len(out))
+        handed.extend(out)
+        # Loaded products wait in the window (2 x 8 here) instead of pouring out at once after the pause.
+        assert n + 1 - len(handed) <= 16
+    handed.extend(fn.finish_bundle())
+    assert max(counts) == 1
+    assert [wv.value.event.event_id for wv in handed] == [e.event_id for e in events]

@@ -70,7 +70,8 @@ class EmbedProducts(beam.PTransform):
         deletes, upserts = events | "SplitDeletes" >> beam.Partition(lambda event, _: 0 if event.is_delete else 1, 2)
         delete_records = deletes | "DeleteRecords" >> beam.Map(delete_record, self._model_config.model_id)
 
-        fetched = upserts | "FetchImages" >> FetchImages(self._model_config.spec, self._image_options)
+        fetched = upserts | "FetchImages" >> FetchImages(
+            self._model_config.spec, self._image_options, self._model_config.max_batch_size)
         image_letters = fetched | "ImageFailures" >> beam.FlatMap(image_dead_letters)
         requests = fetched | "ToRequests" >> beam.ParDo(_ToRequestFn()).with_outputs(NOTHING_LEFT, main="requests")
         predictions, failed = (

@@ -5,6 +5,10 @@ Each image is fetched and decoded by one task of a process-wide thread pool of
 worker process, however many harness threads Dataflow runs. Tasks of all products in a
 bundle run concurrently; results come out in input order, each with its own timestamp
 and window. What fails is reported per image; the product goes on with what is left.
+
+Each input hands on at most one loaded product, so a window of products keeps loading
+while a handed-on product fills a batch and the model holds the bundle's thread: the
+pool works during inference instead of after it.
 """
 
 from __future__ import annotations
@@ -92,11 +96,12 @@ def _load(fetcher: ImageFetcher, url: str, preprocess, max_pixels: int) -> _Load
 
 
 class _FetchImagesFn(beam.DoFn):
-    def __init__(self, model_spec: str, options: ImageOptions):
+    def __init__(self, model_spec: str, options: ImageOptions, batch_size: int = 1):
         self._model_spec = model_spec
         self._options = options
-        # Bounds decoded pixels held per DoFn instance while earlier products are still loading.
-        self._max_pending = 4 * options.fetch.max_concurrent_downloads
+        # Products loading or loaded but not handed on. It bounds the decoded pixels held per
+        # DoFn instance, and holds two model batches so that one loads while the other runs.
+        self._max_pending = max(4 * options.fetch.max_concurrent_downloads, 2 * batch_size)
         self._ok = Metrics.counter("embed", "images_ok")
         self._failed = {stage: Metrics.counter("embed", f"{stage}_failed") for stage in (Stage.DOWNLOAD, Stage.DECODE)}
         self._download_ms = Metrics.distribution("embed", "download_ms")
@@ -114,19 +119,23 @@ class _FetchImagesFn(beam.DoFn):
             for url in event.image_urls
         ]
         self._pending.append((event, futures, WindowedValue(None, timestamp, (window,))))
-        yield from self._drain(block=len(self._pending) > self._max_pending)
+        # One in, at most one out: the window stays full, so the next products are already
+        # loading when the one handed on here fills a batch and the model runs.
+        yield from self._drain(block=len(self._pending) > self._max_pending, most=1)
 
     def finish_bundle(self):
-        yield from self._drain(block=True, everything=True)
+        yield from self._drain(block=True)
 
-    def _drain(self, block: bool, everything: bool = False) -> Iterable[WindowedValue]:
-        while self._pending:
+    def _drain(self, block: bool, most: int | None = None) -> Iterable[WindowedValue]:
+        """Hands on loaded products in input order; `block` waits for the oldest to load."""
+        handed = 0
+        while self._pending and (most is None or handed < most):
             event, futures, where = self._pending[0]
             if not (block or all(f.done() for f in futures)):
                 return
             self._pending.popleft()
+            handed += 1
             yield where.with_value(self._collect(event, [f.result() for f in futures]))
-            block = everything
 
     def _collect(self, event: ProductEvent, loaded: list[_Loaded]) -> FetchedProduct:
         images, failures = [], []
@@ -145,9 +154,10 @@ class _FetchImagesFn(beam.DoFn):
 class FetchImages(beam.PTransform):
     """Upsert `ProductEvent`s → `FetchedProduct`s (one each, never dropped)."""
 
-    def __init__(self, model_spec: str, options: ImageOptions = ImageOptions()):
+    def __init__(self, model_spec: str, options: ImageOptions = ImageOptions(), batch_size: int = 1):
+        """`batch_size`: the model's largest batch, which the loading window is made to hold twice."""
         super().__init__()
-        self._fn = _FetchImagesFn(model_spec, options)
+        self._fn = _FetchImagesFn(model_spec, options, batch_size)
 
     def expand(self, events):
         return events | "DownloadAndDecode" >> beam.ParDo(self._fn)
