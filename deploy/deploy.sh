@@ -152,7 +152,8 @@ launch_index() {
     --machine-type="$INDEX_MACHINE_TYPE" --service-account="$SERVICE_ACCOUNT" --scopes=cloud-platform \
     --create-disk="name=${INDEX_VM}-data,size=${INDEX_DISK_GB}GB,type=pd-ssd,auto-delete=no" \
     --container-mount-disk="mount-path=/index,name=${INDEX_VM}-data" \
-    --container-image="$IMAGE" --container-env=EMBED_REQUIRE_GPU=0 --container-command=bash \
+    --container-image="$IMAGE" --container-env=EMBED_REQUIRE_GPU=0,LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
+    --container-command=bash \
     --container-arg=-c \
     --container-arg="python -m search.server --index_dir /index --host 0.0.0.0 --port 8080 --device cpu${PROJECTION:+ --projection ${PROJECTION}} & exec python -m pipelines.index ${args}"
 }

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
+from model_handlers.allocator import warn_without_tcmalloc
 from model_handlers.backend import EmbeddingBackend
 from model_handlers.config import ModelConfig, ModelSpec
 from model_handlers.preprocess import ImagePreprocess
 from model_handlers.projection import load_projection
 
 __all__ = ["embedding_dim", "image_preprocess", "load_backend"]
+
+_log = logging.getLogger(__name__)
 
 
 def image_preprocess(spec: str | ModelSpec) -> ImagePreprocess:
@@ -51,4 +56,6 @@ def load_backend(config: ModelConfig) -> EmbeddingBackend:
         from model_handlers.open_clip_backend import OpenClipBackend
 
         backend = OpenClipBackend(spec, **kwargs)
+    if backend.device.type == "cpu":
+        warn_without_tcmalloc(_log)
     return backend.project(load_projection(config.projection)) if config.projection else backend

@@ -77,6 +77,17 @@ def test_undeclared_oversize_bodies_are_cut_while_streaming(image_server):
         fetcher(max_bytes=100_000).fetch(image_server.url("sneaky.jpg"))
 
 
+def test_a_connection_left_with_unread_bytes_is_not_reused(image_server):
+    body = b"y" * 200_000
+    image_server.routes["/big.jpg"] = Route(body=body, headers={"Content-Type": "image/jpeg", "Content-Length": str(len(body))})
+    image_server.routes["/a.jpg"] = image_route()
+    fetch = fetcher(max_bytes=100_000, max_concurrent_downloads=1)
+    for _ in range(3):
+        with pytest.raises(DownloadError, match="cap"):
+            fetch.fetch(image_server.url("big.jpg"))
+        assert fetch.fetch(image_server.url("a.jpg")) == JPEG
+
+
 def test_non_image_content_types_are_refused(image_server):
     image_server.routes["/page.html"] = Route(body=b"<html>", headers={"Content-Type": "text/html; charset=utf-8"})
     with pytest.raises(DownloadError, match="not an image"):

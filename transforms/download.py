@@ -1,9 +1,10 @@
 """Image download that a merchant's URL can't turn against the worker (DESIGN §6).
 
-One pooled `requests` session per worker process, urllib3's `Retry` for bounded retries with
-backoff (5xx and timeouts only), redirects followed here so that every hop is checked, and a
-byte cap and a total deadline enforced while the body streams, so a huge or dripping body
-can't hold memory or a thread.
+One urllib3 `PoolManager` per worker process (keep-alive pools per host; urllib3 rather than
+`requests`, whose per-call Python costs about as much again and holds the GIL the model thread
+needs), urllib3's `Retry` for bounded retries with backoff (5xx and timeouts only), redirects
+followed here so that every hop is checked, and a byte cap and a total deadline enforced while the
+body streams, so a huge or dripping body can't hold memory or a thread.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import dataclasses
 import time
 from urllib.parse import urljoin, urlsplit
 
-import requests
+import urllib3
+from urllib3.exceptions import HTTPError
 from urllib3.util.retry import Retry
 
-from transforms.host_guard import GuardedAdapter, HostRefused
+from transforms.host_guard import HostRefused, guarded_pool_manager
 
 __all__ = ["DownloadError", "FetchConfig", "HostRefused", "ImageFetcher"]
 
@@ -66,19 +68,16 @@ class ImageFetcher:
             raise_on_status=False,
             respect_retry_after_header=False,
         )
-        adapter = GuardedAdapter(
-            pool_connections=32,
-            pool_maxsize=config.max_concurrent_downloads,
-            max_retries=retry,
-            pool_block=True,
-            allow_loopback=config.allow_private_hosts,
+        # Proxies from the environment would bypass the address guard: a PoolManager reads none.
+        self._http = guarded_pool_manager(
+            config.allow_private_hosts,
+            num_pools=32,
+            maxsize=config.max_concurrent_downloads,
+            block=True,
+            retries=retry,
+            timeout=urllib3.Timeout(connect=config.connect_timeout_s, read=config.read_timeout_s),
+            headers={"Accept": "image/*"},
         )
-        self._session = requests.Session()
-        # Proxies from the environment would bypass the address guard; workers talk directly.
-        self._session.trust_env = False
-        self._session.headers["Accept"] = "image/*"
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
 
     def fetch(self, url: str) -> bytes:
         """Returns the body of `url`, following at most `max_redirects` redirects."""
@@ -87,24 +86,25 @@ class ImageFetcher:
             if urlsplit(url).scheme.lower() not in ("http", "https"):
                 raise DownloadError(f"refusing non-http(s) URL {url[:200]!r}")
             try:
-                response = self._session.get(
-                    url,
-                    stream=True,
-                    allow_redirects=False,
-                    timeout=(self.config.connect_timeout_s, self.config.read_timeout_s),
-                )
-            except requests.RequestException as e:
+                response = self._http.request("GET", url, preload_content=False, redirect=False)
+            except HTTPError as e:
                 raise DownloadError(f"GET {url[:200]} failed: {_short(e)}") from e
-            with response:
-                if response.status_code in _REDIRECTS and "location" in response.headers:
+            body = None
+            try:
+                if response.status in _REDIRECTS and "location" in response.headers:
                     url = urljoin(url, response.headers["location"])
                     continue
-                return self._read_body(url, response, deadline)
+                body = self._read_body(url, response, deadline)
+                return body
+            finally:
+                if body is None:  # unread bytes would be read as the next response: drop the connection
+                    response.close()
+                response.release_conn()
         raise DownloadError(f"more than {self.config.max_redirects} redirects")
 
-    def _read_body(self, url: str, response: requests.Response, deadline: float) -> bytes:
-        if response.status_code != 200:
-            raise DownloadError(f"GET {url[:200]} returned HTTP {response.status_code}")
+    def _read_body(self, url: str, response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
+        if response.status != 200:
+            raise DownloadError(f"GET {url[:200]} returned HTTP {response.status}")
         content_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if content_type and not (content_type.startswith("image/") or content_type == "application/octet-stream"):
             raise DownloadError(f"content type {content_type!r} is not an image")
@@ -113,20 +113,20 @@ class ImageFetcher:
             raise DownloadError(f"body is {declared} bytes, over the {self.config.max_bytes}-byte cap")
         body = bytearray()
         try:
-            for chunk in response.iter_content(_CHUNK):
+            for chunk in response.stream(_CHUNK):
                 body += chunk
                 if len(body) > self.config.max_bytes:
                     raise DownloadError(f"body exceeds the {self.config.max_bytes}-byte cap")
                 if time.monotonic() > deadline:
                     raise DownloadError(f"download took over {self.config.total_timeout_s}s")
-        except requests.RequestException as e:
+        except HTTPError as e:
             raise DownloadError(f"reading {url[:200]} failed: {_short(e)}") from e
         if not body:
             raise DownloadError("empty body")
         return bytes(body)
 
     def close(self) -> None:
-        self._session.close()
+        self._http.clear()
 
 
 def _short(error: Exception) -> str:

@@ -15,11 +15,11 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-import requests
+import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-__all__ = ["HostRefused", "GuardedAdapter", "check_address", "resolve_allowed"]
+__all__ = ["HostRefused", "check_address", "guarded_pool_manager", "resolve_allowed"]
 
 
 class HostRefused(ValueError):
@@ -84,13 +84,8 @@ def _guarded_pools(allow_loopback: bool) -> dict[str, type]:
     return {"http": _HTTPPool, "https": _HTTPSPool}
 
 
-class GuardedAdapter(requests.adapters.HTTPAdapter):
-    """A requests adapter whose connections go through `resolve_allowed` first."""
-
-    def __init__(self, *args, allow_loopback: bool = False, **kwargs):
-        self._pools = _guarded_pools(allow_loopback)
-        super().__init__(*args, **kwargs)
-
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = dict(self._pools)
+def guarded_pool_manager(allow_loopback: bool = False, **kwargs) -> urllib3.PoolManager:
+    """A urllib3 `PoolManager` (`kwargs` as its own) whose connections go through `resolve_allowed` first."""
+    manager = urllib3.PoolManager(**kwargs)
+    manager.pool_classes_by_scheme = _guarded_pools(allow_loopback)
+    return manager
