@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import math
 import typing
 from typing import Any, Mapping
 
+import numpy as np
 import orjson
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "MAX_PAYLOAD_CHARS",
     "OPS",
     "format_timestamp",
+    "vector",
 ]
 
 OPS = ("upsert", "delete")
@@ -95,18 +96,22 @@ class ProductEvent:
 _VECTORS = ("embedding", "image_embedding", "text_embedding")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class EmbeddingRecord:
-    """One product's vectors and what downstream needs to show it (DESIGN §4)."""
+    """One product's vectors and what downstream needs to show it (DESIGN §4).
+
+    The vectors are float32 arrays, as the model made them: a record crosses stage boundaries
+    pickled and leaves as JSON, and thousands of Python floats cost ten times as much either way.
+    """
 
     product_id: str
     shop_id: str
     op: str
     version: int
     event_id: str
-    embedding: tuple[float, ...]
-    image_embedding: tuple[float, ...]
-    text_embedding: tuple[float, ...]
+    embedding: np.ndarray
+    image_embedding: np.ndarray
+    text_embedding: np.ndarray
     image_count: int
     title: str
     image_url: str
@@ -114,31 +119,55 @@ class EmbeddingRecord:
     event_time: dt.datetime
     embedded_at: dt.datetime
 
-    def to_dict(self) -> dict[str, Any]:
-        # Shallow on purpose: dataclasses.asdict deep-copies thousands of floats per record.
-        out = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+    def __post_init__(self) -> None:
         for name in _VECTORS:
-            out[name] = list(out[name])
-        out["event_time"] = format_timestamp(self.event_time)
-        out["embedded_at"] = format_timestamp(self.embedded_at)
-        return out
+            value = getattr(self, name)
+            if not (isinstance(value, np.ndarray) and value.dtype == np.float32 and value.ndim == 1):
+                object.__setattr__(self, name, vector(value))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EmbeddingRecord):
+            return NotImplemented
+        return all(
+            np.array_equal(getattr(self, f.name), getattr(other, f.name)) if f.name in _VECTORS
+            else getattr(self, f.name) == getattr(other, f.name)
+            for f in dataclasses.fields(self)
+        )
+
+    __hash__ = None  # arrays are mutable
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values, as BigQuery rows want them: the numbers `to_json` writes (NaN as None)."""
+        return orjson.loads(self._encode())
 
     def to_json(self) -> str:
-        """JSON via orjson (float formatting is most of the cost); non-finite vectors are refused."""
+        """JSON via orjson, float32 values in their shortest exact form; non-finite vectors are refused."""
         for name in _VECTORS:
-            if not math.isfinite(math.fsum(getattr(self, name))):
+            if not np.isfinite(getattr(self, name)).all():
                 raise ValueError(f"{name} holds a non-finite value")
-        return orjson.dumps(self.to_dict()).decode("utf-8")
+        return self._encode().decode("utf-8")
+
+    def _encode(self) -> bytes:
+        # Shallow on purpose: dataclasses.asdict deep-copies.
+        out = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        out["event_time"] = format_timestamp(self.event_time)
+        out["embedded_at"] = format_timestamp(self.embedded_at)
+        return orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EmbeddingRecord":
         values = dict(data)
-        for name in ("embedding", "image_embedding", "text_embedding"):
-            values[name] = tuple(float(x) for x in values.get(name) or ())
+        for name in _VECTORS:
+            values[name] = vector(values.get(name) or ())
         for name in ("event_time", "embedded_at"):
             values[name] = dt.datetime.fromisoformat(str(values[name]).replace("Z", "+00:00"))
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in fields})
+
+
+def vector(values) -> np.ndarray:
+    """A record's vector: a contiguous 1-d float32 array of its own (no view into a batch)."""
+    return np.array(values, dtype=np.float32).reshape(-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +237,8 @@ _BIGQUERY_TYPES = {str: "STRING", int: "INTEGER", float: "FLOAT", bool: "BOOLEAN
 def bigquery_schema(cls: type) -> dict[str, list[dict[str, str]]]:
     """The BigQuery table schema of a contract, derived from its fields (one definition).
 
-    `tuple[float, ...]` becomes a REPEATED FLOAT column, `datetime` a TIMESTAMP; optional
+    `tuple[X, ...]` becomes a REPEATED column, a vector (`np.ndarray`) a REPEATED FLOAT one,
+    `datetime` a TIMESTAMP; optional
     (`X | None`) and mapping fields are NULLABLE, everything else REQUIRED.
     """
     fields = []
@@ -219,7 +249,9 @@ def bigquery_schema(cls: type) -> dict[str, list[dict[str, str]]]:
             hint = next(arg for arg in args if arg is not type(None))
             mode = "NULLABLE"
         origin = typing.get_origin(hint)
-        if origin is tuple:
+        if hint is np.ndarray:
+            hint, mode = float, "REPEATED"
+        elif origin is tuple:
             hint, mode = typing.get_args(hint)[0], "REPEATED"
         elif origin is not None and issubclass(origin, Mapping):
             fields.append({"name": name, "type": "JSON", "mode": "NULLABLE"})

@@ -84,7 +84,7 @@ def test_text_queries_return_products_with_every_field(server):
 def test_a_products_own_vector_finds_it_first(server, catalogue):
     _, _, records = catalogue
     for record in records[:5]:
-        (top,) = search(server, vector=list(record.embedding), k=1).json()["results"]
+        (top,) = search(server, vector=record.embedding.tolist(), k=1).json()["results"]
         assert top["product_id"] == record.product_id and top["score"] == pytest.approx(1, abs=1e-4)
 
 
@@ -149,10 +149,10 @@ def test_new_commits_are_searchable_without_a_restart(server, catalogue):
     moved = dataclasses.replace(newest, version=2, embedding=tuple(float(x) for x in vector), title="moved")
     shard = writer.shards[shard_of(newest.product_id, 2)]
     shard.apply([moved])
-    (top,) = search(server, vector=list(moved.embedding), k=1).json()["results"]
+    (top,) = search(server, vector=moved.embedding.tolist(), k=1).json()["results"]
     assert (top["product_id"], top["version"], top["title"]) == (newest.product_id, 2, "moved")
     shard.apply([dataclasses.replace(newest, version=3, op="delete", embedding=())])
-    hits = search(server, vector=list(moved.embedding), k=24).json()["results"]
+    hits = search(server, vector=moved.embedding.tolist(), k=24).json()["results"]
     assert newest.product_id not in {hit["product_id"] for hit in hits}
 
 

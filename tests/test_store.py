@@ -25,7 +25,7 @@ def assert_equals_truth(store: IndexStore, records) -> None:
     truth = last_writer_wins(records)
     assert store.live_products() == live_truth(records)
     live = {pid: r for pid, r in truth.items() if r.op == "upsert"}
-    every_vector = {r.embedding for r in records if r.op == "upsert"}
+    every_vector = {r.embedding.tobytes(): r.embedding for r in records if r.op == "upsert"}.values()
     for vector in every_vector:
         for exact in (True, False):
             hits = store.search(np.array(vector), k=len(truth) + 5, ef_search=64, exact=exact)

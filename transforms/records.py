@@ -5,15 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from model_handlers.backend import ProductVectors
-from schemas import EmbeddingRecord, ProductEvent, utc_now
+from schemas import EmbeddingRecord, ProductEvent, utc_now, vector
 
 __all__ = ["delete_record", "embedding_record"]
 
 _NO_VECTORS = ProductVectors(np.zeros(0), np.zeros(0), np.zeros(0), 0)
-
-
-def _vector(values) -> tuple[float, ...]:
-    return tuple(np.asarray(values, dtype=np.float64).tolist())
 
 
 def embedding_record(event: ProductEvent, vectors: ProductVectors, model_id: str, image_url: str) -> EmbeddingRecord:
@@ -24,9 +20,9 @@ def embedding_record(event: ProductEvent, vectors: ProductVectors, model_id: str
         op=event.op,
         version=event.version,
         event_id=event.event_id,
-        embedding=_vector(vectors.embedding),
-        image_embedding=_vector(vectors.image_embedding),
-        text_embedding=_vector(vectors.text_embedding),
+        embedding=vector(vectors.embedding),
+        image_embedding=vector(vectors.image_embedding),
+        text_embedding=vector(vectors.text_embedding),
         image_count=vectors.image_count,
         title=event.title,
         image_url=image_url,
