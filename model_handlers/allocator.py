@@ -1,9 +1,9 @@
 """Which malloc this process runs on: torch on CPU is about twice as fast on tcmalloc as on glibc's.
 
 glibc serves buffers over its mmap threshold (32 MB at most) with a fresh mapping and unmaps them on
-free, so every forward pass of a batch page-faults its large activations in again: here half of the
-model's CPU time was the kernel zeroing pages (`python -m bench.pipeline` on the packaged backend:
-about 40 images/s on glibc, 77 on tcmalloc). tcmalloc keeps freed memory for reuse. It has to be
+free, so every forward pass of a batch page-faults its large activations in again: here nearly half
+of the model's CPU time was the kernel zeroing pages (`python -m bench.allocator`, the packaged
+backend: 35 images/s on glibc, 89 on tcmalloc). tcmalloc keeps freed memory for reuse. It has to be
 loaded before the interpreter starts (LD_PRELOAD), so the worker image and the Makefile set it, and a
 CPU backend loaded without it says so.
 """
