@@ -27,13 +27,9 @@ MODEL = "packaged:effnet-lite0+minilm"
 
 def child(products: int) -> dict:
     from bench.common import photo_jpeg
-    from bench.pipeline import bare_model
-    from model_handlers.backends import image_preprocess
-    from transforms.decode import decode_image
+    from bench.pipeline import bare_model, studio_products
 
-    spec = image_preprocess(MODEL)
-    decoded = [decode_image(photo_jpeg((800, 600), seed=i), spec) for i in range(16)]
-    batch = [([decoded[n % 16]], f"product {n}\na product photographed in the studio") for n in range(products)]
+    batch = studio_products(MODEL, [photo_jpeg((800, 600), seed=i) for i in range(16)], products)
     before = resource.getrusage(resource.RUSAGE_SELF)
     seconds = bare_model(MODEL, batch)
     after = resource.getrusage(resource.RUSAGE_SELF)
