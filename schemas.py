@@ -158,7 +158,7 @@ class EmbeddingRecord:
     def from_dict(cls, data: Mapping[str, Any]) -> "EmbeddingRecord":
         values = dict(data)
         for name in _VECTORS:
-            values[name] = vector(values.get(name) or ())
+            values[name] = values.get(name) or ()  # __post_init__ makes them float32 arrays
         for name in ("event_time", "embedded_at"):
             values[name] = dt.datetime.fromisoformat(str(values[name]).replace("Z", "+00:00"))
         fields = {f.name for f in dataclasses.fields(cls)}
