@@ -42,6 +42,22 @@ def test_batching_does_not_change_vectors(packaged_backend):
     np.testing.assert_allclose(together, alone, atol=1e-4)
 
 
+@pytest.mark.parametrize("batch", [1, 5])
+def test_the_frozen_image_tower_matches_the_eager_model(packaged_backend, batch):
+    """The CPU graph is traced at batch 2 with batch norm folded in: any batch size, the same features."""
+    from model_handlers.packaged_backend import image_tower
+
+    assert isinstance(packaged_backend.image_tower, torch.jit.ScriptModule)
+    eager = image_tower(torch.device("cpu"), frozen=False)
+    assert not isinstance(eager, torch.jit.ScriptModule)
+    # Normalised pixels as the backend makes them: channels-last strides from the HWC decode.
+    x = torch.from_numpy(pixels(batch, 224, seed=batch)).permute(0, 3, 1, 2).float().div(128.0).sub(1.0)
+    with torch.inference_mode():
+        frozen, expected = packaged_backend.image_tower(x), eager(x)
+    assert frozen.shape == (batch, 1280)
+    torch.testing.assert_close(frozen, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_a_query_lands_in_the_space_of_the_products(packaged_backend):
     query = packaged_backend.embed_query(text="Blue jeans")
     product = packaged_backend.embed_products([([], "Blue jeans")])[0].embedding
@@ -87,6 +103,8 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
 def test_reduced_precision_matches_fp32_within_tolerance(packaged_backend, precision):
     """Autocast on the CPU stands in for the GPU here; the tolerance is the one we state in the README."""
     reduced = load_backend(ModelConfig(device="cpu", precision=precision))
+    # Autocast does not reach into a frozen graph: reduced precision runs the eager tower.
+    assert not isinstance(reduced.image_tower, torch.jit.ScriptModule)
     images = pixels(2, 224, seed=3)
     cosine = (packaged_backend.encode_images(images) * reduced.encode_images(images)).sum(axis=1)
     assert cosine.min() > 0.99
