@@ -53,11 +53,13 @@ def main(argv: list[str] | None = None) -> dict:
         rows = {}
         reference = None
         rng = np.random.default_rng(0)
-        backend = load_backend(ModelConfig(spec=args.model, device=args.device))
-        size = backend.preprocess.crop_size
-        images = rng.integers(0, 256, (args.images, size, size, 3), dtype=np.uint8)
+        images = None
         for precision in ("fp32", "bf16", "fp16"):
-            backend.precision = precision
+            # Loaded per precision, as a job loads it (on the CPU, fp32 runs a frozen graph).
+            backend = load_backend(ModelConfig(spec=args.model, device=args.device, precision=precision))
+            size = backend.preprocess.crop_size
+            if images is None:
+                images = rng.integers(0, 256, (args.images, size, size, 3), dtype=np.uint8)
             backend.encode_images(images[:8])  # warm-up
             started = time.perf_counter()
             vectors = backend.encode_images(images)

@@ -21,8 +21,9 @@ __all__ = ["freeze_for_cpu"]
 def freeze_for_cpu(module: torch.nn.Module, image_size: int) -> torch.jit.ScriptModule:
     """`module` (normalised NCHW float images → features, in eval mode) as a frozen graph.
 
-    The graph is traced at batch 2 and takes any batch size; it runs in fp32 only (autocast
-    does not reach into a frozen graph), so reduced precision keeps the eager module."""
+    The graph is traced at batch 2 and takes any batch size. It is meant for fp32: TorchScript's
+    own autocast pass covers only part of a frozen graph, so reduced precision keeps the eager
+    module, where autocast is torch's supported path."""
     module = module.to(memory_format=torch.channels_last)
     example = torch.zeros(2, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), warnings.catch_warnings():

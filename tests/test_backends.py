@@ -103,7 +103,7 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
 def test_reduced_precision_matches_fp32_within_tolerance(packaged_backend, precision):
     """Autocast on the CPU stands in for the GPU here; the tolerance is the one we state in the README."""
     reduced = load_backend(ModelConfig(device="cpu", precision=precision))
-    # Autocast does not reach into a frozen graph: reduced precision runs the eager tower.
+    # TorchScript's autocast covers a frozen graph only in part: reduced precision runs the eager tower.
     assert not isinstance(reduced.image_tower, torch.jit.ScriptModule)
     images = pixels(2, 224, seed=3)
     cosine = (packaged_backend.encode_images(images) * reduced.encode_images(images)).sum(axis=1)
