@@ -1,10 +1,11 @@
 import io
 import struct
+import warnings
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from model_handlers.backends import image_preprocess
 from model_handlers.packaged_backend import PACKAGED_PREPROCESS
@@ -172,3 +173,19 @@ def test_normalisation_on_device_matches_the_float_reference():
     np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
     with pytest.raises(TypeError):
         normalize_on_device(torch.zeros(1, 8, 8, 3), CLIP_224, torch.device("cpu"))
+
+
+def test_decoding_leaves_the_process_warning_filters_alone(monkeypatch):
+    """`warnings.catch_warnings` swaps the filters of the whole process: with sixteen download
+    threads decoding at once, one thread's exit would drop another's filter, or leave it behind."""
+    seen = []
+    transpose = ImageOps.exif_transpose
+
+    def recording(image, **kwargs):
+        seen.append(list(warnings.filters))
+        return transpose(image, **kwargs)
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", recording)
+    before = list(warnings.filters)
+    decode_image(image_bytes("JPEG"), CLIP_224)
+    assert seen == [before] and warnings.filters == before

@@ -1,6 +1,7 @@
 """Image bytes → the model's uint8 RGB pixels, fast and safe (DESIGN §6).
 
-- The pixel count is read from the header and capped before anything is decoded (bombs).
+- The pixel count is read from the header and capped before anything is decoded (bombs);
+  Pillow's own guard stays the outer bound.
 - JPEGs are decoded at 1/2, 1/4 or 1/8 scale when the target is that much smaller
   (libjpeg's DCT scaling via `Image.draft`): most of the speed-up on large photos.
 - EXIF orientation is applied; every mode (CMYK, palette, alpha, 16-bit, grayscale,
@@ -15,7 +16,6 @@
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 import torch
@@ -37,23 +37,24 @@ class DecodeError(ValueError):
 def decode_image(data: bytes, spec: ImagePreprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Returns a C-contiguous uint8 array of shape (crop, crop, 3)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise DecodeError(f"image is {width}x{height} pixels, over the {max_pixels}-pixel cap")
-            if image.format == "JPEG":
-                # Keeps both sides at least the target (the shorter side is what Resize needs).
-                image.draft("RGB", (spec.resize_size, spec.resize_size))
-            image.load()
-            reduced = image.size != (width, height)
-            ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
-            image = _to_rgb(image)
-            image = _resize_and_crop(image, spec, region_only=reduced)
+        # The cap is checked here, from the header. Pillow's own guard (an error past twice its
+        # MAX_IMAGE_PIXELS) stays the outer bound; it is not turned up with `catch_warnings`,
+        # which swaps the process's warning filters and is not thread-safe.
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise DecodeError(f"image is {width}x{height} pixels, over the {max_pixels}-pixel cap")
+        if image.format == "JPEG":
+            # Keeps both sides at least the target (the shorter side is what Resize needs).
+            image.draft("RGB", (spec.resize_size, spec.resize_size))
+        image.load()
+        reduced = image.size != (width, height)
+        ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
+        image = _to_rgb(image)
+        image = _resize_and_crop(image, spec, region_only=reduced)
     except DecodeError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DecodeError(f"cannot decode image: {type(e).__name__}: {e}") from e
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
