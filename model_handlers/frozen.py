@@ -4,7 +4,7 @@ Freezing folds batch norm into the convolutions and runs the whole forward pass 
 call: no Python and no GIL between its ops, so the download threads' Python can't hold up
 the model. Channels-last is oneDNN's fast layout for convolutions, and decoded pixels (HWC)
 arrive in it without a copy (`normalize_on_device` keeps their strides). EfficientNet-Lite0
-runs about 1.3x as fast as in eager mode (`python -m bench.pipeline`: the bare model's figure).
+runs 1.2-1.3x as fast as in eager mode (the bare model of `python -m bench.pipeline`).
 TorchScript is deprecated in favour of `torch.compile`, but that needs a C++ compiler on every
 worker and minutes of compiling at each start; a frozen graph is built in about a second.
 """
