@@ -21,7 +21,7 @@ import torch
 
 import model_handlers.backend as backend_module
 from bench.common import write_result
-from model_handlers.backends import load_backend
+from model_handlers.backends import image_preprocess, load_backend
 from model_handlers.config import DEFAULT_MODEL, ModelConfig
 
 TOLERANCE = 0.99
@@ -52,14 +52,11 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         rows = {}
         reference = None
-        rng = np.random.default_rng(0)
-        images = None
+        size = image_preprocess(args.model).crop_size
+        images = np.random.default_rng(0).integers(0, 256, (args.images, size, size, 3), dtype=np.uint8)
         for precision in ("fp32", "bf16", "fp16"):
             # Loaded per precision, as a job loads it (on the CPU, fp32 runs a frozen graph).
             backend = load_backend(ModelConfig(spec=args.model, device=args.device, precision=precision))
-            size = backend.preprocess.crop_size
-            if images is None:
-                images = rng.integers(0, 256, (args.images, size, size, 3), dtype=np.uint8)
             backend.encode_images(images[:8])  # warm-up
             started = time.perf_counter()
             vectors = backend.encode_images(images)

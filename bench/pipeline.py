@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
                        "image_urls": [server.url(f"{n % 16}.jpg")]} for n in range(args.products)]
             events_file = work / "events.jsonl"
             events_file.write_text("\n".join(json.dumps(e) for e in events))
+            urls = [event["image_urls"][0] for event in events[:256]]  # what image_work_ms measures
             for model in args.models.split(","):
                 products = studio_products(model, images, args.products)
-                urls = [event["image_urls"][0] for event in events[:256]]
                 # Rounds of bare model, pipeline, bare model: each pipeline run is compared with the
                 # faster bare run beside it, so the machine's drift hits both; the median round counts.
                 bares = [bare_model(model, products)]
