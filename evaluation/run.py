@@ -1,6 +1,6 @@
 """Retrieval quality of the product embeddings: labelled product photos, and labelled search queries.
 
-    python -m evaluation.run --dataset fashion-mnist [--model SPEC] [--limit 2000] [--projection PATH]
+    python -m evaluation.run --dataset fashion-mnist [--model SPEC] [--precision bf16] [--limit 2000] [--projection PATH]
     python -m evaluation.run --qrels FILE (--index_dir DIR | --search_url URL) [--projection PATH] [--k 10]
     make eval
 
@@ -11,6 +11,8 @@ excluded. Backends with one space for images and text (open_clip) also run text-
 retrieval: one prompt per class. Top-tuning (Adevinta paper §3.3): a small MLP trained on frozen
 embeddings of the training split, its penultimate layer the tuned embedding, saved as the
 versioned projection artifact that `--projection` serves in production (or a given one is scored).
+`--precision bf16|fp16` embeds under autocast, as a job with that flag does, and is reported as its
+own row: the check to run before a worker pool moves off fp32.
 Writes bench/results/quality.json, quality.md and quality.png; embeddings are cached.
 
 With `--qrels`, judged queries (evaluation.qrels) are sent to the search service and its rankings
@@ -37,7 +39,7 @@ from evaluation.metrics import evaluate
 from evaluation.qrels import http_searcher, read_judgements, score_search
 from localstack.catalogue import CLASSES, load_fashion_mnist
 from model_handlers.backends import image_preprocess, load_backend
-from model_handlers.config import DEFAULT_MODEL, ModelConfig, ModelSpec
+from model_handlers.config import DEFAULT_MODEL, PRECISIONS, ModelConfig, ModelSpec
 from model_handlers.fusion import l2_normalize
 from model_handlers.projection import Projection, build_head, load_projection, save_projection
 from transforms.decode import decode_image
@@ -53,16 +55,22 @@ def photo_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def embed_split(model: str, split: str, limit: int, cache_dir: Path, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def _variant(precision: str) -> str:
+    """What a precision adds to a run's names and keys: nothing for fp32, so earlier results stay valid."""
+    return "" if precision == "fp32" else f" @{precision}"
+
+
+def embed_split(model: str, split: str, limit: int, cache_dir: Path, batch: int = 64,
+                precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
     """(image embeddings, labels) of the first `limit` photos of a split, cached on disk."""
-    key = hashlib.sha256(f"{model}|{split}|{limit}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{model}|{split}|{limit}{_variant(precision)}".encode()).hexdigest()[:16]
     path = cache_dir / f"{split}-{limit}-{key}.npz"
     if path.exists():
         cached = np.load(path)
         return cached["vectors"], cached["labels"]
     images, labels = load_fashion_mnist(split)
     images, labels = images[:limit], labels[:limit]
-    backend = load_backend(ModelConfig(spec=model))
+    backend = load_backend(ModelConfig(spec=model, precision=precision))
     spec = image_preprocess(model)
     vectors = []
     for start in tqdm(range(0, len(images), batch), desc=f"embedding {split}", unit="batch"):
@@ -175,7 +183,8 @@ def head_artifact(args, train: np.ndarray, train_labels: np.ndarray) -> Path:
     if args.projection:
         return Path(args.projection)
     head = top_tune(train, train_labels)
-    path = Path(args.head_dir) / f"{args.model.replace(':', '_').replace('/', '_')}-fashion-mnist-v{args.head_version}.pt"
+    precision = "" if args.precision == "fp32" else f"-{args.precision}"
+    path = Path(args.head_dir) / f"{args.model.replace(':', '_').replace('/', '_')}{precision}-fashion-mnist-v{args.head_version}.pt"
     save_projection(path, head.embed, model=args.model, name="fashion-mnist", version=args.head_version,
                     trained_on=f"fashion-mnist train[:{args.train_limit}]")
     return path
@@ -193,9 +202,9 @@ def evaluate_dataset(args) -> dict:
     if args.projection:
         _check_head(load_projection(args.projection), args.model)
     cache = Path(args.cache_dir)
-    test, test_labels = embed_split(args.model, "t10k", args.limit, cache)
+    test, test_labels = embed_split(args.model, "t10k", args.limit, cache, precision=args.precision)
     train, train_labels = (np.zeros((0, test.shape[1]), np.float32), None) if args.projection else \
-        embed_split(args.model, "train", args.train_limit, cache)
+        embed_split(args.model, "train", args.train_limit, cache, precision=args.precision)
     head_path = head_artifact(args, train, train_labels)
     projection = load_projection(str(head_path))
     _check_head(projection, args.model)
@@ -204,9 +213,9 @@ def evaluate_dataset(args) -> dict:
     result = {"pretrained": pretrained["exact"], "top_tuned": top_tuned["exact"],
               "hnsw": {"pretrained": pretrained["hnsw"], "top_tuned": top_tuned["hnsw"]},
               "queries": int(len(test)), "train": int(len(train)), "head": str(head_path),
-              "tuned_model_id": projection.model_id}
+              "tuned_model_id": projection.model_id, "precision": args.precision}
     if ModelSpec.parse(args.model).backend == "open_clip":  # one space for images and text
-        prompts = load_backend(ModelConfig(spec=args.model)).encode_texts(class_prompts())
+        prompts = load_backend(ModelConfig(spec=args.model, precision=args.precision)).encode_texts(class_prompts())
         result["text_to_image"] = {
             "pretrained": text_to_image_metrics(test, test_labels, prompts, k=5)["exact"],
             "top_tuned": text_to_image_metrics(tuned, test_labels, projection(prompts), k=5)["exact"],
@@ -215,7 +224,8 @@ def evaluate_dataset(args) -> dict:
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / "quality.json"
     existing = json.loads(path.read_text()) if path.exists() else {}
-    existing[args.model] = result
+    run_name = args.model + _variant(args.precision)
+    existing[run_name] = result
     path.write_text(json.dumps(existing, indent=2) + "\n")
     table = quality_table(existing)
     (results_dir / "quality.md").write_text(table + "\n")
@@ -223,7 +233,7 @@ def evaluate_dataset(args) -> dict:
     print(table)
     print(f"({len(test)} test queries, exact search; HNSW figures in quality.json; "
           f"{time.perf_counter() - started:.0f}s; head {head_path}, served as {projection.model_id})")
-    return {args.model: result}
+    return {run_name: result}
 
 
 def quality_table(results: dict) -> str:
@@ -276,6 +286,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--projection", default="",
                         help="a saved head to evaluate instead of training one (dataset), or the head the "
                              "index's vectors went through (--index_dir)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="embed under autocast at this precision (as the pipeline's --precision); "
+                             "reported as its own row, e.g. 'MODEL @bf16'")
     parser.add_argument("--limit", type=int, default=2000, help="test photos (queries and index)")
     parser.add_argument("--train_limit", type=int, default=6000, help="training photos for top-tuning")
     parser.add_argument("--head_version", type=int, default=1, help="version of the head this run saves")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from evaluation import run as evaluation_run
@@ -65,3 +66,18 @@ def test_a_projection_trained_on_another_model_is_refused(evaluated, tmp_path):
 def test_index_dir_without_judgements_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit):
         evaluation_run.main(["--index_dir", str(tmp_path)])
+
+
+def test_reduced_precision_is_embedded_under_autocast_and_reported_as_its_own_row(evaluated):
+    tmp_path, argv, fp32 = evaluated
+    bf16 = evaluation_run.main(argv + ["--precision", "bf16"])[f"{TINY_CLIP} @bf16"]
+    assert bf16["precision"] == "bf16" and fp32["precision"] == "fp32"
+    assert bf16["head"] != fp32["head"] and "-bf16-" in bf16["head"]
+    written = json.loads((tmp_path / "results" / "quality.json").read_text())
+    assert {TINY_CLIP, f"{TINY_CLIP} @bf16"} <= set(written)
+    # Its own cached embeddings: close to fp32's, but not fp32's.
+    cache = tmp_path / "cache"
+    full, _ = evaluation_run.embed_split(TINY_CLIP, "t10k", 60, cache)
+    reduced, _ = evaluation_run.embed_split(TINY_CLIP, "t10k", 60, cache, precision="bf16")
+    cosines = (full * reduced).sum(axis=1) / np.linalg.norm(full, axis=1) / np.linalg.norm(reduced, axis=1)
+    assert not np.array_equal(full, reduced) and cosines.min() > 0.98
