@@ -165,12 +165,14 @@ def test_the_decoder_uses_the_backends_geometry():
 def test_normalisation_on_device_matches_the_float_reference():
     import torch
 
-    pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    out = normalize_on_device(torch.from_numpy(pixels), CLIP_224, torch.device("cpu"))
-    expected = (pixels.transpose(0, 3, 1, 2) / 255.0 - np.array(CLIP_224.mean)[:, None, None]) / np.array(
-        CLIP_224.std)[:, None, None]
-    assert out.shape == (2, 3, 8, 8)
-    np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
+    for height, width in ((6, 8), (8, 6), (5, 5)):  # the constants are laid out along a row
+        pixels = np.random.default_rng(width).integers(0, 256, (2, height, width, 3), dtype=np.uint8)
+        out = normalize_on_device(torch.from_numpy(pixels), CLIP_224, torch.device("cpu"))
+        expected = (pixels.transpose(0, 3, 1, 2) / 255.0 - np.array(CLIP_224.mean)[:, None, None]) / np.array(
+            CLIP_224.std)[:, None, None]
+        assert out.shape == (2, 3, height, width) and out.dtype == torch.float32
+        assert out.is_contiguous(memory_format=torch.channels_last)  # the frozen tower's layout, no copy
+        np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
     with pytest.raises(TypeError):
         normalize_on_device(torch.zeros(1, 8, 8, 3), CLIP_224, torch.device("cpu"))
 
