@@ -116,18 +116,27 @@ class EmbeddingBackend(abc.ABC):
         return self._project(vectors) if self.shared_space else vectors
 
     def embed_products(self, products: Sequence[tuple[Sequence[np.ndarray], str]]) -> list[ProductVectors]:
-        """Each product is (uint8 images, text); all images and texts of the batch share forward passes."""
-        images = [image for product_images, _ in products for image in product_images]
-        image_vectors = self.encode_images(np.stack(images)) if images else np.zeros((0, self.image_dim), np.float32)
-        texts = [text for _, text in products if text]
-        text_vectors = iter(self.encode_texts(texts))
-        results, offset = [], 0
-        for product_images, text in products:
-            own = image_vectors[offset:offset + len(product_images)]
-            offset += len(product_images)
-            text_vector = next(text_vectors) if text else None
-            results.append(self._vectors(own, text_vector))
-        return results
+        """Each product is (uint8 images, text); all images and texts of the batch share forward
+        passes, and the batch is fused as arrays, not product by product."""
+        counts = np.array([len(product_images) for product_images, _ in products])
+        has_image = counts > 0
+        has_text = np.array([bool(text) for _, text in products])
+        image_means = np.zeros((len(products), self.image_dim), np.float32)
+        if has_image.any():
+            vectors = self.encode_images(np.stack([image for product_images, _ in products for image in product_images]))
+            # Each product's images are consecutive rows: sum them per product, then average.
+            sums = np.add.reduceat(vectors, (np.cumsum(counts) - counts)[has_image], axis=0)
+            image_means[has_image] = l2_normalize(sums / counts[has_image, None])
+        text_vectors = np.zeros((len(products), self.text_dim), np.float32)
+        if has_text.any():
+            text_vectors[has_text] = self.encode_texts([text for _, text in products if text])
+        fused = fuse(image_means, text_vectors, shared_space=self.shared_space, image_weight=self.image_weight)
+        empty = np.zeros(0, np.float32)
+        return [ProductVectors(embedding=fused[i],
+                               image_embedding=image_means[i] if has_image[i] else empty,
+                               text_embedding=text_vectors[i] if has_text[i] else empty,
+                               image_count=int(counts[i]))
+                for i in range(len(products))]
 
     def embed_query(self, text: str | None = None, image: np.ndarray | None = None) -> np.ndarray:
         """A text or image query as a vector of the index space."""
@@ -135,20 +144,3 @@ class EmbeddingBackend(abc.ABC):
             raise ValueError("a query needs text or an image")
         images = [image] if image is not None else []
         return self.embed_products([(images, text or "")])[0].embedding
-
-    def _vectors(self, image_vectors: np.ndarray, text_vector: np.ndarray | None) -> ProductVectors:
-        image_mean = l2_normalize(image_vectors.mean(axis=0)) if len(image_vectors) else np.zeros(0, np.float32)
-        embedding = fuse(
-            image_mean,
-            text_vector,
-            shared_space=self.shared_space,
-            image_dim=self.image_dim,
-            text_dim=self.text_dim,
-            image_weight=self.image_weight,
-        )
-        return ProductVectors(
-            embedding=embedding,
-            image_embedding=image_mean,
-            text_embedding=text_vector if text_vector is not None else np.zeros(0, np.float32),
-            image_count=len(image_vectors),
-        )

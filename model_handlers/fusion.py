@@ -21,34 +21,21 @@ def l2_normalize(vectors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return vectors / np.maximum(norms, eps)
 
 
-def fuse(
-    image_vector: np.ndarray | None,
-    text_vector: np.ndarray | None,
-    *,
-    shared_space: bool,
-    image_dim: int,
-    text_dim: int,
-    image_weight: float = 0.5,
-) -> np.ndarray:
-    """Returns the unit-length product vector; raises ValueError when there is nothing to fuse.
+def fuse(image_vectors: np.ndarray, text_vectors: np.ndarray, *, shared_space: bool,
+         image_weight: float = 0.5) -> np.ndarray:
+    """Rows of products → unit product vectors, one per row, in a few array operations.
 
-    `image_vector` is the product's image tower vector (the mean of its images' vectors).
+    Row i of `image_vectors` is product i's image tower vector (the mean of its images' vectors),
+    of `text_vectors` its text vector; a part the product lacks is a row of zeros. Raises
+    ValueError when a row has neither.
     """
-    has_image = image_vector is not None and len(image_vector) > 0
-    has_text = text_vector is not None and len(text_vector) > 0
-    if not (has_image or has_text):
-        raise ValueError("a product needs an image or a text vector to be embedded")
     if not 0.0 < image_weight < 1.0:
         raise ValueError("image_weight must be strictly between 0 and 1")
-    image = l2_normalize(image_vector) if has_image else None
-    text = l2_normalize(text_vector) if has_text else None
-    if shared_space:
-        if image is not None and text is not None:
-            fused = image_weight * image + (1.0 - image_weight) * text
-        else:
-            fused = image if image is not None else text
-    else:
-        image_part = image * image_weight if image is not None else np.zeros(image_dim, np.float32)
-        text_part = text * (1.0 - image_weight) if text is not None else np.zeros(text_dim, np.float32)
-        fused = np.concatenate([image_part, text_part])
+    has_image, has_text = image_vectors.any(axis=1), text_vectors.any(axis=1)
+    if not (has_image | has_text).all():
+        raise ValueError("a product needs an image or a text vector to be embedded")
+    # A zero row stays zero through l2_normalize, so a missing part drops out of either form.
+    image = l2_normalize(image_vectors) * image_weight
+    text = l2_normalize(text_vectors) * (1.0 - image_weight)
+    fused = image + text if shared_space else np.concatenate([image, text], axis=1)
     return l2_normalize(fused).astype(np.float32)

@@ -42,6 +42,24 @@ def test_batching_does_not_change_vectors(packaged_backend):
     np.testing.assert_allclose(together, alone, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["packaged_backend", "tiny_clip"])
+def test_a_batch_of_mixed_products_fuses_each_as_if_alone(request, name):
+    """Images of consecutive products share one forward pass and are averaged per product."""
+    backend = request.getfixturevalue(name)
+    images = pixels(6, backend.preprocess.crop_size, seed=3)
+    products = [(list(images[:2]), "Red linen shirt"), ([], "Blue jeans"), ([images[2]], ""),
+                (list(images[3:]), "Leather ankle boots")]
+    together = backend.embed_products(products)
+    assert [v.image_count for v in together] == [2, 0, 1, 3]
+    for product, batched in zip(products, together):
+        alone = backend.embed_products([product])[0]
+        for part in ("embedding", "image_embedding", "text_embedding"):
+            np.testing.assert_allclose(getattr(batched, part), getattr(alone, part), atol=1e-4)
+    mean = backend.encode_images(images[3:]).mean(axis=0)
+    np.testing.assert_allclose(together[3].image_embedding, mean / np.linalg.norm(mean), atol=1e-4)
+    assert together[2].text_embedding.shape == (0,) and together[1].image_embedding.shape == (0,)
+
+
 @pytest.mark.parametrize("batch", [1, 5])
 def test_the_frozen_image_tower_matches_the_eager_model(packaged_backend, batch):
     """The CPU graph is traced at batch 2 with batch norm folded in: any batch size, the same features."""
