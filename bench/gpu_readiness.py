@@ -1,13 +1,14 @@
 """GPU readiness: what the model path sends to the device, and reduced precision against fp32.
 
-    python -m bench.gpu_readiness [--device auto|cpu|cuda] [--images 64]
+    python -m bench.gpu_readiness [--device auto|cpu|cuda] [--images 64] [--rounds 5]
 
 Checks, on whatever device runs it (this machine has no GPU; `--device cuda` runs the same on one):
 - pixels stay uint8 until the device: every batch reaching `normalize_on_device` is uint8, a
   quarter of the bytes a float32 batch would copy;
 - on cuda the host batch is pinned and copied non-blocking (recorded from the copy itself);
-- fp16 and bf16 under autocast: images/s against fp32 (the baseline) and the smallest cosine
-  similarity of their vectors to fp32's (tolerance: >= 0.99).
+- fp16 and bf16 under autocast: images/s against fp32 (the baseline; the precisions are timed in
+  turn, the best of the rounds counts, so drift and each first batch's set-up hit none of them
+  alone) and the smallest cosine similarity of their vectors to fp32's (tolerance: >= 0.99).
 Writes bench/results/gpu_readiness.json.
 """
 
