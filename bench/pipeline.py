@@ -104,9 +104,10 @@ def pipeline(model: str, events_file: Path, out: Path) -> tuple[float, float, fl
     # The first batch's records are stamped when it ends; every later record is one batch cycle on.
     window = (stamps[-1] - stamps[0]).total_seconds()
     steady = (len(stamps) - BATCH) / window
+    batch_s = batches.sum / 1e6 / batches.count
     # Every batch but the first runs inside the window; batches are all of the same size.
-    busy = batches.sum / 1e6 * (batches.count - 1) / batches.count / window
-    return wall - load, load, steady, busy, batches.sum / 1e6 / batches.count
+    busy = batch_s * (batches.count - 1) / window
+    return wall - load, load, steady, busy, batch_s
 
 
 def main(argv: list[str] | None = None) -> dict:

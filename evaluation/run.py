@@ -55,9 +55,10 @@ def photo_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _variant(precision: str) -> str:
-    """What a precision adds to a run's names and keys: nothing for fp32, so earlier results stay valid."""
-    return "" if precision == "fp32" else f" @{precision}"
+def _variant(precision: str, mark: str = " @") -> str:
+    """What a precision adds to a run's names, keys and files: nothing for fp32, so earlier results
+    stay valid."""
+    return "" if precision == "fp32" else f"{mark}{precision}"
 
 
 def embed_split(model: str, split: str, limit: int, cache_dir: Path, batch: int = 64,
@@ -183,8 +184,8 @@ def head_artifact(args, train: np.ndarray, train_labels: np.ndarray) -> Path:
     if args.projection:
         return Path(args.projection)
     head = top_tune(train, train_labels)
-    precision = "" if args.precision == "fp32" else f"-{args.precision}"
-    path = Path(args.head_dir) / f"{args.model.replace(':', '_').replace('/', '_')}{precision}-fashion-mnist-v{args.head_version}.pt"
+    path = Path(args.head_dir) / (f"{args.model.replace(':', '_').replace('/', '_')}{_variant(args.precision, '-')}"
+                                  f"-fashion-mnist-v{args.head_version}.pt")
     save_projection(path, head.embed, model=args.model, name="fashion-mnist", version=args.head_version,
                     trained_on=f"fashion-mnist train[:{args.train_limit}]")
     return path
