@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 
 from model_handlers.config import DEVICES, PRECISIONS
-from pipelines.index import IndexOptions
-from pipelines.options import SUBSCRIPTION_PATTERN, TABLE_PATTERN, TOPIC_PATTERN, EmbedOptions, SharedOptions
+from pipelines.options import (SUBSCRIPTION_PATTERN, TABLE_PATTERN, TOPIC_PATTERN, EmbedOptions, IndexOptions,
+                               SharedOptions)
 from transforms.bigquery import WRITE_METHODS
 
 __all__ = ["TEMPLATES", "metadata", "main"]

@@ -280,10 +280,12 @@ def evaluate_judgements(args) -> dict:
     return {"metrics": metrics, "run": scored["run"]}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist"])
-    parser.add_argument("--model", help=f"model spec (default: {DEFAULT_MODEL}; with --index_dir, the index's)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m evaluation.run", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist"],
+                        help="the labelled photos retrieval is measured on")
+    parser.add_argument("--model", help=f"model spec (none: {DEFAULT_MODEL}; with --index_dir, the index's)")
     parser.add_argument("--projection", default="",
                         help="a saved head to evaluate instead of training one (dataset), or the head the "
                              "index's vectors went through (--index_dir)")
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=2000, help="test photos (queries and index)")
     parser.add_argument("--train_limit", type=int, default=6000, help="training photos for top-tuning")
     parser.add_argument("--head_version", type=int, default=1, help="version of the head this run saves")
-    parser.add_argument("--cache_dir", default="out/eval-cache")
+    parser.add_argument("--cache_dir", default="out/eval-cache", help="where embeddings are cached between runs")
     parser.add_argument("--head_dir", default="out/eval-heads", help="where the top-tuned head is saved")
     parser.add_argument("--results_dir", default=str(RESULTS), help="where the results (.json/.md/.png) go")
     judged = parser.add_argument_group("labelled search evaluation")
@@ -301,7 +303,12 @@ def main(argv: list[str] | None = None) -> dict:
     judged.add_argument("--index_dir", help="serve this index (as search.server does) and score it")
     judged.add_argument("--search_url", help="score a running search service, e.g. http://127.0.0.1:8080")
     judged.add_argument("--k", type=int, default=10, help="cut-off of the @k metrics")
-    judged.add_argument("--ef_search", type=int, help="HNSW breadth per query (default: the service's)")
+    judged.add_argument("--ef_search", type=int, help="HNSW breadth per query (none: the service's)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.qrels:
         return evaluate_judgements(args)

@@ -216,10 +216,14 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
         warmed = len(records.messages)
         say(f"warm-up:    model loaded, first record out; publishing at {rate:g} events/s ...")
 
-        started = time.monotonic()
+        started = told = time.monotonic()
         lines = [json.dumps(p.event).encode() for p in catalogue]
         every = max(1, len(lines) // (len(broken) + 1))
         for n, message in enumerate(lines):
+            if time.monotonic() - told >= 10:  # a line every 10 s, so a long publish is never silent
+                told = time.monotonic()
+                say(f"            {n} of {len(lines)} events published, {len(records.messages) - warmed} records "
+                    f"out, {len(letters.messages)} dead letters")
             publisher.publish(ps.topic("product-events"), message, event_id=catalogue[n].event["event_id"])
             if n % every == 0 and broken:
                 publisher.publish(ps.topic("product-events"), broken.pop(0), event_id=f"broken-{n}")
@@ -332,14 +336,19 @@ def print_report(report: DemoReport, say=print) -> None:
             f"python -m search.server --index_dir <out>/index")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", default="out/demo")
-    parser.add_argument("--products", type=int, default=300)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m localstack.demo", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output_dir", default="out/demo", help="where records, dead letters and the index go")
+    parser.add_argument("--products", type=int, default=300, help="Fashion-MNIST products to publish")
     parser.add_argument("--rate", type=float, default=5.0, help="events per second")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the model spec both pipelines and search use")
     parser.add_argument("--serve", action="store_true", help="keep the search page up until Ctrl-C")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     # Ctrl-C and `kill` both unwind the ExitStack, which stops everything the demo started
     # (SIGINT is ignored by default in background jobs, so set it explicitly).

@@ -10,7 +10,7 @@ from model_handlers.config import ModelConfig, ModelSpec
 from model_handlers.preprocess import ImagePreprocess
 from model_handlers.projection import load_projection
 
-__all__ = ["embedding_dim", "image_preprocess", "load_backend"]
+__all__ = ["check_model", "embedding_dim", "image_preprocess", "load_backend"]
 
 _log = logging.getLogger(__name__)
 
@@ -38,6 +38,19 @@ def embedding_dim(spec: str | ModelSpec, projection: str = "") -> int:
     from model_handlers.open_clip_backend import open_clip_embed_dim
 
     return image_dim or open_clip_embed_dim(spec)
+
+
+def check_model(spec: str, projection: str = "", check_remote: bool = True) -> None:
+    """ValueError naming what is wrong, unless `spec` (and its head) can be loaded: run at launch, so
+    a typo fails in a second on the launcher instead of in `setup()` on every worker."""
+    parsed = ModelSpec.parse(spec)
+    if parsed.backend == "open_clip":
+        from model_handlers.open_clip_backend import check_open_clip_weights
+
+        check_open_clip_weights(parsed, check_remote)
+    embedding_dim(parsed, projection)
+    if projection:
+        load_projection(projection).check_model(spec)
 
 
 def load_backend(config: ModelConfig) -> EmbeddingBackend:

@@ -21,7 +21,7 @@ from model_handlers.backend import EmbeddingBackend
 from model_handlers.config import ModelSpec
 from model_handlers.preprocess import ImagePreprocess
 
-__all__ = ["OpenClipBackend", "open_clip_embed_dim", "open_clip_preprocess"]
+__all__ = ["OpenClipBackend", "check_open_clip_weights", "open_clip_embed_dim", "open_clip_preprocess"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 _registered = False
@@ -83,6 +83,27 @@ def _preprocess_from_cfg(cfg: dict) -> ImagePreprocess:
         resize_mode=cfg["resize_mode"],
         interpolation=cfg["interpolation"],
     )
+
+
+def check_open_clip_weights(spec: ModelSpec, check_remote: bool = True) -> None:
+    """ValueError unless the spec's weights can be had: a known tag, or a checkpoint that exists
+    (a remote one only with `check_remote`, since that needs the object store)."""
+    open_clip_preprocess(spec)  # a known architecture and, for a tag, a known tag
+    if not spec.pretrained or not _is_checkpoint_path(spec.pretrained):
+        return
+    path = spec.pretrained
+    if "://" not in path:
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise ValueError(f"checkpoint {path} does not exist or is not a readable file")
+    elif check_remote:
+        from apache_beam.io.filesystems import FileSystems
+
+        try:
+            found = FileSystems.exists(path)
+        except Exception as e:  # each filesystem raises its own errors: all mean "cannot check"
+            raise ValueError(f"cannot reach checkpoint {path}: {e}") from e
+        if not found:
+            raise ValueError(f"checkpoint {path} does not exist")
 
 
 def _local_checkpoint(path: str) -> str:

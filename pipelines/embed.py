@@ -14,19 +14,19 @@ images that failed for a product that was still embedded are dead-lettered as we
 
 from __future__ import annotations
 
-import logging
 from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.coders import BytesCoder
-from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.options import EmbedJobConfig
+from model_handlers.config import DEFAULT_MODEL
+from pipelines.cli import configure_logging, launch, parse_options
+from pipelines.options import EmbedJobConfig, EmbedOptions, SharedOptions
 from schemas import DeadLetter, EmbeddingRecord
 from transforms.bigquery import WriteToBigQueryTable
 from transforms.embedding import EmbedProducts
 from transforms.events import ParseEvents
+from transforms.progress import CountOutcomes, describe_outcomes, read_outcomes
 from transforms.pubsub import PublishDeadLetters, PublishRecords, ReadEventMessages
 from transforms.sinks import WriteJsonLines
 
@@ -66,29 +66,27 @@ def build_pipeline(p: beam.Pipeline, config: EmbedJobConfig) -> EmbedOutputs:
     if config.bigquery_dead_letter_table:
         _ = dead_letters | "DeadLettersToBigQuery" >> WriteToBigQueryTable(
             config.bigquery_dead_letter_table, DeadLetter, config.bigquery_write_method, "failed_at")
+    _ = records | "CountRecords" >> CountOutcomes("records")
+    _ = dead_letters | "CountDeadLetters" >> CountOutcomes("dead_letters")
     return EmbedOutputs(records, dead_letters)
 
 
-def summarize(result) -> dict[str, int]:
-    """The pipeline's counters (namespace `embed`), for the CLI's closing line."""
-    counters = result.metrics().query(MetricsFilter().with_namespace("embed"))["counters"]
-    totals: dict[str, int] = {}
-    for counter in counters:
-        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + counter.committed
-    return totals
+def summarize(result, config: EmbedJobConfig) -> str:
+    """The closing line: what came out, and where it went."""
+    where = [f"{config.output_dir.rstrip('/')}/{{embeddings,dead_letter}}/"] if config.output_dir else []
+    where += [name for name in (config.output_topic, config.bigquery_table) if name]
+    return describe_outcomes(read_outcomes(result)) + (f"; written to {', '.join(where)}" if where else "")
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None):
-    options = PipelineOptions(argv)
+    options = parse_options(argv, "python -m pipelines.embed", __doc__.strip().splitlines()[0],
+                            (SharedOptions, EmbedOptions), defaults={"model": DEFAULT_MODEL})
     config = EmbedJobConfig.from_options(options)
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(pipeline, config)
-    result = pipeline.run()
-    result.wait_until_finish()  # a streaming job runs until it is cancelled
-    logging.info("embed pipeline finished: %s", summarize(result))
-    return result
+    return launch(pipeline, options, "embed", lambda result: summarize(result, config))
 
 
 if __name__ == "__main__":
-    logging.getLogger().setLevel(logging.INFO)
+    configure_logging()
     run()

@@ -1,8 +1,10 @@
 """Command-line options of the pipelines, parsed once into frozen, validated configs.
 
 Beam's `PipelineOptions` carries the flags (so Dataflow and Flex Templates see them);
-`EmbedJobConfig.from_options` turns them into the typed objects the transforms take and
-rejects bad combinations at launch, not on a worker.
+`EmbedJobConfig.from_options` and `IndexJobConfig.from_options` turn them into the typed
+objects the transforms take and reject bad combinations at launch, not on a worker: the model
+spec and head, names of topics and tables, and (unless it is a dry run) that the input exists
+and Pub/Sub answers.
 """
 
 from __future__ import annotations
@@ -11,15 +13,19 @@ import dataclasses
 import os
 import re
 
-from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, StandardOptions, TestOptions
 
+from model_handlers.backends import check_model, embedding_dim
+from model_handlers.projection import model_id
 from model_handlers.config import DEFAULT_MODEL, DEVICES, PRECISIONS, ModelConfig
+from pipelines.preflight import PreflightError, check_pubsub
+from search.store import HnswParams, StoreSettings
 from transforms.decode import DEFAULT_MAX_PIXELS
 from transforms.download import FetchConfig
 from transforms.bigquery import EMULATOR_ENV, WRITE_METHODS
 from transforms.images import ImageOptions
 
-__all__ = ["EmbedJobConfig", "EmbedOptions", "SharedOptions"]
+__all__ = ["EmbedJobConfig", "EmbedOptions", "IndexJobConfig", "IndexOptions", "LaunchOptions", "SharedOptions"]
 
 
 def _flag(value: str) -> bool:
@@ -37,15 +43,27 @@ class SharedOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--model", default=DEFAULT_MODEL,
-                            help="open_clip:ARCH[/PRETRAINED] or packaged:effnet-lite0+minilm (default).")
+        parser.add_argument("--model",
+                            help="open_clip:ARCH[/PRETRAINED] (a tag, or a checkpoint path local or gs://) or "
+                                 "packaged:effnet-lite0+minilm. The index pipeline, without it, takes the model its "
+                                 "records (or index.json) name.")
         parser.add_argument("--projection",
                             help="A top-tuned head (evaluation.run writes one; local or gs://): records carry "
-                                 "tuned vectors under a model id that names it. Default: none.")
+                                 "tuned vectors under a model id that names it.")
         parser.add_argument("--input_subscription",
                             help="projects/P/subscriptions/S to read (streaming): product events for the embed "
                                  "pipeline, embedding records for the index pipeline.")
         parser.add_argument("--dead_letter_topic", help="projects/P/topics/T for dead letters (streaming).")
+
+
+class LaunchOptions(PipelineOptions):
+    """How the command line waits for a job (pipelines.cli)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--wait", type=_flag, nargs="?", const=True, default=False,
+                            help="On a remote runner (Dataflow), wait for the job to finish instead of "
+                                 "returning once it is submitted. Local runs always wait.")
 
 
 class EmbedOptions(PipelineOptions):
@@ -59,13 +77,13 @@ class EmbedOptions(PipelineOptions):
         stream.add_argument("--output_topic", help="projects/P/topics/T for embedding records (JSON + attributes).")
         stream.add_argument("--timestamp_attribute",
                             help="Message attribute holding the event time (ms since epoch or RFC 3339); "
-                                 "default: the publish time.")
+                                 "none: the publish time.")
         stream.add_argument("--id_label",
                             help="Message attribute Dataflow deduplicates on (e.g. event_id). Dataflow only: "
                                  "the DirectRunner cannot deduplicate.")
         stream.add_argument("--max_batch_duration_secs", type=float, default=0.0,
                             help="> 0 turns on stateful batching across bundles: fuller batches on bursty "
-                                 "topics, at up to this much added latency. Default: in-bundle batching.")
+                                 "topics, at up to this much added latency; 0: in-bundle batching.")
 
         bq = parser.add_argument_group("BigQuery (both modes)")
         bq.add_argument("--bigquery_table", help="P:DATASET.TABLE for embedding records (created if needed).")
@@ -101,6 +119,25 @@ class EmbedOptions(PipelineOptions):
                             help="Retries on 5xx and timeouts, with exponential backoff.")
 
 
+class IndexOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        # --model, --projection, --input_subscription and --dead_letter_topic come from SharedOptions.
+        parser.add_argument("--index_dir", help="Directory of the index (one store per shard): a local path, or "
+                                                "gs://... (any filesystem Beam knows), mirrored from local stores.")
+        parser.add_argument("--cache_dir", help="With a remote --index_dir: where this worker keeps the shards' "
+                                                "local stores (none: a directory under the system temp dir).")
+        parser.add_argument("--input_dir", help="Directory of JSON-lines records (batch), e.g. out/embeddings.")
+        parser.add_argument("--dead_letter_dir", help="Where refused records go in batch mode (JSON lines).")
+        parser.add_argument("--num_shards", type=int,
+                            help="Stores the index is split into (none: index.json's count, or 1 for a new index).")
+        parser.add_argument("--commit_batch_size", type=int, default=1000,
+                            help="Records per commit at most (a shard's records of a bundle are one commit).")
+        parser.add_argument("--hnsw_m", type=int, default=16, help="HNSW graph degree (FAISS M) of new segments.")
+        parser.add_argument("--hnsw_ef_construction", type=int, default=512,
+                            help="HNSW build breadth (efConstruction) of new segments.")
+
+
 LOCAL_RUNNERS = ("DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner", "FnApiRunner", "PrismRunner")
 # Resource names as Pub/Sub and BigQuery define them; the Flex Template metadata uses the same patterns.
 TOPIC_PATTERN = r"^projects/[a-z][-a-z0-9]{4,61}[a-z0-9]/topics/[A-Za-z][-\w.~+%]{2,254}$"
@@ -126,12 +163,13 @@ class EmbedJobConfig:
     bigquery_write_method: str = "STREAMING_INSERTS"
 
     @classmethod
-    def from_options(cls, options: PipelineOptions) -> "EmbedJobConfig":
+    def from_options(cls, options: PipelineOptions, preflight: bool = True) -> "EmbedJobConfig":
+        """`preflight`: also ask whether the input exists and Pub/Sub answers (never on a dry run)."""
         o = options.view_as(EmbedOptions)
         shared = options.view_as(SharedOptions)
         try:
             model = ModelConfig(
-                spec=shared.model,
+                spec=shared.model or DEFAULT_MODEL,
                 device=o.device,
                 precision=o.precision,
                 min_batch_size=o.min_batch_size,
@@ -142,7 +180,7 @@ class EmbedJobConfig:
                 max_batch_duration_secs=o.max_batch_duration_secs,
                 projection=shared.projection or "",
             )
-            model.model_id  # reads and checks the head at launch, not on a worker
+            check_model(model.spec, model.projection, check_remote=not options.view_as(TestOptions).dry_run)
             fetch = FetchConfig(
                 connect_timeout_s=min(5.0, o.download_timeout_secs),
                 read_timeout_s=o.download_timeout_secs,
@@ -175,7 +213,19 @@ class EmbedJobConfig:
             bigquery_write_method=_write_method(o.bigquery_write_method, runner),
         )
         config.validate(runner)
+        if preflight and not options.view_as(TestOptions).dry_run:
+            config.preflight()
         return config
+
+    def preflight(self) -> None:
+        """What can only be checked by asking: the input exists, Pub/Sub answers (a few seconds)."""
+        try:
+            if self.input_file:
+                check_input_matches(self.input_file)
+            if self.streaming:
+                check_pubsub(self.input_subscription, (self.output_topic, self.dead_letter_topic))
+        except PreflightError as e:
+            raise SystemExit(f"cannot start: {e}") from e
 
     def validate(self, runner: str = "DirectRunner") -> None:
         """Rejects combinations that would only fail later, on a worker."""
@@ -209,6 +259,98 @@ class EmbedJobConfig:
                 problems.append(f"--{flag} {value!r} is not a valid name")
         if problems:
             raise SystemExit("invalid options: " + "; ".join(problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexJobConfig:
+    """The index job. `model` and `dim` are None/0 until known: from `--model`, else from the
+    index's `index.json`, else from the first record the job receives (see UpdateIndex)."""
+
+    index_dir: str
+    num_shards: int
+    settings: StoreSettings
+    model: str | None = None
+    dim: int = 0
+    streaming: bool = False
+    input_dir: str | None = None
+    input_subscription: str | None = None
+    dead_letter_dir: str | None = None
+    dead_letter_topic: str | None = None
+    commit_batch_size: int = 1000
+    cache_dir: str | None = None
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions, preflight: bool = True) -> "IndexJobConfig":
+        """`preflight`: also ask whether the input exists and Pub/Sub answers (never on a dry run)."""
+        o = options.view_as(IndexOptions)
+        shared = options.view_as(SharedOptions)
+        streaming = bool(options.view_as(StandardOptions).streaming)
+        dry_run = bool(options.view_as(TestOptions).dry_run)
+        problems = []
+        if not o.index_dir:
+            problems.append("--index_dir is required")
+        if streaming and not shared.input_subscription:
+            problems.append("--input_subscription is required with --streaming")
+        if not streaming and not o.input_dir:
+            problems.append("--input_dir is required (or pass --streaming with --input_subscription)")
+        if (o.num_shards is not None and o.num_shards < 1) or o.commit_batch_size < 1:
+            problems.append("--num_shards and --commit_batch_size must be >= 1")
+        if shared.projection and not shared.model:
+            problems.append("--projection needs --model (the model the head was trained on)")
+        model, dim = None, 0
+        if shared.model:
+            try:
+                check_model(shared.model, shared.projection or "", check_remote=not dry_run)
+                model = model_id(shared.model, shared.projection or "")
+                dim = embedding_dim(shared.model, shared.projection or "")
+            except ValueError as e:
+                problems.append(str(e))
+        if problems:
+            raise SystemExit("invalid options: " + "; ".join(problems))
+        # An existing index decides what --model and --num_shards leave open (reading a remote
+        # one needs the object store, which a dry run does not reach).
+        layout = None if dry_run else _existing_layout(o.index_dir)
+        if layout and model is None:
+            model, dim = layout["model"], layout["dim"]
+        num_shards = o.num_shards or (layout or {}).get("num_shards", 1)
+        config = cls(index_dir=o.index_dir, num_shards=num_shards,
+                     settings=StoreSettings(hnsw=HnswParams(o.hnsw_m, o.hnsw_ef_construction)), model=model, dim=dim,
+                     streaming=streaming, input_dir=o.input_dir, input_subscription=shared.input_subscription,
+                     dead_letter_dir=o.dead_letter_dir, dead_letter_topic=shared.dead_letter_topic,
+                     commit_batch_size=o.commit_batch_size, cache_dir=o.cache_dir)
+        if preflight and not dry_run:
+            config.preflight()
+        return config
+
+    def preflight(self) -> None:
+        try:
+            if self.input_dir:
+                check_input_matches(f"{self.input_dir.rstrip('/')}/*.jsonl")
+            if self.streaming:
+                check_pubsub(self.input_subscription, (self.dead_letter_topic,))
+        except PreflightError as e:
+            raise SystemExit(f"cannot start: {e}") from e
+
+
+def _existing_layout(index_dir: str) -> dict | None:
+    from search.sharded import ShardedIndex
+
+    try:
+        return ShardedIndex.layout(index_dir)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"cannot start: cannot read {index_dir}/index.json: {e}") from e
+
+
+def check_input_matches(pattern: str) -> None:
+    """PreflightError unless the glob matches at least one file (Beam would raise deep in the graph)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        matched = FileSystems.match([pattern])[0].metadata_list
+    except Exception as e:  # each filesystem raises its own errors: all mean "cannot list"
+        raise PreflightError(f"cannot list --input_file {pattern}: {e}") from e
+    if not matched:
+        raise PreflightError(f"--input_file {pattern} matches no files")
 
 
 def _write_method(requested: str, runner: str) -> str:

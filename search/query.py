@@ -2,7 +2,8 @@
 
 The same backend and fusion as the embed pipeline (DESIGN §8): a text query is a product with
 only a title, an image query a product with only that image. Query images are fetched through
-the same guarded downloader and decoder as product images.
+the same guarded downloader and decoder as product images. An index of vectors from a model this
+product does not run (a team's own embedder, `acme:custom-64`) is served for vector queries only.
 """
 
 from __future__ import annotations
@@ -10,11 +11,20 @@ from __future__ import annotations
 import numpy as np
 
 from model_handlers.backends import load_backend
-from model_handlers.config import ModelConfig
+from model_handlers.config import ModelConfig, ModelSpec
 from transforms.decode import decode_image
 from transforms.download import FetchConfig, ImageFetcher
 
-__all__ = ["QueryEmbedder", "QueryError"]
+__all__ = ["QueryEmbedder", "QueryError", "runs_here"]
+
+
+def runs_here(spec: str) -> bool:
+    """Whether a backend of this product serves the model spec `spec`."""
+    try:
+        ModelSpec.parse(spec)
+    except ValueError:
+        return False
+    return True
 
 
 class QueryError(ValueError):
@@ -24,18 +34,34 @@ class QueryError(ValueError):
 class QueryEmbedder:
     def __init__(self, model: str, dim: int, device: str = "auto", fetch: FetchConfig = FetchConfig(),
                  projection: str = ""):
-        self.backend = load_backend(ModelConfig(spec=model, device=device, projection=projection))
-        if self.backend.embedding_dim != dim:
+        """Loads `model`'s backend, or none when no backend of this product serves it (vector queries only)."""
+        self.model = model
+        self.backend = load_backend(ModelConfig(spec=model, device=device, projection=projection)) \
+            if runs_here(model) else None
+        if self.backend is not None and self.backend.embedding_dim != dim:
             raise ValueError(f"{model} makes {self.backend.embedding_dim}-d vectors, the index holds {dim}-d")
         self.dim = dim
         self._fetcher = ImageFetcher(fetch)
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The query kinds this embedder answers."""
+        return ("text", "image_url", "vector") if self.backend is not None else ("vector",)
+
+    def _require_backend(self, kind: str):
+        if self.backend is None:
+            raise QueryError(f"{kind} queries need the index's model, {self.model}, which this service cannot "
+                             f"run (no backend of this product serves it): send a vector query instead")
+        return self.backend
+
     def text(self, text: str) -> np.ndarray:
+        backend = self._require_backend("text")
         if not text.strip():
             raise QueryError("text is empty")
-        return self.backend.embed_query(text=text)
+        return backend.embed_query(text=text)
 
     def image_url(self, url: str) -> np.ndarray:
+        self._require_backend("image_url")
         try:
             pixels = decode_image(self._fetcher.fetch(url), self.backend.preprocess)
         except (OSError, ValueError) as e:

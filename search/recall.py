@@ -87,14 +87,19 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--index_dir", required=True)
-    parser.add_argument("--k", type=int, default=100)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m search.recall", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--index_dir", required=True, help="the index to measure (a local path)")
+    parser.add_argument("--k", type=int, default=100, help="recall@k: results compared per query")
     parser.add_argument("--ef_search", default="100,500,2000", help="comma-separated efSearch values")
-    parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--output", default=None, help="JSON path (default: INDEX_DIR/recall.json); PNG beside it")
-    args = parser.parse_args(argv)
+    parser.add_argument("--queries", type=int, default=200, help="queries, drawn from the index's live vectors")
+    parser.add_argument("--output", default=None, help="JSON path (none: INDEX_DIR/recall.json); PNG beside it")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     index = ShardedIndex.open(args.index_dir)
     report = measure_recall(index, args.k, [int(x) for x in args.ef_search.split(",")], args.queries)
     output = Path(args.output or Path(args.index_dir) / "recall.json")

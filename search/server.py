@@ -2,15 +2,19 @@
 
     python -m search.server --index_dir index/ --port 8080 [--model SPEC]
 
-Built on FastAPI (validation, error responses) served by uvicorn, with prometheus_client for
-metrics. It embeds text and image queries with the index's own model, asks every shard for k
-results and merges, and picks up new commits without a restart (it refreshes its view of the
-index at most every `refresh_secs`). It never imports Beam.
+Built on FastAPI (validation, the OpenAPI document at /docs) served by uvicorn, with
+prometheus_client for metrics. It embeds text and image queries with the index's own model, asks
+every shard for k results and merges, and picks up new commits without a restart (it refreshes
+its view of the index at most every `refresh_secs`). The request body is JSON whatever its
+Content-Type says (`curl -d` sends a form type); every error is `{"error": "..."}`. It never
+imports Beam.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import socket
 import threading
 import time
 from pathlib import Path
@@ -20,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException
 
 from model_handlers.projection import model_id, split_model_id
 from search.mirror import is_remote
@@ -28,8 +33,10 @@ from search.sharded import ShardedIndex
 from search.store import IndexMismatch
 from transforms.download import FetchConfig
 
-__all__ = ["DEFAULT_EF_SEARCH", "SearchRequest", "create_app", "main", "open_service"]
+__all__ = ["DEFAULT_EF_SEARCH", "SearchRequest", "SearchResponse", "build_parser", "create_app", "main",
+           "open_service"]
 
+_log = logging.getLogger("search.server")
 DEFAULT_EF_SEARCH = 256
 PAGE = (Path(__file__).resolve().parent / "static" / "index.html").read_text(encoding="utf-8")
 
@@ -37,12 +44,12 @@ PAGE = (Path(__file__).resolve().parent / "static" / "index.html").read_text(enc
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: str | None = Field(None, max_length=10_000)
-    vector: list[float] | None = None
-    image_url: str | None = Field(None, max_length=4096)
+    text: str | None = Field(None, max_length=10_000, description="a text query (needs the index's model)")
+    vector: list[float] | None = Field(None, description="a query vector of the index's dimension")
+    image_url: str | None = Field(None, max_length=4096, description="an image to search by (needs the model)")
     k: int = Field(10, ge=1, le=1000, description="results wanted (the page size)")
     ef_search: int = Field(DEFAULT_EF_SEARCH, ge=1, le=20_000, description="HNSW search breadth, independent of k")
-    shop_id: str | None = Field(None, max_length=256)
+    shop_id: str | None = Field(None, max_length=256, description="only this shop's products")
 
     @model_validator(mode="after")
     def one_query(self):
@@ -52,8 +59,54 @@ class SearchRequest(BaseModel):
         return self
 
 
+class SearchHit(BaseModel):
+    product_id: str
+    shop_id: str
+    score: float = Field(description="cosine similarity to the query")
+    version: int
+    title: str
+    image_url: str
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHit]
+    took_ms: float
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+    dim: int
+    live_docs: int
+    generation: int
+    num_shards: int
+    queries: list[str] = Field(description="the query kinds this service answers")
+
+
+class _JsonBody:
+    """ASGI middleware: a POST body is JSON, whatever Content-Type the client sent (or none)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
+        await self.app(scope, receive, send)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
 def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float = 0.2) -> FastAPI:
     app = FastAPI(title="product search", docs_url="/docs")
+    app.add_middleware(_JsonBody)
     registry = CollectorRegistry()
     requests_total = Counter("search_requests_total", "Search requests by outcome", ["outcome"], registry=registry)
     latency = Histogram("search_latency_seconds", "Search request latency, query embedding included",
@@ -76,9 +129,14 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
     async def bad_request(_request: Request, error: RequestValidationError):
         requests_total.labels("bad_request").inc()
         messages = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in error.errors()]
-        return JSONResponse({"error": "; ".join(messages)}, status_code=400)
+        return _error(400, "; ".join(messages))
 
-    @app.post("/v1/search")
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, error: HTTPException):
+        return _error(error.status_code, str(error.detail))
+
+    @app.post("/v1/search", response_model=SearchResponse,
+              responses={400: {"model": ErrorResponse, "description": "a bad request; `error` says why"}})
     def search(request: SearchRequest):
         started = time.perf_counter()
         kind = "text" if request.text is not None else "vector" if request.vector is not None else "image"
@@ -93,20 +151,20 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
             hits = index.search(vector, k=request.k, ef_search=request.ef_search, shop_id=request.shop_id)
         except (QueryError, IndexMismatch) as e:
             requests_total.labels("bad_request").inc()
-            return JSONResponse({"error": str(e)}, status_code=400)
+            return _error(400, str(e))
         took = time.perf_counter() - started
         latency.labels(kind).observe(took)
         requests_total.labels("ok").inc()
         return {"results": [hit.__dict__ for hit in hits], "took_ms": round(took * 1000, 3)}
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health)
     def healthz():
         refresh()
         stats = index.stats()
         return {"status": "ok", "model": index.model, "dim": index.dim, "live_docs": stats["live_docs"],
-                "generation": stats["generation"], "num_shards": index.num_shards}
+                "generation": stats["generation"], "num_shards": index.num_shards, "queries": list(embedder.kinds)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     def metrics():
         refresh()
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -115,7 +173,26 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
     def page():
         return PAGE
 
+    _document_errors_as_sent(app)
     return app
+
+
+def _document_errors_as_sent(app: FastAPI) -> None:
+    """FastAPI documents a 422 with its own error shape; this service answers 400 `{"error"}` instead."""
+    build = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def open_service(index_dir: str, model: str | None = None, projection: str = "", device: str = "auto",
@@ -132,30 +209,69 @@ def open_service(index_dir: str, model: str | None = None, projection: str = "",
     return index, QueryEmbedder(spec, index.dim, device, fetch, projection=projection)
 
 
-def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
-    parser = argparse.ArgumentParser(description="Serve product search over an index directory.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m search.server", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--index_dir", required=True, help="A local path, or gs://... (replicated locally).")
-    parser.add_argument("--cache_dir", help="Where a remote index is replicated (default: a new temporary dir).")
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--model", help="Query model spec; must be the index's (default: the index's model).")
+    parser.add_argument("--cache_dir", help="Where a remote index is replicated (none: a new temporary dir).")
+    parser.add_argument("--port", type=int, default=8080, help="Port to serve on (0: any free port).")
+    parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0: every interface).")
+    parser.add_argument("--model", help="Query model spec; must be the index's (none: the index's model).")
     parser.add_argument("--projection", default="",
                         help="The top-tuned head the index's vectors went through; required when the index "
                              "holds tuned vectors (its model id says which head).")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="Where the query model runs.")
     parser.add_argument("--allow_private_hosts", action="store_true",
                         help="Allow image-URL queries on loopback (local runs and tests).")
+    return parser
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a busy port fails in a moment, not after it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    sock.listen(2048)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        sock = _listen(args.host, args.port)
+    except OSError as e:
+        parser.exit(1, f"search.server: {e}\n")
     try:
         index, embedder = open_service(args.index_dir, args.model, args.projection, args.device,
                                        FetchConfig(allow_private_hosts=args.allow_private_hosts), args.cache_dir)
     except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+        sock.close()
+        parser.exit(1, f"search.server: {e}\n")
     # A remote index is polled for new commits (an object listing per shard) less often.
     refresh_secs = 1.0 if is_remote(args.index_dir) else 0.2
-    uvicorn.run(create_app(index, embedder, refresh_secs), host=args.host, port=args.port, log_level="warning")
+    host, port = sock.getsockname()[:2]
+    stats = index.stats()
+    queries = "" if embedder.backend is not None else "; vector queries only: this service cannot run the model"
+    ready = (f"search page: http://{host}:{port}/ ({stats['live_docs']} products, {index.num_shards} shards, "
+             f"model {index.model}{queries})")
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                _log.info(ready)
+
+    config = uvicorn.Config(create_app(index, embedder, refresh_secs), log_level="warning")
+    Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from transforms.download import FetchConfig
 from transforms.embedding import EmbedProducts
 from transforms.events import ParseEvents
 from transforms.images import ImageOptions
+from transforms.progress import read_outcomes
 
 FAST_FETCH = FetchConfig(allow_private_hosts=True, connect_timeout_s=1, read_timeout_s=0.5, total_timeout_s=3,
                          retries=1, backoff_s=0.01, max_bytes=2_000_000, max_concurrent_downloads=8)
@@ -214,10 +215,12 @@ def test_the_cli_runs_the_batch_pipeline(tmp_path, catalogue):
     assert [r["event_id"] for r in read_jsonl(str(tmp_path / "out/embeddings/*.jsonl"))] == ["e1"]
     assert [d["stage"] for d in read_jsonl(str(tmp_path / "out/dead_letter/*.jsonl"))] == ["parse"]
     # Counters per stage and outcome, distributions for download time and batch size.
-    counters = embed.summarize(result)
-    assert (counters["parse_ok"], counters["parse_failed"], counters["images_ok"], counters["records_ok"]) == (1, 1, 2, 1)
     from apache_beam.metrics.metric import MetricsFilter
 
+    counters = {c.key.metric.name: c.committed
+                for c in result.metrics().query(MetricsFilter().with_namespace("embed"))["counters"]}
+    assert (counters["parse_ok"], counters["parse_failed"], counters["images_ok"], counters["records_ok"]) == (1, 1, 2, 1)
+    assert read_outcomes(result) == {"records": 1, "dead_letters_parse": 1}
     distributions = {d.key.metric.name: d.committed
                      for d in result.metrics().query(MetricsFilter().with_namespace("embed"))["distributions"]}
     assert distributions["download_ms"].count == 2 and distributions["batch_size"].sum == 1

@@ -8,6 +8,7 @@ import json
 import apache_beam as beam
 import numpy as np
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -54,8 +55,8 @@ def test_files_mode_builds_a_sharded_index_equal_to_last_writer_wins(tmp_path):
 
 
 def test_records_of_another_model_are_dead_letters_not_index_entries(tmp_path):
-    config = index.IndexJobConfig.from_options(index.PipelineOptions(
-        ["--input_dir", "unused", "--index_dir", str(tmp_path / "index"), "--model", TINY_CLIP]))
+    config = index.IndexJobConfig.from_options(PipelineOptions(
+        ["--input_dir", "unused", "--index_dir", str(tmp_path / "index"), "--model", TINY_CLIP]), preflight=False)
     records = [tiny("a", 1), record("b", 1, dim=DIM, model="open_clip:tiny-clip-test/other-weights.pt"),
                tiny("c", 1, seed=5)]
     with TestPipeline(runner="FnApiRunner") as p:

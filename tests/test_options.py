@@ -11,7 +11,7 @@ STREAM = ["--streaming", "--input_subscription", "projects/test-project/subscrip
 
 
 def config(argv):
-    return EmbedJobConfig.from_options(PipelineOptions(argv))
+    return EmbedJobConfig.from_options(PipelineOptions(argv), preflight=False)
 
 
 def test_streaming_options_parse_into_the_config(monkeypatch):

@@ -91,13 +91,14 @@ def test_a_projected_backend_serves_tuned_image_and_text_vectors(head, tiny_clip
 
 def test_the_embed_pipeline_checks_the_head_at_launch(head, tmp_path):
     base = ["--input_file", "in.jsonl", "--output_dir", "out", "--model", TINY_CLIP]
-    job = EmbedJobConfig.from_options(PipelineOptions(base + ["--projection", head]))
+    job = EmbedJobConfig.from_options(PipelineOptions(base + ["--projection", head]), preflight=False)
     assert job.model.model_id == load_projection(head).model_id
     with pytest.raises(SystemExit, match="cannot read projection"):
-        EmbedJobConfig.from_options(PipelineOptions(base + ["--projection", str(tmp_path / "missing.pt")]))
+        EmbedJobConfig.from_options(PipelineOptions(base + ["--projection", str(tmp_path / "missing.pt")]),
+                                    preflight=False)
     with pytest.raises(SystemExit, match="trained on open_clip:tiny-clip-test"):
         EmbedJobConfig.from_options(PipelineOptions(["--input_file", "in.jsonl", "--output_dir", "out",
-                                                     "--projection", head]))
+                                                     "--projection", head]), preflight=False)
 
 
 def test_tuned_records_get_their_own_model_id_and_the_index_never_mixes_them(head, tmp_path, image_server):

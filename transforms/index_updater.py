@@ -23,7 +23,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import DeadLetter, EmbeddingRecord, Stage
 from search.sharded import ShardedIndex, shard_of
-from search.store import IndexStore, StoreSettings
+from search.store import IndexMismatch, IndexStore, StoreSettings
 
 __all__ = ["UpdateIndex", "parse_record"]
 
@@ -60,7 +60,7 @@ def _compact_in_background(store: IndexStore) -> None:
 
 
 class _CommitFn(beam.DoFn):
-    def __init__(self, index_dir: str, model: str, dim: int, num_shards: int, batch_size: int,
+    def __init__(self, index_dir: str, model: str | None, dim: int, num_shards: int, batch_size: int,
                  settings: StoreSettings, background_compaction: bool, cache_dir: str | None):
         self._index_dir = index_dir
         self._cache_dir = cache_dir
@@ -75,7 +75,21 @@ class _CommitFn(beam.DoFn):
         self._batch_sizes = Metrics.distribution("index", "batch_size")
 
     def setup(self):
-        ShardedIndex.ensure_layout(self._index_dir, self._num_shards, self._model, self._dim)
+        self._layout: tuple[str, int] | None = None
+        if self._model is not None:
+            self._layout = self._settle_layout(self._model, self._dim)
+
+    def _settle_layout(self, model: str, dim: int) -> tuple[str, int]:
+        """The index's (model, dim): as configured, or as the first record proposes when the index is
+        new; when another worker's first record got there first, the index's (then this record is refused)."""
+        try:
+            ShardedIndex.ensure_layout(self._index_dir, self._num_shards, model, dim)
+        except IndexMismatch:
+            layout = ShardedIndex.layout(self._index_dir)
+            if self._model is not None or layout is None or layout["num_shards"] != self._num_shards:
+                raise
+            model, dim = layout["model"], layout["dim"]
+        return model, dim
 
     def start_bundle(self):
         self._pending: dict[int, list[EmbeddingRecord]] = {}
@@ -98,8 +112,10 @@ class _CommitFn(beam.DoFn):
         self._pending = {}
 
     def _commit(self, shard: int, records: list[EmbeddingRecord]):
-        store, lock = _ShardWriters.get(self._index_dir, shard, self._model, self._dim, self._settings,
-                                        self._cache_dir)
+        if self._layout is None:
+            self._layout = self._settle_layout(records[0].model, int(records[0].embedding.size))
+        model, dim = self._layout
+        store, lock = _ShardWriters.get(self._index_dir, shard, model, dim, self._settings, self._cache_dir)
         started = time.perf_counter()
         with lock:
             result = store.apply(records)
@@ -129,10 +145,11 @@ class UpdateIndex(beam.PTransform):
 
     DEAD_LETTER = "dead_letter"
 
-    def __init__(self, index_dir: str, model: str, dim: int, num_shards: int = 1, batch_size: int = 1000,
+    def __init__(self, index_dir: str, model: str | None, dim: int, num_shards: int = 1, batch_size: int = 1000,
                  settings: StoreSettings = StoreSettings(), background_compaction: bool = True,
                  cache_dir: str | None = None):
-        """`index_dir` local or remote (gs://); for a remote one, `cache_dir` holds the local stores."""
+        """`index_dir` local or remote (gs://); for a remote one, `cache_dir` holds the local stores.
+        `model` None: the index's model, or for a new index the first record's (and its dimension)."""
         super().__init__()
         self._fn = _CommitFn(index_dir, model, dim, num_shards, batch_size, settings, background_compaction,
                              cache_dir)

@@ -1,0 +1,138 @@
+"""What both pipelines' command lines share: help, flag checks, logging, launch and summary.
+
+Beam's `PipelineOptions` parses flags leniently (an unknown or mistyped flag is only warned
+about, and `--help` lists nothing); a user launching a job needs the opposite. `parse_options`
+prints this project's options with their defaults on `--help` and refuses a flag that is one
+typo away from a known one. `launch` runs the pipeline the way the runner wants: a local batch
+job is waited for and summarised; a remote job is submitted, its id printed, and the terminal
+handed back (`--wait` waits); a Dataflow `--dry_run` prints what it would submit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import os
+import sys
+import time
+from typing import Callable, Sequence
+
+from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions, StandardOptions,
+                                                  TestOptions, _BeamArgumentParser)
+from apache_beam.runners.runner import PipelineResult
+
+from pipelines.options import LOCAL_RUNNERS, LaunchOptions
+
+__all__ = ["configure_logging", "is_dry_run", "launch", "parse_options"]
+
+_log = logging.getLogger(__name__)
+BEAM_OPTIONS_URL = "https://cloud.google.com/dataflow/docs/reference/pipeline-options"
+
+
+def _help_parser(prog: str, description: str, option_classes: Sequence[type[PipelineOptions]],
+                 defaults: dict) -> argparse.ArgumentParser:
+    parser = _BeamArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=f"Beam's and Dataflow's own options (--project, --region, --temp_location, --job_name, "
+               f"--sdk_container_image, --max_num_workers, ...) are accepted too: {BEAM_OPTIONS_URL}")
+    for cls in (*option_classes, LaunchOptions):
+        cls._add_argparse_args(parser)
+    parser.set_defaults(**defaults)
+    beam = parser.add_argument_group("Beam")
+    beam.add_argument("--runner", default="DirectRunner",
+                      help="DataflowRunner to launch on Dataflow; DirectRunner or BundleBasedDirectRunner locally.")
+    beam.add_argument("--streaming", action="store_true", help="Run as a streaming job (Pub/Sub in and out).")
+    return parser
+
+
+def _all_options_parser() -> argparse.ArgumentParser:
+    """A parser of every flag any registered options class (ours and Beam's) declares, as Beam builds it."""
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)
+    return parser
+
+
+def parse_options(argv: Sequence[str] | None, prog: str, description: str,
+                  option_classes: Sequence[type[PipelineOptions]], defaults: dict | None = None) -> PipelineOptions:
+    """`PipelineOptions` of `argv`, after `--help` and the flag check (both exit like argparse).
+    `defaults`: this pipeline's own defaults of shared options, as its config applies them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        _help_parser(prog, description, option_classes, defaults or {}).print_help()
+        raise SystemExit(0)
+    parser = _all_options_parser()
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    _, unknown = parser.parse_known_args(argv)
+    for flag in (arg.split("=", 1)[0] for arg in unknown if arg.startswith("--")):
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.8)
+        if close:
+            raise SystemExit(f"{prog}: unknown option {flag}: did you mean {close[0]}? (see --help)")
+        # A flag like no known one may be a runner's own: Beam passes those on, with a warning.
+        _log.warning("%s is not an option of this project or of Beam; passing it on to the runner", flag)
+    return PipelineOptions(argv)
+
+
+def configure_logging() -> None:
+    """INFO for the job's own lines; Beam's type-hint chatter and libraries' progress bars off."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.INFO)
+    for noisy in ("apache_beam.typehints", "apache_beam.runners.portability.fn_api_runner.translations",
+                  "apache_beam.io.filebasedsink", "apache_beam.io.iobase", "apache_beam.transforms.util",
+                  "apache_beam.runners.worker.statecache"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def is_dry_run(options: PipelineOptions) -> bool:
+    return bool(options.view_as(TestOptions).dry_run)
+
+
+def is_remote(options: PipelineOptions) -> bool:
+    return (options.view_as(StandardOptions).runner or "DirectRunner") not in LOCAL_RUNNERS
+
+
+def launch(pipeline, options: PipelineOptions, name: str, summary: Callable[[PipelineResult], str]) -> PipelineResult:
+    """Runs `pipeline` as its runner wants (see the module docstring) and prints one closing line."""
+    started = time.monotonic()
+    result = pipeline.run()
+    if is_dry_run(options):
+        print(f"{name}: dry run, nothing submitted: {_describe_job(result, options)}", flush=True)
+        return result
+    if is_remote(options) and not options.view_as(LaunchOptions).wait:
+        print(f"{name}: submitted {_describe_job(result, options)}; it runs until it ends or is cancelled "
+              f"(--wait to wait here)", flush=True)
+        return result
+    result.wait_until_finish()  # a local streaming job runs until it is cancelled
+    print(f"{name}: {result.state} in {time.monotonic() - started:.1f} s: {summary(result)}", flush=True)
+    return result
+
+
+def _describe_job(result: PipelineResult, options: PipelineOptions) -> str:
+    cloud = options.view_as(GoogleCloudOptions)
+    runner = options.view_as(StandardOptions).runner
+    job = getattr(result, "job", None)
+    proto = getattr(job, "proto", None)
+    parts = [f"{runner} job {getattr(proto, 'name', '') or cloud.job_name or '(unnamed)'}"]
+    if cloud.project:
+        parts.append(f"project {cloud.project}, region {cloud.region or '(default)'}")
+    if proto is not None and proto.steps:
+        parts.append(f"{len(proto.steps)} steps")
+    elif job is not None and getattr(job, "proto_pipeline", None) is not None:
+        parts.append(f"{len(job.proto_pipeline.components.transforms)} transforms")
+    job_id = _job_id(result)
+    if job_id:
+        parts.append(f"id {job_id}")
+        if cloud.project and cloud.region:
+            parts.append(f"console https://console.cloud.google.com/dataflow/jobs/{cloud.region}/{job_id}"
+                         f"?project={cloud.project}")
+    return ", ".join(parts)
+
+
+def _job_id(result: PipelineResult) -> str:
+    try:
+        return result.job_id() or ""
+    except (AttributeError, NotImplementedError):
+        return ""
