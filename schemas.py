@@ -22,6 +22,7 @@ __all__ = [
     "ProductEvent",
     "Stage",
     "MAX_IMAGE_URLS",
+    "MAX_MODEL_TEXT_CHARS",
     "MAX_PAYLOAD_CHARS",
     "OPS",
     "format_timestamp",
@@ -34,6 +35,10 @@ MAX_ID_CHARS = 256
 # Dead letters keep the original message, truncated so that one poison message can't
 # blow up a BigQuery row or a Pub/Sub message.
 MAX_PAYLOAD_CHARS = 64 * 1024
+# The most of a product's text (title and description) the model reads: well past what its
+# tokenizer keeps (MiniLM's 256 word pieces, CLIP's 77 tokens), so a 1 MB description costs
+# nothing and still embeds; the record's `text_chars` says how much was read.
+MAX_MODEL_TEXT_CHARS = 10_000
 
 
 class Stage:
@@ -79,8 +84,9 @@ class ProductEvent:
 
     @property
     def text(self) -> str:
-        """What the text tower reads: title and description, as a shopper would see them."""
-        return "\n".join(part for part in (self.title, self.description) if part)
+        """What the text tower reads: title and description, as a shopper would see them, up to
+        MAX_MODEL_TEXT_CHARS characters."""
+        return "\n".join(part for part in (self.title, self.description) if part)[:MAX_MODEL_TEXT_CHARS]
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -118,6 +124,8 @@ class EmbeddingRecord:
     model: str
     event_time: dt.datetime
     embedded_at: dt.datetime
+    # Characters of title and description the model read (at most MAX_MODEL_TEXT_CHARS).
+    text_chars: int = 0
 
     def __post_init__(self) -> None:
         for name in _VECTORS:
@@ -190,6 +198,12 @@ class DeadLetter:
     def __post_init__(self) -> None:
         if self.stage not in Stage.ALL:
             raise ValueError(f"unknown dead-letter stage {self.stage!r}")
+        # The last resort must always be writable: a lone surrogate (JSON allows `"\ud800"`) is
+        # kept as its escape, never left to fail a UTF-8 writer.
+        for field in ("error_type", "error", "payload", "event_id", "product_id", "image_url"):
+            value = getattr(self, field)
+            if not value.isascii():
+                object.__setattr__(self, field, value.encode("utf-8", "backslashreplace").decode("utf-8"))
         if len(self.payload) > MAX_PAYLOAD_CHARS:
             object.__setattr__(self, "payload", self.payload[:MAX_PAYLOAD_CHARS])
         if len(self.error) > 2000:

@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 
 from search.segment import Segment, SegmentInfo
-from search.store import CommitDelta
+from search.store import MARKER, CommitDelta
 
 __all__ = ["ShardReplica", "exists", "has_snapshot", "is_remote", "local_generation", "pull", "read_text", "restore", "write_text"]
 
@@ -156,6 +156,8 @@ def restore(remote_dir: str, local_dir: Path) -> int:
     if not snapshots:
         raise FileNotFoundError(f"no index shard at {remote_dir} (no snapshot)")
     local_dir.mkdir(parents=True, exist_ok=True)
+    # The remote is the truth now: a local commit marker from before would read as lost commits.
+    (local_dir / MARKER).unlink(missing_ok=True)
     state = local_dir / "state.sqlite"
     if not state.exists():
         _download(snapshots[max(snapshots)], state)

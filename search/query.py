@@ -41,6 +41,7 @@ class QueryEmbedder:
         if self.backend is not None and self.backend.embedding_dim != dim:
             raise ValueError(f"{model} makes {self.backend.embedding_dim}-d vectors, the index holds {dim}-d")
         self.dim = dim
+        self.fetch_timeout_s = fetch.total_timeout_s
         self._fetcher = ImageFetcher(fetch)
 
     @property
@@ -60,10 +61,11 @@ class QueryEmbedder:
             raise QueryError("text is empty")
         return backend.embed_query(text=text)
 
-    def image_url(self, url: str) -> np.ndarray:
+    def image_url(self, url: str, deadline: float | None = None) -> np.ndarray:
+        """`deadline`: a `time.monotonic()` instant the download must end by."""
         self._require_backend("image_url")
         try:
-            pixels = decode_image(self._fetcher.fetch(url), self.backend.preprocess)
+            pixels = decode_image(self._fetcher.fetch(url, deadline), self.backend.preprocess)
         except (OSError, ValueError) as e:
             raise QueryError(f"cannot use image {url[:200]}: {e}") from e
         return self.backend.embed_query(image=pixels)
@@ -74,4 +76,7 @@ class QueryEmbedder:
             raise QueryError(f"vector has {vector.size} values, the index holds {self.dim}-d vectors")
         if not np.all(np.isfinite(vector)) or not np.any(vector):
             raise QueryError("vector must be finite and not all zero")
-        return vector / np.linalg.norm(vector)
+        # In float64: the float32 norm of tiny values ([1e-45] * d) underflows to 0 and of huge
+        # ones overflows; any direction that float32 can hold is a valid query.
+        wide = vector.astype(np.float64)
+        return (wide / np.linalg.norm(wide)).astype(np.float32)

@@ -19,12 +19,15 @@ import threading
 import time
 from pathlib import Path
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from model_handlers.projection import model_id, split_model_id
 from search.mirror import is_remote
@@ -38,6 +41,9 @@ __all__ = ["DEFAULT_EF_SEARCH", "SearchRequest", "SearchResponse", "build_parser
 
 _log = logging.getLogger("search.server")
 DEFAULT_EF_SEARCH = 256
+MAX_BODY_BYTES = 1024 * 1024  # a 20,000-d vector as JSON is ~0.5 MB; anything larger is refused unread
+IMAGE_QUERY_SLOTS = 8  # image queries fetching at once; the rest wait without holding a thread
+HEADER_TIMEOUT_SECS = 10.0
 PAGE = (Path(__file__).resolve().parent / "static" / "index.html").read_text(encoding="utf-8")
 
 
@@ -47,8 +53,9 @@ class SearchRequest(BaseModel):
     text: str | None = Field(None, max_length=10_000, description="a text query (needs the index's model)")
     vector: list[float] | None = Field(None, description="a query vector of the index's dimension")
     image_url: str | None = Field(None, max_length=4096, description="an image to search by (needs the model)")
-    k: int = Field(10, ge=1, le=1000, description="results wanted (the page size)")
-    ef_search: int = Field(DEFAULT_EF_SEARCH, ge=1, le=20_000, description="HNSW search breadth, independent of k")
+    k: int = Field(10, ge=1, le=1000, strict=True, description="results wanted (the page size)")
+    ef_search: int = Field(DEFAULT_EF_SEARCH, ge=1, le=20_000, strict=True,
+                           description="HNSW search breadth, independent of k")
     shop_id: str | None = Field(None, max_length=256, description="only this shop's products")
 
     @model_validator(mode="after")
@@ -78,42 +85,104 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(description="ok, or degraded: a shard's newest generation failed to load")
     model: str
     dim: int
     live_docs: int
-    generation: int
+    generation: int = Field(description="the generation served (summed over shards)")
     num_shards: int
     queries: list[str] = Field(description="the query kinds this service answers")
+    errors: dict[str, str] = Field({}, description="shard → why its newest generation is not served")
 
 
 class _JsonBody:
-    """ASGI middleware: a POST body is JSON, whatever Content-Type the client sent (or none)."""
+    """ASGI middleware: a POST body is JSON, whatever Content-Type the client sent (or none), and
+    at most `limit` bytes: a larger one is answered 413 before it is read or parsed."""
 
-    def __init__(self, app):
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
         self.app = app
+        self.limit = limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST":
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await _error(413, f"the body is over {self.limit} bytes")(scope, receive, send)
+            return
+        body, more = b"", True
+        while more:  # a chunked body is counted as it comes
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await _error(413, f"the body is over {self.limit} bytes")(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+        scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
+        await self.app(scope, replay, send)
+
+
+class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol, closing a connection whose first request's headers have not all
+    arrived within `header_timeout` seconds (uvicorn itself waits for ever: idle sockets pile up)."""
+
+    header_timeout = HEADER_TIMEOUT_SECS
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _headers_too_slow(self):
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.close()
+
+    def on_headers_complete(self):
+        self._header_timer.cancel()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc):
+        self._header_timer.cancel()
+        super().connection_lost(exc)
+
+
+class ImageQueriesBusy(RuntimeError):
+    """An image query could not get a fetch slot and finish within its deadline: a 503."""
 
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float = 0.2) -> FastAPI:
+def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float = 0.2,
+               image_timeout_secs: float | None = None, image_slots: int = IMAGE_QUERY_SLOTS) -> FastAPI:
+    """`image_timeout_secs`: the most an image query may take, waiting for a slot included (default:
+    the embedder's download deadline)."""
     app = FastAPI(title="product search", docs_url="/docs")
     app.add_middleware(_JsonBody)
+    image_limiter = anyio.CapacityLimiter(image_slots)
+    image_timeout = image_timeout_secs or embedder.fetch_timeout_s
     registry = CollectorRegistry()
     requests_total = Counter("search_requests_total", "Search requests by outcome", ["outcome"], registry=registry)
     latency = Histogram("search_latency_seconds", "Search request latency, query embedding included",
                         ["kind"], registry=registry)
     live_docs = Gauge("index_live_docs", "Live documents in the index", registry=registry)
     generation = Gauge("index_generation", "Sum of the shards' commit generations", registry=registry)
-    state = {"refreshed": 0.0}
+    failed_reloads = Counter("index_reload_failures_total", "New generations that failed to load (the last "
+                             "good one kept serving)", registry=registry)
+    state = {"refreshed": 0.0, "failed": 0}
     lock = threading.Lock()
 
     def refresh() -> None:
@@ -121,9 +190,31 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
             if time.monotonic() - state["refreshed"] >= refresh_secs:
                 index.refresh()
                 state["refreshed"] = time.monotonic()
+                failed_reloads.inc(index.failed_reloads - state["failed"])
+                state["failed"] = index.failed_reloads
                 stats = index.stats()
                 live_docs.set(stats["live_docs"])
                 generation.set(stats["generation"])
+
+    def vector_of(request: SearchRequest):
+        if request.vector is not None:
+            return embedder.vector(request.vector)
+        return embedder.text(request.text)
+
+    async def image_vector(url: str):
+        """Fetches in a thread of the image pool, within the query's deadline (its wait included):
+        slow image hosts hold image slots, never the threads text and vector queries run on."""
+        deadline = time.monotonic() + image_timeout
+        try:
+            with anyio.fail_after(image_timeout):
+                return await anyio.to_thread.run_sync(embedder.image_url, url, deadline, limiter=image_limiter)
+        except TimeoutError:
+            raise ImageQueriesBusy(f"image query did not finish within {image_timeout:g} s: "
+                                   f"{image_slots} image queries were already fetching") from None
+
+    def search_index(vector, request: SearchRequest):
+        refresh()
+        return index.search(vector, k=request.k, ef_search=request.ef_search, shop_id=request.shop_id)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request: Request, error: RequestValidationError):
@@ -136,19 +227,21 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
         return _error(error.status_code, str(error.detail))
 
     @app.post("/v1/search", response_model=SearchResponse,
-              responses={400: {"model": ErrorResponse, "description": "a bad request; `error` says why"}})
-    def search(request: SearchRequest):
+              responses={400: {"model": ErrorResponse, "description": "a bad request; `error` says why"},
+                         413: {"model": ErrorResponse, "description": "the body is too large"},
+                         503: {"model": ErrorResponse, "description": "image queries are all busy"}})
+    async def search(request: SearchRequest):
         started = time.perf_counter()
         kind = "text" if request.text is not None else "vector" if request.vector is not None else "image"
         try:
-            if kind == "vector":
-                vector = embedder.vector(request.vector)
-            elif kind == "text":
-                vector = embedder.text(request.text)
+            if kind == "image":
+                vector = await image_vector(request.image_url)
             else:
-                vector = embedder.image_url(request.image_url)
-            refresh()
-            hits = index.search(vector, k=request.k, ef_search=request.ef_search, shop_id=request.shop_id)
+                vector = await run_in_threadpool(vector_of, request)
+            hits = await run_in_threadpool(search_index, vector, request)
+        except ImageQueriesBusy as e:
+            requests_total.labels("busy").inc()
+            return _error(503, str(e))
         except (QueryError, IndexMismatch) as e:
             requests_total.labels("bad_request").inc()
             return _error(400, str(e))
@@ -161,8 +254,10 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
     def healthz():
         refresh()
         stats = index.stats()
-        return {"status": "ok", "model": index.model, "dim": index.dim, "live_docs": stats["live_docs"],
-                "generation": stats["generation"], "num_shards": index.num_shards, "queries": list(embedder.kinds)}
+        errors = {str(shard): error for shard, error in sorted(index.reload_errors.items())}
+        return {"status": "degraded" if errors else "ok", "model": index.model, "dim": index.dim,
+                "live_docs": stats["live_docs"], "generation": stats["generation"], "num_shards": index.num_shards,
+                "queries": list(embedder.kinds), "errors": errors}
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     def metrics():
@@ -223,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="Where the query model runs.")
     parser.add_argument("--allow_private_hosts", action="store_true",
                         help="Allow image-URL queries on loopback (local runs and tests).")
+    parser.add_argument("--image_timeout_secs", type=float, default=10.0,
+                        help="The most an image-URL query may take, its wait for a fetch slot included.")
+    parser.add_argument("--image_query_slots", type=int, default=IMAGE_QUERY_SLOTS,
+                        help="Image-URL queries fetching at once; more wait, holding no thread.")
+    parser.add_argument("--header_timeout_secs", type=float, default=HEADER_TIMEOUT_SECS,
+                        help="A connection whose request headers take longer is closed.")
     return parser
 
 
@@ -251,8 +352,11 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         parser.exit(1, f"search.server: {e}\n")
     try:
-        index, embedder = open_service(args.index_dir, args.model, args.projection, args.device,
-                                       FetchConfig(allow_private_hosts=args.allow_private_hosts), args.cache_dir)
+        fetch = FetchConfig(allow_private_hosts=args.allow_private_hosts, total_timeout_s=args.image_timeout_secs,
+                            read_timeout_s=args.image_timeout_secs,
+                            connect_timeout_s=min(5.0, args.image_timeout_secs))
+        index, embedder = open_service(args.index_dir, args.model, args.projection, args.device, fetch,
+                                       args.cache_dir)
     except (ValueError, FileNotFoundError) as e:
         sock.close()
         parser.exit(1, f"search.server: {e}\n")
@@ -270,7 +374,9 @@ def main(argv: list[str] | None = None) -> None:
             if self.started:
                 _log.info(ready)
 
-    config = uvicorn.Config(create_app(index, embedder, refresh_secs), log_level="warning")
+    app = create_app(index, embedder, refresh_secs, args.image_timeout_secs, args.image_query_slots)
+    protocol = type("Protocol", (HeaderTimeoutProtocol,), {"header_timeout": args.header_timeout_secs})
+    config = uvicorn.Config(app, log_level="warning", http=protocol)
     Server(config).run(sockets=[sock])
 
 

@@ -50,6 +50,10 @@ class ShardedIndex:
         self.model = shards[0].model
         self.dim = shards[0].dim
         self._mirrors = mirrors
+        # shard → why its newest generation could not be loaded (it serves its last good one)
+        self.reload_errors: dict[int, str] = {}
+        self.failed_reloads = 0
+        self._last_failure: dict[int, Exception] = {}
         self._pull_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max(1, min(num_shards, 8)), thread_name_prefix="shard-search")
 
@@ -164,7 +168,21 @@ class ShardedIndex:
                     except Exception as e:  # the object store is unreachable or pruned mid-read: serve on
                         _log.warning("could not pull %s (still serving generation %d): %s",
                                      remote, self.shards[0].generation, e)
-        return any([shard.refresh() for shard in self.shards])
+        changed = False
+        for n, shard in enumerate(self.shards):
+            try:
+                changed |= shard.refresh()
+            except Exception as e:  # whatever broke the new generation, the last good one serves on
+                if self._last_failure.get(n) is not e:  # the store re-raises a cached failure: count once
+                    self.failed_reloads += 1
+                    self._last_failure[n] = e
+                    _log.error("shard %d: cannot load its newest generation, still serving generation %d: %s",
+                               n, shard.generation, e)
+                self.reload_errors[n] = f"{type(e).__name__}: {e}"
+            else:
+                self.reload_errors.pop(n, None)
+                self._last_failure.pop(n, None)
+        return changed
 
     def search(self, query: np.ndarray, k: int = 10, ef_search: int = 128, shop_id: str | None = None,
                exact: bool = False) -> list[Hit]:

@@ -30,9 +30,9 @@ import faiss
 import numpy as np
 
 from schemas import EmbeddingRecord
-from search.segment import HnswParams, Segment, SegmentInfo, top_k
+from search.segment import HnswParams, Segment, SegmentCorrupted, SegmentInfo, top_k
 
-__all__ = ["ApplyResult", "CommitDelta", "Hit", "IndexMismatch", "IndexStore", "StoreSettings"]
+__all__ = ["ApplyResult", "CommitDelta", "Hit", "IndexMismatch", "IndexStore", "StoreCorrupted", "StoreSettings"]
 
 _log = logging.getLogger(__name__)
 
@@ -49,6 +49,13 @@ CREATE TABLE IF NOT EXISTS products (
 CREATE UNIQUE INDEX IF NOT EXISTS products_doc ON products(doc_id) WHERE doc_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS segments (name TEXT PRIMARY KEY, kind TEXT NOT NULL, count INTEGER NOT NULL);
 """
+
+
+MARKER = "committed"  # the commit marker's file name
+
+
+class StoreCorrupted(RuntimeError):
+    """The store on disk is not what its commits made it: it must not be served as if it were."""
 
 
 class IndexMismatch(ValueError):
@@ -149,7 +156,8 @@ class IndexStore:
                 if model is None or dim is None:
                     raise FileNotFoundError(f"{self.directory} holds no index; give model and dim to create one")
                 meta = {"model": model, "dim": str(dim), "generation": "0", "next_doc_id": "0",
-                        "hnsw_m": str(settings.hnsw.m), "hnsw_ef_construction": str(settings.hnsw.ef_construction)}
+                        "hnsw_m": str(settings.hnsw.m), "hnsw_ef_construction": str(settings.hnsw.ef_construction),
+                        "segment_sums": "crc32"}
                 db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
         self.model = meta["model"]
         self.dim = int(meta["dim"])
@@ -157,6 +165,9 @@ class IndexStore:
             raise IndexMismatch(f"{self.directory} indexes {self.model} ({self.dim}-d), not {model} ({dim}-d)")
         self.settings = dataclasses.replace(settings, hnsw=HnswParams(int(meta["hnsw_m"]),
                                                                       int(meta["hnsw_ef_construction"])))
+        # Stores made before segments carried checksums keep opening; their new segments have them.
+        self._require_sums = meta.get("segment_sums") == "crc32"
+        self._broken: tuple[int, float, Exception] | None = None  # a generation that failed to load
         if not read_only:
             self._remove_orphans()
         self._view = self._load_view()
@@ -199,11 +210,35 @@ class IndexStore:
     def _meta(self, db, key: str) -> str:
         return db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
 
+    # Commit marker -------------------------------------------------------------------------
+    # The generation of the last commit, also kept outside SQLite, written after each commit:
+    # were the WAL lost (deleted, or not copied with the database), the database would quietly
+    # fall back to an older generation; the marker, ahead of it, says so.
+    def _marked_generation(self) -> int:
+        try:
+            return int((self.directory / MARKER).read_text())
+        except (FileNotFoundError, ValueError):
+            return 0  # a store from before the marker, or a replica (search.mirror keeps none)
+
+    def _mark(self, generation: int) -> None:
+        tmp = self.directory / f"{MARKER}.tmp"
+        tmp.write_text(str(generation))
+        os.replace(tmp, self.directory / MARKER)
+
+    def _checkpoint_wal(self) -> None:
+        """Copies the commit from the WAL into the database file, so it never lives in the WAL alone."""
+        self._db().execute("PRAGMA wal_checkpoint(PASSIVE)")
+
     # Views --------------------------------------------------------------------------------
     def _load_view(self, reuse: dict[str, Segment] | None = None) -> _View:
         reuse = reuse or {}
+        marked = self._marked_generation()  # read first: the writer marks only after committing
         with self._transaction(immediate=False) as db:
             generation = int(self._meta(db, "generation"))
+            if generation < marked:
+                raise StoreCorrupted(f"{self.directory} is at generation {generation} but committed {marked}: "
+                                     f"its database lost commits (was state.sqlite-wal deleted?); restore the "
+                                     f"shard from a copy or rebuild it")
             next_doc = int(self._meta(db, "next_doc_id"))
             infos = [SegmentInfo(*row) for row in db.execute("SELECT name, kind, count FROM segments ORDER BY name")]
             rows = db.execute("SELECT doc_id, shop_id FROM products WHERE doc_id IS NOT NULL").fetchall()
@@ -214,23 +249,37 @@ class IndexStore:
             doc_ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
             live[doc_ids] = True
             shop_codes[doc_ids] = [shops.setdefault(r[1], len(shops)) for r in rows]
-        segments = tuple(reuse.get(info.name) or Segment(self.directory, info) for info in infos)
+        segments = tuple(reuse.get(info.name) or Segment(self.directory, info, self._require_sums) for info in infos)
         return _View(generation, segments, live, shop_codes, shops)
 
-    def refresh(self) -> bool:
-        """Picks up commits made by another process; True if there was one."""
+    def refresh(self, retry_secs: float = 5.0) -> bool:
+        """Picks up commits made by another process; True if there was one. When the new generation
+        cannot be loaded (a corrupt segment, lost commits) this raises and the view stays the last good
+        one; the same generation is tried again only after `retry_secs`."""
         with self._transaction(immediate=False) as db:
             generation = int(self._meta(db, "generation"))
         if generation == self._view.generation:
             return False
+        if self._broken and self._broken[0] == generation and time.monotonic() - self._broken[1] < retry_secs:
+            raise self._broken[2]
+        try:
+            self._view = self._load_consistent_view()
+        except Exception as e:
+            self._broken = (generation, time.monotonic(), e)
+            raise
+        self._broken = None
+        return True
+
+    def _load_consistent_view(self) -> _View:
         for attempt in range(5):
             try:
-                self._view = self._load_view({s.info.name: s for s in self._view.segments})
-                return True
-            except FileNotFoundError:
+                return self._load_view({s.info.name: s for s in self._view.segments})
+            except SegmentCorrupted as e:
                 # Compaction removed a segment between our manifest read and its load: read again.
+                if not isinstance(e.__cause__, FileNotFoundError) or attempt == 4:
+                    raise
                 time.sleep(0.05 * (attempt + 1))
-        raise RuntimeError(f"could not load a consistent view of {self.directory}")
+        raise AssertionError("unreachable")
 
     @property
     def generation(self) -> int:
@@ -290,11 +339,12 @@ class IndexStore:
                         changed[record.product_id] = (record.version, None, record.shop_id, record.title, "")
                         vectors.pop(record.product_id, None)
                         result.deleted += 1
-                info = None
+                info = segment = None
                 if vectors:
                     ids = np.array([changed[pid][1] for pid in vectors], np.int64)
                     info = Segment.write(self.directory, self._segment_name(), ids,
                                          embeddings[list(vectors.values())], "flat")
+                    segment = Segment(self.directory, info, self._require_sums)  # verified before it is committed
                     if self._listener:
                         self._listener.segment_written(self.directory, info)
                     db.execute("INSERT INTO segments VALUES (?, ?, ?)", (info.name, info.kind, info.count))
@@ -308,14 +358,15 @@ class IndexStore:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(view.generation + 1),))
                 if checkpoint is not None:
                     db.execute("INSERT OR REPLACE INTO meta VALUES ('checkpoint', ?)", (checkpoint,))
-            self._view = self._next_view(view, changed, current, info, next_doc)
+            self._committed(view.generation + 1)
+            self._view = self._next_view(view, changed, current, segment, next_doc)
             if self._listener:
                 self._listener.committed(CommitDelta(
                     self._view.generation, next_doc, tuple((pid, *state) for pid, state in changed.items()),
                     (info,) if info else (), (), checkpoint))
         return result
 
-    def _next_view(self, view: _View, changed: dict, before: dict, info: SegmentInfo | None, next_doc: int) -> _View:
+    def _next_view(self, view: _View, changed: dict, before: dict, segment: Segment | None, next_doc: int) -> _View:
         live = np.zeros(next_doc, bool)
         live[:len(view.live)] = view.live
         shop_codes = np.zeros(next_doc, np.int32)
@@ -328,8 +379,12 @@ class IndexStore:
             if doc is not None:
                 live[doc] = True
                 shop_codes[doc] = shops.setdefault(shop, len(shops))
-        segments = view.segments + ((Segment(self.directory, info),) if info else ())
+        segments = view.segments + ((segment,) if segment else ())
         return _View(view.generation + 1, segments, live, shop_codes, shops)
+
+    def _committed(self, generation: int) -> None:
+        self._checkpoint_wal()
+        self._mark(generation)
 
     def _segment_name(self) -> str:
         return f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}"
@@ -371,13 +426,14 @@ class IndexStore:
                                      self.settings.hnsw)
                 if self._listener:
                     self._listener.segment_written(self.directory, info)
-            merged = Segment(self.directory, info) if info else None
+            merged = Segment(self.directory, info, self._require_sums) if info else None
             with self._write_lock:
                 with self._transaction() as db:
                     db.executemany("DELETE FROM segments WHERE name = ?", [(seg.info.name,) for seg in plan])
                     if info:
                         db.execute("INSERT INTO segments VALUES (?, ?, ?)", (info.name, info.kind, info.count))
                     db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(self._view.generation + 1),))
+                self._committed(self._view.generation + 1)
                 current = self._view
                 names = {seg.info.name for seg in plan}
                 segments = tuple(seg for seg in current.segments if seg.info.name not in names)

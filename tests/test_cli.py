@@ -26,6 +26,7 @@ from localstack.emulator import free_port
 from pipelines.options import EmbedOptions, IndexOptions, LaunchOptions, SharedOptions
 from tests.conftest import TINY_CLIP
 from tests.index_helpers import record
+from tests.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 DATAFLOW = ["--runner", "DataflowRunner", "--dry_run=True", "--no_auth", "--project", "my-project",
@@ -220,32 +221,6 @@ def custom_index(tmp_path):
     return tmp_path / "index", records
 
 
-class ServerProcess:
-    """`python -m search.server` on a free loopback port; waits for its ready line."""
-
-    def __init__(self, index_dir: Path, *extra: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "search.server", "--index_dir", str(index_dir),
-                                         "--port", str(self.port), *extra], cwd=ROOT, stderr=subprocess.PIPE,
-                                        text=True)
-        self.ready_line = ""
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = self.process.stderr.readline()
-            if not line and self.process.poll() is not None:
-                raise RuntimeError(f"search.server exited with {self.process.returncode}")
-            if "search page: " in line:
-                self.ready_line = line.strip()
-                return
-        raise RuntimeError("search.server did not log its ready line")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=20)
-        self.process.stderr.close()
-
-
 def test_an_index_of_a_model_it_cannot_run_is_built_and_served_for_vector_queries(custom_index):
     index_dir, records = custom_index
     server = ServerProcess(index_dir)
@@ -277,7 +252,7 @@ def test_the_service_answers_every_error_in_one_shape_and_documents_what_it_send
             assert set(response.json()) == {"error"} and response.json()["error"]
         spec = requests.get(f"{server.url}/openapi.json", timeout=10).json()
         search = spec["paths"]["/v1/search"]["post"]
-        assert set(search["responses"]) == {"200", "400"}
+        assert set(search["responses"]) == {"200", "400", "413", "503"}
         assert search["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("SearchResponse")
         assert "HTTPValidationError" not in spec["components"]["schemas"]
     finally:

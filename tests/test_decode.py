@@ -151,6 +151,60 @@ def test_decompression_bombs_are_refused_from_the_header():
         decode_image(image_bytes("PNG", size=(300, 300)), CLIP_224, max_pixels=50_000)
 
 
+def sliver_png(width: int, height: int) -> bytes:
+    """A real, tiny PNG of an absurd shape (a 100000x1 one is under 500 bytes)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 80, 40)).save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def test_slivers_are_refused_from_the_header_with_bounded_memory():
+    """100000x1 passes a 10^5-pixel cap; resizing its short side to 256 would ask for ~26 GB. It is
+    refused by its aspect ratio before anything is decoded, and the process barely grows."""
+    import subprocess
+    import sys
+
+    code = """
+import io, resource, sys
+from PIL import Image
+from model_handlers.packaged_backend import PACKAGED_PREPROCESS
+from transforms.decode import DecodeError, decode_image
+images = []
+for size in ((100_000, 1), (1, 100_000)):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (120, 80, 40)).save(buffer, "PNG", optimize=True)
+    images.append(buffer.getvalue())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for data in images:
+    try:
+        decode_image(data, PACKAGED_PREPROCESS, max_pixels=100_000)
+        print("decoded")
+    except DecodeError as e:
+        print("refused:", e)
+print("grew_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "refused: image is 100000x1 pixels, an aspect ratio over 25:1"
+    assert lines[1] == "refused: image is 1x100000 pixels, an aspect ratio over 25:1"
+    assert int(lines[2].split()[1]) < 100 * 1024  # KB of peak resident growth
+
+
+@pytest.mark.parametrize("size", [(2400, 100), (100, 2400), (1200, 60)])
+def test_long_images_under_the_limit_match_the_whole_resize_with_memory_bounded_by_the_crop(size):
+    data = image_bytes("PNG", size=size)
+    ours = decode_image(data, PACKAGED_PREPROCESS)
+    source = Image.open(io.BytesIO(data)).convert("RGB")
+    width, height = source.size
+    scale = 256 / min(width, height)
+    full = source.resize((max(256, int(width * scale)), max(256, int(height * scale))), Image.Resampling.BICUBIC)
+    left, top = round((full.width - 224) / 2), round((full.height - 224) / 2)
+    reference = np.asarray(full.crop((left, top, left + 224, top + 224))).astype(int)
+    assert ours.shape == (224, 224, 3)
+    assert np.abs(ours.astype(int) - reference).max() <= 1  # within a level of the whole resize
+
+
 @pytest.mark.parametrize("data", [b"", b"hello, not an image", image_bytes("JPEG")[:600], image_bytes("PNG")[:300]])
 def test_garbage_and_truncated_files_raise_decode_error(data):
     with pytest.raises(DecodeError):

@@ -61,6 +61,15 @@ def test_a_dripping_body_hits_the_total_deadline(image_server):
         fetcher(total_timeout_s=0.5).fetch(image_server.url("drip.jpg"))
 
 
+def test_the_deadline_holds_while_a_body_trickles_in(image_server):
+    """A byte every 50 ms never trips a per-read timeout; the deadline must still end it on time."""
+    image_server.routes["/trickle.jpg"] = image_route(body=b"x" * 2000, chunks=2000, drip=0.05)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="took over 0.8s"):
+        fetcher(total_timeout_s=0.8, read_timeout_s=10.0).fetch(image_server.url("trickle.jpg"))
+    assert time.monotonic() - started < 2.5
+
+
 def test_declared_oversize_bodies_are_refused_before_reading(image_server):
     image_server.routes["/big.jpg"] = image_route(body=b"x" * 5000)
     with pytest.raises(DownloadError, match="over the 1000-byte cap"):

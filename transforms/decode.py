@@ -1,7 +1,9 @@
 """Image bytes → the model's uint8 RGB pixels, fast and safe (DESIGN §6).
 
-- The pixel count is read from the header and capped before anything is decoded (bombs);
-  Pillow's own guard stays the outer bound.
+- The pixel count and the aspect ratio are read from the header and capped before anything is
+  decoded (bombs, 100000x1 slivers); Pillow's own guard stays the outer bound. Memory per decode
+  is the decoded image (at most `max_pixels` x 4 bytes, less after a reduced-scale JPEG decode)
+  plus a few crops' worth: no intermediate is larger than 4 crops, whatever the aspect ratio.
 - JPEGs are decoded at 1/2, 1/4 or 1/8 scale when the target is that much smaller
   (libjpeg's DCT scaling via `Image.draft`): most of the speed-up on large photos.
 - EXIF orientation is applied; every mode (CMYK, palette, alpha, 16-bit, grayscale,
@@ -23,9 +25,13 @@ from PIL import Image, ImageOps
 
 from model_handlers.preprocess import ImagePreprocess
 
-__all__ = ["DecodeError", "decode_image", "DEFAULT_MAX_PIXELS"]
+__all__ = ["DecodeError", "decode_image", "DEFAULT_MAX_PIXELS", "MAX_ASPECT_RATIO"]
 
 DEFAULT_MAX_PIXELS = 50_000_000
+# Longer side over shorter: beyond this an image is no product photo, and would crop to a sliver.
+MAX_ASPECT_RATIO = 25.0
+# Past this many crops' worth of resized pixels, only the crop's source box is resampled.
+_MAX_RESIZED_AREA = 4
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _WHITE = (255, 255, 255)
 
@@ -44,6 +50,8 @@ def decode_image(data: bytes, spec: ImagePreprocess, max_pixels: int = DEFAULT_M
         width, height = image.size
         if width * height > max_pixels:
             raise DecodeError(f"image is {width}x{height} pixels, over the {max_pixels}-pixel cap")
+        if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+            raise DecodeError(f"image is {width}x{height} pixels, an aspect ratio over {MAX_ASPECT_RATIO:g}:1")
         if image.format == "JPEG":
             # Keeps both sides at least the target (the shorter side is what Resize needs).
             image.draft("RGB", (spec.resize_size, spec.resize_size))
@@ -97,11 +105,17 @@ def _resize_and_crop(image: Image.Image, spec: ImagePreprocess, region_only: boo
     left = int(round((size[0] - crop) / 2.0))
     if size == image.size:
         return image.crop((left, top, left + crop, top + crop))
+    sx, sy = width / size[0], height / size[1]
     if region_only and top >= 0 and left >= 0:
-        sx, sy = width / size[0], height / size[1]
         box = (round(left * sx), round(top * sy), min(width, round((left + crop) * sx)),
                min(height, round((top + crop) * sy)))
         return _resample(np.array(image.crop(box)), crop, spec.interpolation)
+    if top >= 0 and left >= 0 and size[0] * size[1] > _MAX_RESIZED_AREA * crop * crop:
+        # A very long image: resampling only the crop's source box (same scale, same filter
+        # centres as the whole resize, within a level of it) bounds memory by the crop, where
+        # resizing the whole of a 20000x1 image would ask for 5120000x256 pixels.
+        box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+        return image.resize((crop, crop), _RESAMPLE[spec.interpolation], box=box)
     return image.resize(size, _RESAMPLE[spec.interpolation]).crop((left, top, left + crop, top + crop))
 
 

@@ -79,14 +79,19 @@ class ImageFetcher:
             headers={"Accept": "image/*"},
         )
 
-    def fetch(self, url: str) -> bytes:
-        """Returns the body of `url`, following at most `max_redirects` redirects."""
-        deadline = time.monotonic() + self.config.total_timeout_s
+    def fetch(self, url: str, deadline: float | None = None) -> bytes:
+        """Returns the body of `url`, following at most `max_redirects` redirects, all within
+        `total_timeout_s` (or by `deadline`, a `time.monotonic()` instant, if that is sooner):
+        every wait (connect, each read) is capped at the time left."""
+        deadline = min(time.monotonic() + self.config.total_timeout_s, deadline or float("inf"))
         for _ in range(self.config.max_redirects + 1):
             if urlsplit(url).scheme.lower() not in ("http", "https"):
                 raise DownloadError(f"refusing non-http(s) URL {url[:200]!r}")
+            left = self._time_left(deadline)
+            timeout = urllib3.Timeout(connect=min(self.config.connect_timeout_s, left),
+                                      read=min(self.config.read_timeout_s, left))
             try:
-                response = self._http.request("GET", url, preload_content=False, redirect=False)
+                response = self._http.request("GET", url, preload_content=False, redirect=False, timeout=timeout)
             except HTTPError as e:
                 raise DownloadError(f"GET {url[:200]} failed: {_short(e)}") from e
             body = None
@@ -113,20 +118,39 @@ class ImageFetcher:
             raise DownloadError(f"body is {declared} bytes, over the {self.config.max_bytes}-byte cap")
         body = bytearray()
         try:
-            for chunk in response.stream(_CHUNK):
+            while True:
+                # One receive per read, waiting at most the time left: a body that trickles in a
+                # byte at a time meets the deadline, instead of filling a 64 KiB read for hours.
+                _set_read_timeout(response, min(self.config.read_timeout_s, self._time_left(deadline)))
+                chunk = response.read1(_CHUNK)
+                if not chunk:
+                    break
                 body += chunk
                 if len(body) > self.config.max_bytes:
                     raise DownloadError(f"body exceeds the {self.config.max_bytes}-byte cap")
-                if time.monotonic() > deadline:
-                    raise DownloadError(f"download took over {self.config.total_timeout_s}s")
         except HTTPError as e:
+            if time.monotonic() >= deadline:
+                raise DownloadError(f"download took over {self.config.total_timeout_s:g}s") from e
             raise DownloadError(f"reading {url[:200]} failed: {_short(e)}") from e
         if not body:
             raise DownloadError("empty body")
         return bytes(body)
 
+    def _time_left(self, deadline: float) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DownloadError(f"download took over {self.config.total_timeout_s:g}s")
+        return left
+
     def close(self) -> None:
         self._http.clear()
+
+
+def _set_read_timeout(response: urllib3.BaseHTTPResponse, seconds: float) -> None:
+    connection = getattr(response, "connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
 
 
 def _short(error: Exception) -> str:

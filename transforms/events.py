@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
+import re
 from typing import Any, Iterable
 from urllib.parse import urlsplit
 
@@ -23,8 +24,10 @@ __all__ = ["InvalidEvent", "ParseEvents", "parse_event", "MAX_MESSAGE_BYTES"]
 
 # Pub/Sub allows 10 MB; a product change is a few KB. Anything near the limit is a bug upstream.
 MAX_MESSAGE_BYTES = 1024 * 1024
-MAX_TEXT_CHARS = 100_000
 MAX_INT64 = 2**63 - 1
+# `attributes` are free-form (brand, price, ...): bounded so one event can't flood a row or a record.
+MAX_ATTRIBUTES_BYTES = 64 * 1024
+MAX_DEPTH = 10  # levels of objects and lists in a message; attributes get all but the top one
 
 
 class InvalidEvent(ValueError):
@@ -38,18 +41,18 @@ class InvalidEvent(ValueError):
 
 
 def parse_event(raw: bytes | str) -> ProductEvent:
-    """Decodes and validates one message; raises `InvalidEvent` naming the first broken rule."""
+    """Decodes and validates one message; raises `InvalidEvent` naming the first broken rule.
+
+    Nothing else escapes it: whatever it accepts, every serialiser downstream can write."""
     data = _decode(raw)
     event_id = data.get("event_id")
     product_id = data.get("product_id")
-    ids = {
-        "event_id": event_id if isinstance(event_id, str) else "",
-        "product_id": product_id if isinstance(product_id, str) else "",
-    }
+    ids = {"event_id": _readable(event_id), "product_id": _readable(product_id)}
 
     def fail(message: str) -> InvalidEvent:
         return InvalidEvent(Stage.VALIDATE, message, **ids)
 
+    _check_structure(data, fail)
     _require_id(data, "event_id", fail)
     _require_id(data, "product_id", fail)
     op = data.get("op")
@@ -62,14 +65,19 @@ def parse_event(raw: bytes | str) -> ProductEvent:
         raise fail(f"version must be between 0 and 2^63-1, got {version}")
 
     shop_id = _optional_str(data, "shop_id", fail, MAX_ID_CHARS)
-    title = _optional_str(data, "title", fail, MAX_TEXT_CHARS)
-    description = _optional_str(data, "description", fail, MAX_TEXT_CHARS)
+    # Long text is never a reason to refuse a product: the message cap bounds it, and the model
+    # reads a prefix of it (ProductEvent.text).
+    title = _optional_str(data, "title", fail, MAX_MESSAGE_BYTES)
+    description = _optional_str(data, "description", fail, MAX_MESSAGE_BYTES)
     image_urls = _image_urls(data.get("image_urls"), fail)
     attributes = data.get("attributes")
     if attributes is None:
         attributes = {}
     if not isinstance(attributes, dict):
         raise fail(f"attributes must be an object, got {type(attributes).__name__}")
+    size = len(json.dumps(attributes, ensure_ascii=False).encode("utf-8"))
+    if size > MAX_ATTRIBUTES_BYTES:
+        raise fail(f"attributes are {size} bytes as JSON, over the {MAX_ATTRIBUTES_BYTES}-byte limit")
     event_time = _event_time(data.get("event_time"), fail)
 
     if op == "upsert" and not (title.strip() or description.strip() or image_urls):
@@ -92,7 +100,8 @@ def _decode(raw: bytes | str) -> dict[str, Any]:
     if isinstance(raw, str):
         raw = raw.encode("utf-8", errors="surrogatepass")
     if len(raw) > MAX_MESSAGE_BYTES:
-        raise InvalidEvent(Stage.PARSE, f"message is {len(raw)} bytes, over the {MAX_MESSAGE_BYTES}-byte limit")
+        raise InvalidEvent(Stage.PARSE, f"message is {len(raw)} bytes, over the {MAX_MESSAGE_BYTES}-byte limit",
+                           **_ids_in_text(raw))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -101,9 +110,63 @@ def _decode(raw: bytes | str) -> dict[str, Any]:
         data = json.loads(text, parse_constant=_refuse_constant)
     except ValueError as e:
         raise InvalidEvent(Stage.PARSE, f"message is not JSON: {e}") from e
+    except RecursionError as e:  # the decoder's own stack limit, about a thousand levels
+        raise InvalidEvent(Stage.PARSE, f"message is nested over {MAX_DEPTH} levels deep", **_ids_in_text(raw)) from e
     if not isinstance(data, dict):
         raise InvalidEvent(Stage.PARSE, f"message must be a JSON object, got {type(data).__name__}")
     return data
+
+
+_ID_IN_TEXT = {name: re.compile(rb'"%s"\s*:\s*("(?:[^"\\]|\\.){1,%d}")' % (name.encode(), MAX_ID_CHARS * 6))
+               for name in ("event_id", "product_id")}
+
+
+def _ids_in_text(raw: bytes) -> dict[str, str]:
+    """The ids of a message too large to parse, where a plain search finds them (for its dead letter)."""
+    ids = {}
+    for name, pattern in _ID_IN_TEXT.items():
+        match = pattern.search(raw)
+        try:
+            ids[name] = _readable(json.loads(match.group(1))) if match else ""
+        except ValueError:
+            ids[name] = ""
+    return ids
+
+
+def _readable(value: Any) -> str:
+    """`value` if it is a string that can stand in a dead letter as an id, else ''."""
+    if isinstance(value, str) and 1 <= len(value) <= MAX_ID_CHARS and _encodable(value):
+        return value
+    return ""
+
+
+def _encodable(text: str) -> bool:
+    """JSON accepts lone surrogates (`"\ud800"`); no UTF-8 writer does."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_structure(data: dict[str, Any], fail) -> None:
+    """Every string can be written as UTF-8, and nothing nests deeper than MAX_DEPTH levels."""
+    stack: list[tuple[Any, int, str]] = [(data, 1, "message")]
+    while stack:
+        value, depth, where = stack.pop()
+        if isinstance(value, str):
+            if not _encodable(value):
+                raise fail(f"{where} is not valid Unicode (it holds a lone surrogate)")
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise fail(f"{where} is nested over {MAX_DEPTH} levels deep")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if not _encodable(key):
+                        raise fail(f"a key in {where} is not valid Unicode (it holds a lone surrogate)")
+                    stack.append((item, depth + 1, key if depth == 1 else f"{where}.{key}"))
+            else:
+                stack.extend((item, depth + 1, f"{where}[{n}]") for n, item in enumerate(value))
 
 
 def _refuse_constant(name: str) -> float:

@@ -29,6 +29,7 @@ def embedding_record(event: ProductEvent, vectors: ProductVectors, model_id: str
         model=model_id,
         event_time=event.event_time or utc_now(),
         embedded_at=utc_now(),
+        text_chars=len(event.text) if vectors.text_embedding.size else 0,
     )
 
 
