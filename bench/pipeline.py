@@ -62,13 +62,16 @@ def studio_products(model: str, images: list[bytes], count: int) -> list[tuple[l
     return [([decoded[n % len(images)]], f"product {n}\n{DESCRIPTION}") for n in range(count)]
 
 
-def bare_model(model: str, products: list[tuple[list, str]]) -> tuple[float, float]:
-    """(seconds, CPU seconds of the whole process) for the model's own forward passes."""
-    backend = load_backend(ModelConfig(spec=model, device="cpu"))
-    backend.embed_products(products[:2])  # warm-up
+def bare_model(model: str, products: list[tuple[list, str]], device: str = "cpu", precision: str = "fp32",
+               batch: int = BATCH, backend=None) -> tuple[float, float]:
+    """(seconds, CPU seconds of the whole process) for the model's own forward passes (`backend`:
+    one already loaded with these settings)."""
+    backend = backend or load_backend(ModelConfig(spec=model, device=device, precision=precision,
+                                                  image_batch_size=max(64, batch)))
+    backend.embed_products(products[:batch])  # warm-up at the timed size: kernels are set up per shape
     started, cpu = time.perf_counter(), time.process_time()
-    for start in range(0, len(products), BATCH):
-        backend.embed_products(products[start:start + BATCH])
+    for start in range(0, len(products), batch):
+        backend.embed_products(products[start:start + batch])  # returns numpy: the device is synchronised
     return time.perf_counter() - started, time.process_time() - cpu
 
 
@@ -83,14 +86,15 @@ def image_work_ms(model: str, urls: list[str]) -> float:
     return (time.thread_time() - cpu) * 1000 / len(urls)
 
 
-def pipeline(model: str, events_file: Path, out: Path) -> tuple[float, float, float, float, float]:
+def pipeline(model: str, events_file: Path, out: Path, device: str = "cpu", precision: str = "fp32",
+             batch: int = BATCH) -> tuple[float, float, float, float, float]:
     """(whole job's seconds without the model load, model load seconds, steady-state records/s,
     share of the steady state with a batch in the model, a batch's mean seconds in the model)."""
     started = time.perf_counter()
     result = embed.run([
-        "--input_file", str(events_file), "--output_dir", str(out), "--model", model, "--device", "cpu",
-        "--allow_private_hosts", "--min_batch_size", str(BATCH), "--max_batch_size", str(BATCH),
-        "--runner", "FnApiRunner",
+        "--input_file", str(events_file), "--output_dir", str(out), "--model", model, "--device", device,
+        "--precision", precision, "--allow_private_hosts", "--min_batch_size", str(batch),
+        "--max_batch_size", str(batch), "--image_batch_size", str(max(64, batch)), "--runner", "FnApiRunner",
     ])
     wall = time.perf_counter() - started
 
@@ -103,7 +107,7 @@ def pipeline(model: str, events_file: Path, out: Path) -> tuple[float, float, fl
                     for part in (out / "embeddings").glob("part*") for line in part.open())
     # The first batch's records are stamped when it ends; every later record is one batch cycle on.
     window = (stamps[-1] - stamps[0]).total_seconds()
-    steady = (len(stamps) - BATCH) / window
+    steady = (len(stamps) - batch) / window
     batch_s = batches.sum / 1e6 / batches.count
     # Every batch but the first runs inside the window; batches are all of the same size.
     busy = batch_s * (batches.count - 1) / window
