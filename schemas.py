@@ -214,27 +214,29 @@ class DeadLetter:
         """True when this dead letter is the event's one outcome (no record was written)."""
         return not self.image_url
 
+    # Every dead letter is built by one of these three: what failed decides which.
     @classmethod
-    def from_exception(
-        cls,
-        stage: str,
-        error: BaseException,
-        payload: str | bytes,
-        event: ProductEvent | None = None,
-        image_url: str = "",
-    ) -> "DeadLetter":
+    def of_event(cls, stage: str, error_type: str, error: str, event: ProductEvent,
+                 image_url: str = "") -> "DeadLetter":
+        """An event (or, with `image_url`, one of its images) that failed after it was parsed."""
+        return cls(stage=stage, error_type=error_type, error=error, payload=event.to_json(),
+                   event_id=event.event_id, product_id=event.product_id, image_url=image_url)
+
+    @classmethod
+    def of_record(cls, stage: str, error_type: str, error: str, record: EmbeddingRecord) -> "DeadLetter":
+        """A record a sink or the index refused; the payload is the record."""
+        return cls(stage=stage, error_type=error_type, error=error, payload=json.dumps(record.to_dict()),
+                   event_id=record.event_id, product_id=record.product_id)
+
+    @classmethod
+    def of_payload(cls, stage: str, error_type: str, error: str, payload: str | bytes, event_id: str = "",
+                   product_id: str = "") -> "DeadLetter":
+        """A message (or row) that never became an event or record, with the ids that could be read."""
         if isinstance(payload, bytes):
             # Not UTF-8 is itself a reason to dead-letter; keep every byte visible.
             payload = payload.decode("utf-8", errors="backslashreplace")
-        return cls(
-            stage=stage,
-            error_type=type(error).__name__,
-            error=str(error) or repr(error),
-            payload=payload,
-            event_id=event.event_id if event else "",
-            product_id=event.product_id if event else "",
-            image_url=image_url,
-        )
+        return cls(stage=stage, error_type=error_type, error=error, payload=payload, event_id=event_id,
+                   product_id=product_id)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

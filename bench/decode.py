@@ -1,4 +1,4 @@
-"""Decode + resize: ours (transforms.decode) against plain Pillow on the same JPEGs, one core.
+"""Decode + resize: ours (media.decode) against plain Pillow on the same JPEGs, one core.
 
     python -m bench.decode [--repeats 15]
 
@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 
 from bench.common import photo_jpeg, write_result
-from model_handlers.packaged_backend import PACKAGED_PREPROCESS
-from transforms.decode import decode_image
+from model_handlers.backends import PACKAGED_PREPROCESS
+from media.decode import decode_image
 
 SIZES = (500, 1000, 2000, 3000, 4000)
 

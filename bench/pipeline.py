@@ -47,8 +47,8 @@ from model_handlers.allocator import malloc_in_use
 from model_handlers.backends import image_preprocess, load_backend
 from model_handlers.config import ModelConfig
 from pipelines import embed
-from transforms.decode import decode_image
-from transforms.download import FetchConfig, ImageFetcher
+from media.decode import decode_image
+from media.download import FetchConfig, ImageFetcher
 
 BATCH = 32
 DESCRIPTION = "a product photographed in the studio"

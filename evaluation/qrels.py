@@ -11,6 +11,7 @@ and the returned product ids are scored with `evaluation.metrics` (ESCI labels m
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -21,7 +22,7 @@ from urllib3.util import Retry
 
 from evaluation.metrics import ESCI_GAINS, esci_qrels, evaluate
 
-__all__ = ["Judgements", "http_searcher", "read_judgements", "score_search"]
+__all__ = ["Judgements", "evaluate_judgements", "http_searcher", "read_judgements", "score_search"]
 
 Judgements = dict[str, dict[str, str]]  # query → product_id → ESCI label
 
@@ -78,3 +79,36 @@ def score_search(judgements: Judgements, search: Callable[[str, int], list[str]]
     """Means of every metric over the judged queries, and each query's ranking."""
     run = {query: search(query, depth) for query in judgements}
     return {"metrics": evaluate(run, esci_qrels(judgements, gains), k=k), "queries": len(run), "run": run}
+
+
+def evaluate_judgements(args) -> dict:
+    """`--qrels` against the search service: a running one (`--search_url`) or one started on `--index_dir`."""
+    if bool(args.index_dir) == bool(args.search_url):
+        raise SystemExit("--qrels needs exactly one of --index_dir and --search_url")
+    try:
+        judgements = read_judgements(args.qrels)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--qrels: {e}") from e
+    target = args.search_url or args.index_dir
+    with contextlib.ExitStack() as stack:
+        url = args.search_url
+        if args.index_dir:
+            from localstack.http_server import BackgroundServer
+            from search.server import create_app, open_service
+
+            try:
+                index, embedder = open_service(args.index_dir, args.model, args.projection)
+            except (ValueError, FileNotFoundError) as e:
+                raise SystemExit(f"--index_dir: {e}") from e
+            url = stack.enter_context(BackgroundServer(create_app(index, embedder))).url
+        scored = score_search(judgements, http_searcher(url, args.ef_search), k=args.k)
+    metrics = {name: round(value, 4) for name, value in scored["metrics"].items()}
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / "search_quality.json"
+    existing = json.loads(path.read_text()) if path.exists() else {}
+    existing[str(target)] = {"qrels": str(args.qrels), "queries": scored["queries"], "k": args.k, **metrics}
+    path.write_text(json.dumps(existing, indent=2) + "\n")
+    print("| metric | value |\n|---|---|\n" + "\n".join(f"| {name} | {value:.4f} |" for name, value in metrics.items()))
+    print(f"({scored['queries']} judged queries against {target})")
+    return {"metrics": metrics, "run": scored["run"]}

@@ -8,7 +8,6 @@ kind of bad input the pipeline must dead-letter.
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
 from dataclasses import dataclass
@@ -17,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["CLASSES", "Product", "build_catalogue", "broken_events", "load_fashion_mnist"]
+from evaluation.fashion_mnist import CLASSES, load_fashion_mnist
 
-DATASET_DIR = Path("/usr/share/datasets/fashion-mnist")
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+__all__ = ["Product", "build_catalogue", "broken_events"]
+
 _COLOURS = ("black", "white", "navy", "grey", "red", "olive", "beige", "burgundy")
 _MATERIALS = ("cotton", "wool", "leather", "linen", "denim", "recycled polyester", "suede")
 _BRANDS = ("Nordlicht", "Castello", "Umami", "Kestrel", "Lumen", "Fjord & Co")
@@ -31,18 +30,6 @@ class Product:
     event: dict
     label: int
     image_path: Path
-
-
-def load_fashion_mnist(split: str = "t10k", dataset_dir: Path = DATASET_DIR) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 N×28×28, labels uint8 N) of the `train` or `t10k` split."""
-    images_path = dataset_dir / f"{split}-images-idx3-ubyte.gz"
-    if not images_path.exists():
-        raise FileNotFoundError(f"{images_path} is missing: install Debian's dataset-fashion-mnist (make apt-deps)")
-    with gzip.open(images_path) as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(dataset_dir / f"{split}-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)
-    return images, labels
 
 
 def _photo(pixels: np.ndarray, size: int) -> Image.Image:

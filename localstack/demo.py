@@ -36,7 +36,7 @@ from localstack.streaming import StreamingJob
 from model_handlers.config import DEFAULT_MODEL, ModelConfig
 from pipelines import embed
 from pipelines.options import EmbedJobConfig
-from transforms.download import FetchConfig
+from media.download import FetchConfig
 from transforms.images import ImageOptions
 
 __all__ = ["DemoReport", "run_streaming_demo"]

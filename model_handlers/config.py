@@ -9,13 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["ModelConfig", "ModelSpec", "DEFAULT_MODEL", "PRECISIONS", "DEVICES"]
+__all__ = ["ModelConfig", "ModelSpec", "DEFAULT_MODEL", "PRECISIONS", "DEVICES", "model_id", "split_model_id"]
 
 DEFAULT_MODEL = "packaged:effnet-lite0+minilm"
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("open_clip", "packaged")
 PACKAGED_MODELS = ("effnet-lite0+minilm",)
+HEAD_MARK = "+proj:"
+
+
+def model_id(spec: str, head_tag: str = "") -> str:
+    """The id vectors are labelled with: the spec, and the top-tuned head's tag when one is applied
+    (`packaged:effnet-lite0+minilm+proj:fashion-mnist-v1@3f9a0c1b2d4e`). The one place ids are built."""
+    return f"{spec}{HEAD_MARK}{head_tag}" if head_tag else str(spec)
+
+
+def split_model_id(model: str) -> tuple[str, str]:
+    """(spec, head tag or '') of a model id."""
+    spec, _, tag = model.partition(HEAD_MARK)
+    return spec, tag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +76,11 @@ class ModelConfig:
     image_weight: float = 0.5
     # A top-tuned head (model_handlers.projection) applied to the image vectors; "" for none.
     projection: str = ""
+    # `spec` parsed, once (set by __post_init__).
+    model_spec: ModelSpec = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        ModelSpec.parse(self.spec)
+        object.__setattr__(self, "model_spec", ModelSpec.parse(self.spec))
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.precision not in PRECISIONS:
@@ -82,12 +97,13 @@ class ModelConfig:
             raise ValueError("image_weight must be strictly between 0 and 1")
 
     @property
-    def model_spec(self) -> ModelSpec:
-        return ModelSpec.parse(self.spec)
-
-    @property
     def model_id(self) -> str:
-        """What records carry: the spec, plus the head's name and digest when one is applied."""
-        from model_handlers.projection import model_id
+        """What records carry: the spec, plus the head's tag when one is applied (the head is read
+        and checked to be trained on this spec: ValueError if not)."""
+        if not self.projection:
+            return model_id(self.spec)
+        from model_handlers.projection import load_projection  # torch: only when a head is used
 
-        return model_id(self.spec, self.projection)
+        head = load_projection(self.projection)
+        head.check_model(self.spec)
+        return model_id(self.spec, head.tag)

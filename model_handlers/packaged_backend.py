@@ -17,21 +17,10 @@ import torch
 
 from model_handlers.backend import EmbeddingBackend
 from model_handlers.frozen import freeze_for_cpu
-from model_handlers.preprocess import ImagePreprocess
+from model_handlers.backends import PACKAGED_DIMS, PACKAGED_PREPROCESS
+from model_handlers.config import ModelSpec
 
-__all__ = ["PackagedBackend", "PACKAGED_PREPROCESS"]
-
-# The reference EfficientNet-Lite eval transform (tensorflow/tpu efficientnet/lite):
-# centre crop of 224/(224+32) of the shorter side, bicubic, then (x - 127) / 128.
-PACKAGED_PREPROCESS = ImagePreprocess(
-    resize_size=256,
-    crop_size=224,
-    mean=(127.0 / 255.0,) * 3,
-    std=(128.0 / 255.0,) * 3,
-    resize_mode="shortest",
-    interpolation="bicubic",
-)
-
+__all__ = ["PackagedBackend"]
 
 class _ImageFeatures(torch.nn.Module):
     """EfficientNet-Lite0's global-average-pooled 1280-d features (its classifier's input)."""
@@ -58,14 +47,13 @@ def image_tower(device: torch.device, frozen: bool) -> torch.nn.Module:
 
 
 class PackagedBackend(EmbeddingBackend):
-    model_id = "packaged:effnet-lite0+minilm"
     preprocess = PACKAGED_PREPROCESS
-    image_dim = 1280
-    text_dim = 384
+    image_dim, text_dim = PACKAGED_DIMS
     shared_space = False
 
-    def __init__(self, **kwargs):
+    def __init__(self, spec: ModelSpec, **kwargs):
         super().__init__(**kwargs)
+        self.spec = str(spec)
         # Both models load from site-packages; never let a library reach for a hub.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

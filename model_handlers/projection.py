@@ -24,12 +24,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+import storage
+from model_handlers.config import model_id
 from model_handlers.fusion import l2_normalize
 
-__all__ = ["FORMAT", "Projection", "build_head", "load_projection", "model_id", "split_model_id", "save_projection"]
+__all__ = ["FORMAT", "Projection", "build_head", "load_projection", "save_projection"]
 
 FORMAT = "product-embeddings/projection"
-_MARK = "+proj:"
 
 
 def build_head(layers: Sequence[int]) -> torch.nn.Sequential:
@@ -72,8 +73,13 @@ class Projection:
         return self.layers[-1]
 
     @property
+    def tag(self) -> str:
+        """What the model id says of the head: its name, version and content digest."""
+        return f"{self.name}-v{self.version}@{self.digest[:12]}"
+
+    @property
     def model_id(self) -> str:
-        return f"{self.model}{_MARK}{self.name}-v{self.version}@{self.digest[:12]}"
+        return model_id(self.model, self.tag)
 
     def check_model(self, spec: str) -> None:
         """ValueError unless the head was trained on `spec`'s vectors."""
@@ -92,20 +98,11 @@ class Projection:
         return l2_normalize(tuned)
 
 
-def _read(path: str) -> bytes:
-    if "://" in path:
-        from apache_beam.io.filesystems import FileSystems
-
-        with FileSystems.open(path) as f:
-            return f.read()
-    return Path(path).read_bytes()
-
-
 @functools.lru_cache(maxsize=8)
 def load_projection(path: str) -> Projection:
     """Reads and checks an artifact; ValueError says what is wrong with it (cached per process)."""
     try:
-        data = _read(path)
+        data = storage.read_bytes(path)
     except (OSError, FileNotFoundError) as e:
         raise ValueError(f"cannot read projection {path}: {e}") from e
     try:
@@ -124,17 +121,3 @@ def load_projection(path: str) -> Projection:
     return Projection(model=str(saved["model"]), name=str(saved["name"]), version=int(saved["version"]),
                       digest=hashlib.sha256(data).hexdigest(), layers=layers, head=head)
 
-
-def model_id(spec: str, projection: str = "") -> str:
-    """The id records carry: the spec, or the spec and the head (checked to be trained on that spec)."""
-    if not projection:
-        return spec
-    head = load_projection(projection)
-    head.check_model(spec)
-    return head.model_id
-
-
-def split_model_id(model: str) -> tuple[str, str]:
-    """(spec, projection tag or '') of a model id."""
-    spec, _, tag = model.partition(_MARK)
-    return spec, tag

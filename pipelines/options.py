@@ -15,13 +15,13 @@ import re
 
 from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, StandardOptions, TestOptions
 
+import storage
 from model_handlers.backends import check_model, embedding_dim
-from model_handlers.projection import model_id
 from model_handlers.config import DEFAULT_MODEL, DEVICES, PRECISIONS, ModelConfig
 from pipelines.preflight import PreflightError, check_pubsub
 from search.store import HnswParams, StoreSettings
-from transforms.decode import DEFAULT_MAX_PIXELS
-from transforms.download import FetchConfig
+from media.decode import DEFAULT_MAX_PIXELS
+from media.download import FetchConfig
 from transforms.bigquery import EMULATOR_ENV, WRITE_METHODS
 from transforms.images import ImageOptions
 
@@ -301,7 +301,7 @@ class IndexJobConfig:
         if shared.model:
             try:
                 check_model(shared.model, shared.projection or "", check_remote=not dry_run)
-                model = model_id(shared.model, shared.projection or "")
+                model = ModelConfig(spec=shared.model, projection=shared.projection or "").model_id
                 dim = embedding_dim(shared.model, shared.projection or "")
             except ValueError as e:
                 problems.append(str(e))
@@ -343,14 +343,11 @@ def _existing_layout(index_dir: str) -> dict | None:
 
 def check_input_matches(pattern: str) -> None:
     """PreflightError unless the glob matches at least one file (Beam would raise deep in the graph)."""
-    from apache_beam.io.filesystems import FileSystems
-
     try:
-        matched = FileSystems.match([pattern])[0].metadata_list
-    except Exception as e:  # each filesystem raises its own errors: all mean "cannot list"
-        raise PreflightError(f"cannot list --input_file {pattern}: {e}") from e
-    if not matched:
-        raise PreflightError(f"--input_file {pattern} matches no files")
+        if not storage.match(pattern):
+            raise PreflightError(f"--input_file {pattern} matches no files")
+    except storage.Unreachable as e:
+        raise PreflightError(f"--input_file: {e}") from e
 
 
 def _write_method(requested: str, runner: str) -> str:

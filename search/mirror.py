@@ -19,66 +19,25 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import sqlite3
 import tempfile
 import threading
 from pathlib import Path
 
+import storage
+from search import store_sql
 from search.segment import Segment, SegmentInfo
 from search.store import MARKER, CommitDelta
 
-__all__ = ["ShardReplica", "exists", "has_snapshot", "is_remote", "local_generation", "pull", "read_text", "restore", "write_text"]
+__all__ = ["ShardPublisher", "has_snapshot", "local_generation", "pull", "restore"]
 
 _log = logging.getLogger(__name__)
 _WIDTH = 20  # generation digits: names sort in commit order
-_UPSERT = ("INSERT INTO products VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(product_id) DO UPDATE SET "
-           "version=excluded.version, doc_id=excluded.doc_id, shop_id=excluded.shop_id, "
-           "title=excluded.title, image_url=excluded.image_url")
-
-
-def _fs():
-    """Beam's FileSystems, imported only when an index is remote: the search service runs without Beam."""
-    from apache_beam.io.filesystems import FileSystems
-
-    return FileSystems
-
-
-def is_remote(path: str | Path) -> bool:
-    return "://" in str(path)
-
-
-def exists(path: str) -> bool:
-    return _fs().exists(path)
-
-
-def read_text(path: str) -> str:
-    with _fs().open(path) as f:
-        return f.read().decode("utf-8")
-
-
-def write_text(path: str, text: str) -> None:
-    with _fs().create(path) as f:
-        f.write(text.encode("utf-8"))
-
-
-def _download(remote: str, local: Path) -> None:
-    tmp = local.with_name(local.name + ".part")
-    with _fs().open(remote) as source, open(tmp, "wb") as sink:
-        shutil.copyfileobj(source, sink, 8 * 1024 * 1024)
-    os.replace(tmp, local)
-
-
-def _upload(local: Path, remote: str) -> None:
-    with open(local, "rb") as source, _fs().create(remote) as sink:
-        shutil.copyfileobj(source, sink, 8 * 1024 * 1024)
 
 
 def _generations(pattern: str) -> dict[int, str]:
     """generation → path of the objects matching `pattern` (named GENERATION.ext)."""
-    (result,) = _fs().match([pattern])
-    return {int(Path(m.path).name.split(".")[0]): m.path for m in result.metadata_list}
+    return {int(Path(path).name.split(".")[0]): path for path in storage.match(pattern)}
 
 
 class _Remote:
@@ -99,12 +58,7 @@ class _Remote:
         return max(known) if known else None
 
     def segment_files(self, name: str) -> list[str]:
-        (result,) = _fs().match([self.path(name + ".*")])
-        return [m.path for m in result.metadata_list if Path(m.path).name in Segment.files(name)]
-
-
-def _generation(db: sqlite3.Connection) -> int:
-    return int(db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+        return [path for path in storage.match(self.path(name + ".*")) if Path(path).name in Segment.files(name)]
 
 
 def local_generation(local_dir: Path) -> int | None:
@@ -113,7 +67,7 @@ def local_generation(local_dir: Path) -> int | None:
         return None
     db = sqlite3.connect(f"file:{local_dir / 'state.sqlite'}?mode=ro", uri=True, timeout=60)
     try:
-        return _generation(db)
+        return store_sql.generation(db)
     finally:
         db.close()
 
@@ -121,13 +75,9 @@ def local_generation(local_dir: Path) -> int | None:
 def _replay(db: sqlite3.Connection, delta: dict) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.executemany(_UPSERT, [tuple(row) for row in delta["products"]])
-        db.executemany("DELETE FROM segments WHERE name = ?", [(name,) for name in delta["removed"]])
-        db.executemany("INSERT INTO segments VALUES (?, ?, ?)", [tuple(info) for info in delta["added"]])
-        db.execute("UPDATE meta SET value = ? WHERE key = 'next_doc_id'", (str(delta["next_doc_id"]),))
-        db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(delta["generation"]),))
-        if delta.get("checkpoint") is not None:
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('checkpoint', ?)", (delta["checkpoint"],))
+        store_sql.write_commit(db, generation=delta["generation"], products=delta["products"], added=delta["added"],
+                               removed=delta["removed"], next_doc_id=delta["next_doc_id"],
+                               checkpoint=delta.get("checkpoint"))
     except BaseException:
         db.execute("ROLLBACK")
         raise
@@ -139,7 +89,7 @@ def _fetch_segments(remote: _Remote, local_dir: Path, names) -> None:
         if not (local_dir / f"{name}.ids.npy").exists():
             # ids last: its presence marks a whole segment, as in Segment.write
             for path in sorted(remote.segment_files(name), key=lambda p: p.endswith(".ids.npy")):
-                _download(path, local_dir / Path(path).name)
+                storage.copy_to_local(path, local_dir / Path(path).name)
 
 
 def has_snapshot(remote_dir: str) -> bool:
@@ -160,10 +110,10 @@ def restore(remote_dir: str, local_dir: Path) -> int:
     (local_dir / MARKER).unlink(missing_ok=True)
     state = local_dir / "state.sqlite"
     if not state.exists():
-        _download(snapshots[max(snapshots)], state)
+        storage.copy_to_local(snapshots[max(snapshots)], state)
         return pull(remote_dir, local_dir)
     copy = local_dir / "snapshot.sqlite"
-    _download(snapshots[max(snapshots)], copy)
+    storage.copy_to_local(snapshots[max(snapshots)], copy)
     db = sqlite3.connect(state, isolation_level=None, timeout=60)
     try:
         db.execute("ATTACH DATABASE ? AS snapshot", (str(copy),))
@@ -184,7 +134,7 @@ def pull(remote_dir: str, local_dir: Path) -> int:
     remote = _Remote(remote_dir)
     db = sqlite3.connect(local_dir / "state.sqlite", isolation_level=None, timeout=60)
     try:
-        generation = _generation(db)
+        generation = store_sql.generation(db)
         newer = sorted((g, p) for g, p in remote.commits().items() if g > generation)
         if not newer or newer[0][0] != generation + 1:
             snapshots = remote.snapshots()
@@ -194,7 +144,7 @@ def pull(remote_dir: str, local_dir: Path) -> int:
         for expected, (g, path) in enumerate(newer, generation + 1):
             if g != expected:
                 break  # a gap: a commit still being written; the rest waits for the next pull
-            delta = json.loads(read_text(path))
+            delta = json.loads(storage.read_bytes(path))
             _fetch_segments(remote, local_dir, [info[0] for info in delta["added"]])
             _replay(db, delta)
             generation = g
@@ -208,8 +158,9 @@ def pull(remote_dir: str, local_dir: Path) -> int:
         db.close()
 
 
-class ShardReplica:
-    """The writer's side: a `CommitListener` for an `IndexStore` on `local_dir` that ships to `remote_dir`."""
+class ShardPublisher:
+    """The writer's side: a `CommitListener` for an `IndexStore` on `local_dir` that publishes each of
+    its commits to `remote_dir`, where replicas (`restore`, `pull`) read them."""
 
     def __init__(self, remote_dir: str, local_dir: Path, snapshot_every: int = 500):
         self.remote = _Remote(remote_dir)
@@ -226,7 +177,7 @@ class ShardReplica:
             self._uncommitted.add(info.name)
         for name in Segment.files(info.name):
             if (directory / name).exists():
-                _upload(directory / name, self.remote.path(name))
+                storage.copy_from_local(directory / name, self.remote.path(name))
 
     def committed(self, delta: CommitDelta) -> None:
         """Ships this commit and any left over from a failure before it, in generation order."""
@@ -241,12 +192,13 @@ class ShardReplica:
 
     def _ship(self, delta: CommitDelta) -> None:
         path = self.remote.path("commits", f"{delta.generation:0{_WIDTH}d}.json")
-        if _fs().exists(path):
-            raise RuntimeError(f"{path} exists: another process is writing to {self.remote.root}")
-        write_text(path, json.dumps({
-            "generation": delta.generation, "next_doc_id": delta.next_doc_id, "products": delta.products,
-            "added": [[i.name, i.kind, i.count] for i in delta.added], "removed": list(delta.removed),
-            "checkpoint": delta.checkpoint}))
+        try:  # the remote commit point: exactly one writer creates generation G
+            storage.create_only(path, json.dumps({
+                "generation": delta.generation, "next_doc_id": delta.next_doc_id, "products": delta.products,
+                "added": [[i.name, i.kind, i.count] for i in delta.added], "removed": list(delta.removed),
+                "checkpoint": delta.checkpoint}).encode("utf-8"))
+        except storage.AlreadyExists as e:
+            raise RuntimeError(f"{path} exists: another process is writing to {self.remote.root}") from e
 
     def snapshot(self, generation: int) -> None:
         """Uploads the whole local state (the caller holds the store's write lock), then prunes."""
@@ -255,13 +207,13 @@ class ShardReplica:
             source, target = sqlite3.connect(self.local_dir / "state.sqlite"), sqlite3.connect(copy)
             try:
                 source.backup(target)
-                if _generation(target) != generation:
-                    raise RuntimeError(f"snapshot of generation {_generation(target)}, expected {generation}")
+                if store_sql.generation(target) != generation:
+                    raise RuntimeError(f"snapshot of generation {store_sql.generation(target)}, expected {generation}")
                 live = {name for (name,) in target.execute("SELECT name FROM segments")}
             finally:
                 source.close()
                 target.close()
-            _upload(copy, self.remote.path("snapshots", f"{generation:0{_WIDTH}d}.sqlite"))
+            storage.copy_from_local(copy, self.remote.path("snapshots", f"{generation:0{_WIDTH}d}.sqlite"))
         self._snapshot_generation = generation
         self._prune(generation, live | self._uncommitted)
 
@@ -271,10 +223,9 @@ class ShardReplica:
         old = [p for g, p in self.remote.commits().items() if g <= generation]
         snapshots = sorted(self.remote.snapshots().items())
         old += [p for _, p in snapshots[:-2]]
-        (segments,) = _fs().match([self.remote.path("seg-*")])
-        old += [m.path for m in segments.metadata_list if Path(m.path).name.split(".", 1)[0] not in live]
+        old += [path for path in storage.match(self.remote.path("seg-*")) if Path(path).name.split(".", 1)[0] not in live]
         if old:
             try:
-                _fs().delete(old)
+                storage.delete(old)
             except Exception as e:  # pruning is housekeeping: the next snapshot tries again
                 _log.warning("could not prune %d old objects under %s: %s", len(old), self.remote.root, e)

@@ -12,8 +12,8 @@ import numpy as np
 
 from model_handlers.backends import load_backend
 from model_handlers.config import ModelConfig, ModelSpec
-from transforms.decode import decode_image
-from transforms.download import FetchConfig, ImageFetcher
+from media.decode import decode_image
+from media.download import FetchConfig, ImageFetcher
 
 __all__ = ["QueryEmbedder", "QueryError", "runs_here"]
 

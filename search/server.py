@@ -29,12 +29,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from model_handlers.projection import model_id, split_model_id
-from search.mirror import is_remote
-from search.query import QueryEmbedder, QueryError
+import storage
+from model_handlers.config import ModelConfig, model_id, split_model_id
+from search.query import QueryEmbedder, QueryError, runs_here
 from search.sharded import ShardedIndex
 from search.store import IndexMismatch
-from transforms.download import FetchConfig
+from media.download import FetchConfig
 
 __all__ = ["DEFAULT_EF_SEARCH", "SearchRequest", "SearchResponse", "build_parser", "create_app", "main",
            "open_service"]
@@ -296,7 +296,7 @@ def open_service(index_dir: str, model: str | None = None, projection: str = "",
     index = ShardedIndex.open(index_dir, cache_dir=Path(cache_dir) if cache_dir else None)
     index_spec, index_head = split_model_id(index.model)
     spec = model or index_spec
-    query_model = model_id(spec, projection)
+    query_model = ModelConfig(spec=spec, projection=projection).model_id if runs_here(spec) else model_id(spec)
     if query_model != index.model:
         hint = f" (its vectors were tuned by head {index_head}: pass that --projection)" if index_head else ""
         raise ValueError(f"queries would be embedded as {query_model}, the index holds {index.model}: "
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         sock.close()
         parser.exit(1, f"search.server: {e}\n")
     # A remote index is polled for new commits (an object listing per shard) less often.
-    refresh_secs = 1.0 if is_remote(args.index_dir) else 0.2
+    refresh_secs = 1.0 if storage.is_remote(args.index_dir) else 0.2
     host, port = sock.getsockname()[:2]
     stats = index.stats()
     queries = "" if embedder.backend is not None else "; vector queries only: this service cannot run the model"

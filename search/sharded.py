@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from search.mirror import (ShardReplica, exists, has_snapshot, is_remote, local_generation, pull, read_text, restore,
-                           write_text)
+import storage
+from search.mirror import ShardPublisher, has_snapshot, local_generation, pull, restore
 from search.store import Hit, IndexMismatch, IndexStore, StoreSettings
 
 __all__ = ["ShardedIndex", "shard_of", "writer_cache_dir"]
@@ -44,7 +44,7 @@ class ShardedIndex:
     def __init__(self, index_dir: str | Path, shards: list[IndexStore], num_shards: int,
                  mirrors: list[tuple[str, Path]] | None = None):
         """`mirrors`: for a remote index opened to read, each shard's (remote dir, local replica)."""
-        self.index_dir = index_dir if is_remote(index_dir) else Path(index_dir)
+        self.index_dir = index_dir if storage.is_remote(index_dir) else Path(index_dir)
         self.shards = shards
         self.num_shards = num_shards
         self.model = shards[0].model
@@ -59,56 +59,32 @@ class ShardedIndex:
 
     @staticmethod
     def layout(index_dir: str | Path) -> dict | None:
-        if is_remote(index_dir):
-            path = f"{str(index_dir).rstrip('/')}/index.json"
-            return json.loads(read_text(path)) if exists(path) else None
-        path = Path(index_dir) / "index.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        path = f"{str(index_dir).rstrip('/')}/index.json"
+        return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
 
     @classmethod
     def ensure_layout(cls, index_dir: str | Path, num_shards: int, model: str, dim: int) -> dict:
-        """Writes `index.json` if there is none; refuses a layout that disagrees."""
-        if is_remote(index_dir):
-            return cls._ensure_remote_layout(str(index_dir), num_shards, model, dim)
-        index_dir = Path(index_dir)
-        index_dir.mkdir(parents=True, exist_ok=True)
+        """Writes `index.json` if there is none (exactly one of racing writers creates it); refuses a
+        layout that disagrees; makes every shard, so readers can open them all from the start."""
         wanted = {"num_shards": num_shards, "model": model, "dim": dim}
+        if not storage.is_remote(index_dir):
+            Path(index_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            storage.create_only(f"{str(index_dir).rstrip('/')}/index.json", json.dumps(wanted).encode())
+        except storage.AlreadyExists:
+            pass
         current = cls.layout(index_dir)
-        if current is None:
-            tmp = index_dir / f"index.json.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(wanted))
-            try:
-                os.link(tmp, index_dir / "index.json")  # fails if another writer got there first
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink()
-            current = cls.layout(index_dir)
         if current != wanted:
             raise IndexMismatch(f"{index_dir} holds {current}, not {wanted}")
-        for n in range(num_shards):  # every shard exists from the start, so readers can open them all
-            if not (cls.shard_dir(index_dir, n) / "state.sqlite").exists():
+        for n in range(num_shards):
+            if storage.is_remote(index_dir):
+                remote = cls.shard_path(index_dir, n)
+                if not has_snapshot(remote):
+                    with tempfile.TemporaryDirectory() as tmp:
+                        IndexStore(Path(tmp), model=model, dim=dim).close()
+                        ShardPublisher(remote, Path(tmp)).snapshot(0)
+            elif not (cls.shard_dir(index_dir, n) / "state.sqlite").exists():
                 IndexStore(cls.shard_dir(index_dir, n), model=model, dim=dim).close()
-        return current
-
-    @classmethod
-    def _ensure_remote_layout(cls, index_dir: str, num_shards: int, model: str, dim: int) -> dict:
-        # Object stores have no create-if-absent here: two writers racing on a new index both
-        # write the same layout, and the check below still catches a different one.
-        wanted = {"num_shards": num_shards, "model": model, "dim": dim}
-        current = cls.layout(index_dir)
-        if current is None:
-            write_text(f"{index_dir.rstrip('/')}/index.json", json.dumps(wanted))
-            current = wanted
-        if current != wanted:
-            raise IndexMismatch(f"{index_dir} holds {current}, not {wanted}")
-        for n in range(num_shards):  # every shard has a snapshot from the start, so readers can open them all
-            remote = cls.shard_path(index_dir, n)
-            if not has_snapshot(remote):
-                with tempfile.TemporaryDirectory() as tmp:
-                    store = IndexStore(Path(tmp), model=model, dim=dim)
-                    store.close()
-                    ShardReplica(remote, Path(tmp)).snapshot(0)
         return current
 
     @staticmethod
@@ -126,11 +102,11 @@ class ShardedIndex:
                     snapshot_every: int = 500) -> IndexStore:
         """The one writer of a shard: the store itself, or for a remote index a local store that ships
         every commit there (restored from there first unless the local copy is at the same commit)."""
-        if not is_remote(index_dir):
+        if not storage.is_remote(index_dir):
             return IndexStore(cls.shard_dir(index_dir, shard), model=model, dim=dim, settings=settings)
         remote = cls.shard_path(index_dir, shard)
         local = (cache_dir or writer_cache_dir(str(index_dir))) / f"shard-{shard:03d}"
-        replica = ShardReplica(remote, local, snapshot_every)
+        replica = ShardPublisher(remote, local, snapshot_every)
         if local_generation(local) != replica.remote.latest():
             restore(remote, local)
         return IndexStore(local, model=model, dim=dim, settings=settings, listener=replica)
@@ -143,7 +119,7 @@ class ShardedIndex:
         layout = cls.layout(index_dir)
         if layout is None:
             raise FileNotFoundError(f"no index at {index_dir} (no index.json)")
-        if is_remote(index_dir):
+        if storage.is_remote(index_dir):
             if not read_only:
                 raise ValueError("open a remote index's shards for writing with ShardedIndex.open_writer")
             cache = Path(cache_dir or tempfile.mkdtemp(prefix="index-replica-"))

@@ -30,26 +30,12 @@ import faiss
 import numpy as np
 
 from schemas import EmbeddingRecord
+from search import store_sql
 from search.segment import HnswParams, Segment, SegmentCorrupted, SegmentInfo, top_k
 
 __all__ = ["ApplyResult", "CommitDelta", "Hit", "IndexMismatch", "IndexStore", "StoreCorrupted", "StoreSettings"]
 
 _log = logging.getLogger(__name__)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS products (
-    product_id TEXT PRIMARY KEY,
-    version INTEGER NOT NULL,
-    doc_id INTEGER,
-    shop_id TEXT NOT NULL,
-    title TEXT NOT NULL,
-    image_url TEXT NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS products_doc ON products(doc_id) WHERE doc_id IS NOT NULL;
-CREATE TABLE IF NOT EXISTS segments (name TEXT PRIMARY KEY, kind TEXT NOT NULL, count INTEGER NOT NULL);
-"""
-
 
 MARKER = "committed"  # the commit marker's file name
 
@@ -149,7 +135,7 @@ class IndexStore:
         self._write_lock = threading.RLock()
         self._compacting = threading.Lock()
         if not read_only:
-            self._db().executescript(_SCHEMA)  # its own transaction: executescript commits
+            self._db().executescript(store_sql.SCHEMA)  # its own transaction: executescript commits
         with self._transaction() as db:
             meta = dict(db.execute("SELECT key, value FROM meta"))
             if not meta:
@@ -207,9 +193,6 @@ class IndexStore:
     def _transaction(self, immediate: bool | None = None):
         return self._Tx(self._db(), not self.read_only if immediate is None else immediate)
 
-    def _meta(self, db, key: str) -> str:
-        return db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
-
     # Commit marker -------------------------------------------------------------------------
     # The generation of the last commit, also kept outside SQLite, written after each commit:
     # were the WAL lost (deleted, or not copied with the database), the database would quietly
@@ -234,12 +217,12 @@ class IndexStore:
         reuse = reuse or {}
         marked = self._marked_generation()  # read first: the writer marks only after committing
         with self._transaction(immediate=False) as db:
-            generation = int(self._meta(db, "generation"))
+            generation = int(store_sql.meta(db, "generation"))
             if generation < marked:
                 raise StoreCorrupted(f"{self.directory} is at generation {generation} but committed {marked}: "
                                      f"its database lost commits (was state.sqlite-wal deleted?); restore the "
                                      f"shard from a copy or rebuild it")
-            next_doc = int(self._meta(db, "next_doc_id"))
+            next_doc = int(store_sql.meta(db, "next_doc_id"))
             infos = [SegmentInfo(*row) for row in db.execute("SELECT name, kind, count FROM segments ORDER BY name")]
             rows = db.execute("SELECT doc_id, shop_id FROM products WHERE doc_id IS NOT NULL").fetchall()
         live = np.zeros(next_doc, bool)
@@ -257,7 +240,7 @@ class IndexStore:
         cannot be loaded (a corrupt segment, lost commits) this raises and the view stays the last good
         one; the same generation is tried again only after `retry_secs`."""
         with self._transaction(immediate=False) as db:
-            generation = int(self._meta(db, "generation"))
+            generation = int(store_sql.meta(db, "generation"))
         if generation == self._view.generation:
             return False
         if self._broken and self._broken[0] == generation and time.monotonic() - self._broken[1] < retry_secs:
@@ -318,7 +301,7 @@ class IndexStore:
         with self._write_lock:
             view = self._view
             with self._transaction() as db:
-                next_doc = int(self._meta(db, "next_doc_id"))
+                next_doc = int(store_sql.meta(db, "next_doc_id"))
                 current = _current_states(db, {r.product_id for r in accepted})
                 changed: dict[str, tuple] = {}
                 vectors: dict[str, int] = {}  # product → row of `embeddings`
@@ -347,17 +330,10 @@ class IndexStore:
                     segment = Segment(self.directory, info, self._require_sums)  # verified before it is committed
                     if self._listener:
                         self._listener.segment_written(self.directory, info)
-                    db.execute("INSERT INTO segments VALUES (?, ?, ?)", (info.name, info.kind, info.count))
-                db.executemany(
-                    "INSERT INTO products VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(product_id) DO UPDATE SET "
-                    "version=excluded.version, doc_id=excluded.doc_id, shop_id=excluded.shop_id, "
-                    "title=excluded.title, image_url=excluded.image_url",
-                    [(pid, *state) for pid, state in changed.items()],
-                )
-                db.execute("UPDATE meta SET value = ? WHERE key = 'next_doc_id'", (str(next_doc),))
-                db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(view.generation + 1),))
-                if checkpoint is not None:
-                    db.execute("INSERT OR REPLACE INTO meta VALUES ('checkpoint', ?)", (checkpoint,))
+                store_sql.write_commit(db, generation=view.generation + 1,
+                                    products=[(pid, *state) for pid, state in changed.items()],
+                                    added=[(info.name, info.kind, info.count)] if info else (),
+                                    next_doc_id=next_doc, checkpoint=checkpoint)
             self._committed(view.generation + 1)
             self._view = self._next_view(view, changed, current, segment, next_doc)
             if self._listener:
@@ -429,10 +405,9 @@ class IndexStore:
             merged = Segment(self.directory, info, self._require_sums) if info else None
             with self._write_lock:
                 with self._transaction() as db:
-                    db.executemany("DELETE FROM segments WHERE name = ?", [(seg.info.name,) for seg in plan])
-                    if info:
-                        db.execute("INSERT INTO segments VALUES (?, ?, ?)", (info.name, info.kind, info.count))
-                    db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(self._view.generation + 1),))
+                    store_sql.write_commit(db, generation=self._view.generation + 1,
+                                        removed=[seg.info.name for seg in plan],
+                                        added=[(info.name, info.kind, info.count)] if info else ())
                 self._committed(self._view.generation + 1)
                 current = self._view
                 names = {seg.info.name for seg in plan}

@@ -1,4 +1,5 @@
-"""Shared fixtures: a recording image server on loopback, test images, and loaded backends."""
+"""Shared fixtures: a recording image server on loopback, test images, loaded backends, the
+emulators, and the search service's colour index."""
 
 from __future__ import annotations
 
@@ -9,11 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from localstack.image_server import ImageServer
+from localstack.image_server import ImageServer, Route
+from media.decode import decode_image
+from media.download import FetchConfig
 from model_handlers.backends import load_backend
 from model_handlers.config import ModelConfig
+from schemas import ProductEvent
+from search.query import QueryEmbedder
+from search.sharded import ShardedIndex, shard_of
+from transforms.records import embedding_record
 
 TINY_CLIP = "open_clip:tiny-clip-test"
+DIM = 64  # tiny CLIP's vectors
 
 logging.getLogger("apache_beam").setLevel(logging.WARNING)
 
@@ -74,3 +82,43 @@ def unique_name(request):
 
     stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
     return lambda kind: f"{kind}-{stem}-{uuid.uuid4().hex[:8]}"
+
+
+# The search service's test index: 24 products in three colours, embedded by tiny CLIP.
+COLOURS = {"red": (200, 30, 30), "green": (30, 160, 60), "blue": (40, 60, 200)}
+
+
+def solid_jpeg(rgb) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 96), rgb).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def query_embedder():
+    """Tiny CLIP query embedder that may fetch images from loopback."""
+    return QueryEmbedder(TINY_CLIP, DIM, device="cpu", fetch=FetchConfig(allow_private_hosts=True))
+
+
+@pytest.fixture
+def colour_index(tmp_path, image_server, query_embedder):
+    """A small index of products embedded by the real backend, images on the image server."""
+    index_dir = tmp_path / "index"
+    ShardedIndex.ensure_layout(index_dir, 2, TINY_CLIP, DIM)
+    writer = ShardedIndex.open(index_dir, read_only=False)
+    records = []
+    for n in range(24):
+        colour = list(COLOURS)[n % 3]
+        image_server.routes[f"/{n}.jpg"] = Route(body=solid_jpeg(COLOURS[colour]), headers={"Content-Type": "image/jpeg"})
+        event = ProductEvent(f"e{n}", f"p{n}", "upsert", 1, shop_id=f"shop-{n % 2}", title=f"{colour} shirt {n}",
+                             image_urls=(image_server.url(f"{n}.jpg"),))
+        pixels = decode_image(solid_jpeg(COLOURS[colour]), query_embedder.backend.preprocess)
+        vectors = query_embedder.backend.embed_products([([pixels], event.text)])[0]
+        records.append(embedding_record(event, vectors, TINY_CLIP, event.image_urls[0]))
+    for n, shard in enumerate(writer.shards):
+        shard.apply([r for r in records if shard_of(r.product_id, 2) == n])
+    return index_dir, writer, records

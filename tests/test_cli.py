@@ -25,8 +25,8 @@ import requests
 from localstack.emulator import free_port
 from pipelines.options import EmbedOptions, IndexOptions, LaunchOptions, SharedOptions
 from tests.conftest import TINY_CLIP
-from tests.index_helpers import record
-from tests.server_process import ServerProcess
+from tests.support.index_helpers import record
+from tests.support.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 DATAFLOW = ["--runner", "DataflowRunner", "--dry_run=True", "--no_auth", "--project", "my-project",

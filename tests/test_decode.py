@@ -8,10 +8,11 @@ import pytest
 from PIL import Image, ImageOps
 
 from model_handlers.backends import image_preprocess
-from model_handlers.packaged_backend import PACKAGED_PREPROCESS
-from model_handlers.preprocess import ImagePreprocess, normalize_on_device
+from model_handlers.backends import PACKAGED_PREPROCESS
+from model_handlers.backend import normalize_on_device
+from model_handlers.preprocess import ImagePreprocess
 from tests.conftest import TINY_CLIP, image_bytes
-from transforms.decode import DecodeError, _resample, decode_image
+from media.decode import DecodeError, decode_image, resample
 
 CLIP_224 = ImagePreprocess(224, 224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
@@ -63,7 +64,7 @@ def test_the_region_resampler_reproduces_pillows_filter(interpolation):
     pixels = np.asarray(Image.open(io.BytesIO(image_bytes("JPEG", size=(400, 300), quality=92))).convert("RGB"))
     filters = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
     pillow = np.asarray(Image.fromarray(pixels).resize((224, 224), filters[interpolation], box=(50, 0, 350, 300)))
-    ours = _resample(np.array(pixels[:, 50:350]), 224, interpolation)
+    ours = resample(np.array(pixels[:, 50:350]), 224, interpolation)
     diff = np.abs(ours.astype(int) - pillow.astype(int))
     assert ours.shape == (224, 224, 3) and ours.dtype == np.uint8
     assert diff.max() <= 3 and diff.mean() < 0.02  # rounding of the intermediate pass, on a few pixels
@@ -167,8 +168,8 @@ def test_slivers_are_refused_from_the_header_with_bounded_memory():
     code = """
 import io, resource, sys
 from PIL import Image
-from model_handlers.packaged_backend import PACKAGED_PREPROCESS
-from transforms.decode import DecodeError, decode_image
+from model_handlers.backends import PACKAGED_PREPROCESS
+from media.decode import DecodeError, decode_image
 images = []
 for size in ((100_000, 1), (1, 100_000)):
     buffer = io.BytesIO()

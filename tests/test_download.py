@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-import transforms.host_guard as host_guard
+import media.host_guard as host_guard
 from localstack.image_server import ImageServer, Route
-from transforms.download import DownloadError, FetchConfig, HostRefused, ImageFetcher
+from media.download import DownloadError, FetchConfig, HostRefused, ImageFetcher
 
 JPEG = b"\xff\xd8\xff" + b"x" * 1000
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
 import json
 
@@ -15,25 +14,13 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from localstack.image_server import Route
-from model_handlers.config import ModelConfig
 from model_handlers.handler import ProductEmbeddingHandler
 from pipelines import embed
-from pipelines.options import EmbedJobConfig
 from tests.conftest import TINY_CLIP, image_bytes
-from transforms.download import FetchConfig
+from tests.support.embed_helpers import config, event, read_jsonl, run_files
 from transforms.embedding import EmbedProducts
 from transforms.events import ParseEvents
-from transforms.images import ImageOptions
 from transforms.progress import read_outcomes
-
-FAST_FETCH = FetchConfig(allow_private_hosts=True, connect_timeout_s=1, read_timeout_s=0.5, total_timeout_s=3,
-                         retries=1, backoff_s=0.01, max_bytes=2_000_000, max_concurrent_downloads=8)
-
-
-def event(n: int, **fields) -> bytes:
-    data = {"event_id": f"e{n}", "product_id": f"p{n}", "op": "upsert", "version": n, "shop_id": "s1", **fields}
-    return json.dumps(data).encode()
-
 
 def solid_png(width: int, height: int) -> bytes:
     """16 megapixels in a few KB: what a decompression bomb looks like on the wire."""
@@ -89,26 +76,6 @@ def messages(server) -> dict[str, bytes]:
         "decode:truncated": event(20, image_urls=[url("truncated.jpg")]),
         "decode:bomb": event(21, image_urls=[url("bomb.png")]),
     }
-
-
-def config(tmp_path, spec=TINY_CLIP) -> EmbedJobConfig:
-    return EmbedJobConfig(
-        model=ModelConfig(spec=spec, device="cpu", max_batch_size=8),
-        images=ImageOptions(FAST_FETCH, max_pixels=4_000_000),
-        input_file=str(tmp_path / "events.jsonl"),
-        output_dir=str(tmp_path / "out"),
-    )
-
-
-def read_jsonl(pattern: str) -> list[dict]:
-    return [json.loads(line) for path in sorted(glob.glob(pattern)) for line in open(path, encoding="utf-8")]
-
-
-def run_files(tmp_path, lines: list[bytes], job: EmbedJobConfig):
-    (tmp_path / "events.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    with TestPipeline(runner="FnApiRunner") as p:
-        embed.build_pipeline(p, job)
-    return read_jsonl(job.output_dir + "/embeddings/*.jsonl"), read_jsonl(job.output_dir + "/dead_letter/*.jsonl")
 
 
 def test_every_input_line_ends_in_exactly_one_outcome(tmp_path, catalogue):

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from evaluation import run as evaluation_run
+from evaluation.charts import METRICS
+from evaluation.photo_retrieval import embed_split
 from model_handlers.projection import load_projection
 from tests.conftest import TINY_CLIP
 
@@ -24,8 +26,8 @@ def evaluated(tmp_path_factory):
 def test_small_evaluation_writes_pretrained_and_top_tuned_metrics(evaluated):
     tmp_path, _, results = evaluated
     for variant in ("pretrained", "top_tuned"):
-        assert set(evaluation_run.METRICS) <= set(results[variant])
-        assert all(0.0 <= results[variant][m] <= 1.0 for m in evaluation_run.METRICS)
+        assert set(METRICS) <= set(results[variant])
+        assert all(0.0 <= results[variant][m] <= 1.0 for m in METRICS)
         assert set(results["hnsw"][variant]) == set(results[variant])
     written = json.loads((tmp_path / "results" / "quality.json").read_text())
     assert written[TINY_CLIP]["queries"] == 60 and (tmp_path / "results" / "quality.png").exists()
@@ -44,7 +46,7 @@ def test_the_head_is_a_versioned_projection_artifact(evaluated):
 def test_shared_space_backends_get_text_to_image_retrieval(evaluated):
     tmp_path, _, results = evaluated
     for variant in ("pretrained", "top_tuned"):
-        assert all(0.0 <= results["text_to_image"][variant][m] <= 1.0 for m in evaluation_run.METRICS)
+        assert all(0.0 <= results["text_to_image"][variant][m] <= 1.0 for m in METRICS)
     assert "| text → image | pretrained |" in (tmp_path / "results" / "quality.md").read_text()
 
 
@@ -77,7 +79,7 @@ def test_reduced_precision_is_embedded_under_autocast_and_reported_as_its_own_ro
     assert {TINY_CLIP, f"{TINY_CLIP} @bf16"} <= set(written)
     # Its own cached embeddings: close to fp32's, but not fp32's.
     cache = tmp_path / "cache"
-    full, _ = evaluation_run.embed_split(TINY_CLIP, "t10k", 60, cache)
-    reduced, _ = evaluation_run.embed_split(TINY_CLIP, "t10k", 60, cache, precision="bf16")
+    full, _ = embed_split(TINY_CLIP, "t10k", 60, cache)
+    reduced, _ = embed_split(TINY_CLIP, "t10k", 60, cache, precision="bf16")
     cosines = (full * reduced).sum(axis=1) / np.linalg.norm(full, axis=1) / np.linalg.norm(reduced, axis=1)
     assert not np.array_equal(full, reduced) and cosines.min() > 0.98

@@ -1,6 +1,6 @@
 import pytest
 
-from transforms.host_guard import HostRefused, check_address, resolve_allowed
+from media.host_guard import HostRefused, check_address, resolve_allowed
 
 
 @pytest.mark.parametrize(

@@ -11,12 +11,12 @@ from apache_beam.utils.windowed_value import WindowedValue
 from localstack.image_server import Route
 from schemas import ProductEvent
 from tests.conftest import TINY_CLIP, image_bytes
-from transforms.download import FetchConfig
-from transforms.images import FetchedProduct, ImageOptions, _FetchImagesFn
+from media.download import FetchConfig
+from transforms.images import FetchedProduct, ImageOptions, FetchImagesFn
 
 
 def run_bundle(events, cap: int) -> list[WindowedValue]:
-    fn = _FetchImagesFn(TINY_CLIP, ImageOptions(FetchConfig(allow_private_hosts=True, max_concurrent_downloads=cap)))
+    fn = FetchImagesFn(TINY_CLIP, ImageOptions(FetchConfig(allow_private_hosts=True, max_concurrent_downloads=cap)))
     fn.setup()
     fn.start_bundle()
     out = []
@@ -93,7 +93,7 @@ def test_each_input_hands_on_at_most_one_product_and_the_window_holds_two_batche
         return Route(body=body, headers={"Content-Type": "image/jpeg"})
 
     image_server.routes["/a.jpg"] = slow
-    fn = _FetchImagesFn(TINY_CLIP, ImageOptions(FetchConfig(allow_private_hosts=True, max_concurrent_downloads=2)),
+    fn = FetchImagesFn(TINY_CLIP, ImageOptions(FetchConfig(allow_private_hosts=True, max_concurrent_downloads=2)),
                         batch_size=8)
     fn.setup()
     fn.start_bundle()

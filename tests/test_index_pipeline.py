@@ -15,7 +15,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipelines import index
 from search.sharded import ShardedIndex, shard_of
 from tests.conftest import TINY_CLIP
-from tests.index_helpers import live_truth, record
+from tests.support.index_helpers import live_truth, record
 
 DIM = 64
 

@@ -16,7 +16,7 @@ from localstack.image_server import ImageServer
 from model_handlers.config import ModelConfig
 from pipelines import embed
 from pipelines.options import EmbedJobConfig
-from transforms.download import FetchConfig
+from media.download import FetchConfig
 from transforms.images import ImageOptions
 
 

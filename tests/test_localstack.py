@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import requests
 
-from localstack.catalogue import CLASSES, broken_events, build_catalogue, load_fashion_mnist
+from evaluation.fashion_mnist import CLASSES, load_fashion_mnist
+from localstack.catalogue import broken_events, build_catalogue
 from localstack.image_server import ImageServer, Route
 from transforms.events import InvalidEvent, parse_event
 

@@ -14,14 +14,14 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from localstack.image_server import Route
 from model_handlers.backends import embedding_dim, load_backend
-from model_handlers.config import ModelConfig
-from model_handlers.projection import build_head, load_projection, model_id, save_projection, split_model_id
+from model_handlers.config import ModelConfig, split_model_id
+from model_handlers.projection import build_head, load_projection, save_projection
 from pipelines import index
 from pipelines.options import EmbedJobConfig
 from search.server import open_service
 from search.sharded import ShardedIndex
 from tests.conftest import TINY_CLIP, image_bytes
-from tests.test_embed_pipeline import config as embed_config, event, run_files
+from tests.support.embed_helpers import config as embed_config, event, run_files
 
 TUNED_DIM = 16
 
@@ -40,7 +40,8 @@ def head(tmp_path_factory) -> str:
 def test_the_artifact_round_trips_and_its_id_names_head_version_and_content(head, tmp_path):
     loaded = load_projection(head)
     assert (loaded.model, loaded.name, loaded.version, loaded.layers) == (TINY_CLIP, "test-head", 3, (64, 32, 16))
-    assert loaded.model_id == model_id(TINY_CLIP, head) == f"{TINY_CLIP}+proj:test-head-v3@{loaded.digest[:12]}"
+    assert loaded.model_id == ModelConfig(spec=TINY_CLIP, projection=head).model_id \
+        == f"{TINY_CLIP}+proj:test-head-v3@{loaded.digest[:12]}"
     assert split_model_id(loaded.model_id) == (TINY_CLIP, f"test-head-v3@{loaded.digest[:12]}")
     assert split_model_id(TINY_CLIP) == (TINY_CLIP, "")
     other = load_projection(write_head(tmp_path / "other.pt", seed=1))
@@ -70,8 +71,8 @@ def test_bad_artifacts_are_refused_with_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not a projection artifact"):
         load_projection(str(tmp_path / "plain.pt"))
     with pytest.raises(ValueError, match="trained on packaged"):
-        model_id(TINY_CLIP, write_head(tmp_path / "packaged.pt", model="packaged:effnet-lite0+minilm",
-                                       layers=(1280, 16)))
+        ModelConfig(spec=TINY_CLIP, projection=write_head(tmp_path / "packaged.pt", model="packaged:effnet-lite0+minilm",
+                                                          layers=(1280, 16))).model_id
 
 
 def test_a_projected_backend_serves_tuned_image_and_text_vectors(head, tiny_clip, tmp_path):

@@ -9,13 +9,13 @@ import random
 import numpy as np
 import pytest
 
-import search.mirror as mirror
+import storage
 from pipelines import index
 from search.sharded import ShardedIndex
 from search.server import open_service
 from tests.conftest import TINY_CLIP
-from tests.index_helpers import live_truth, record
-from tests.object_store import SCHEME, MemoryObjectStore
+from tests.support.index_helpers import live_truth, record
+from tests.support.object_store import SCHEME, MemoryObjectStore
 
 DIM = 8
 REMOTE = f"{SCHEME}://bucket/index"
@@ -108,15 +108,15 @@ def test_a_restarted_writer_continues_from_the_remote_and_reuses_a_current_local
 def test_a_commit_that_failed_to_ship_is_shipped_first_next_time(tmp_path, monkeypatch):
     w = writer(tmp_path)
     w.apply([record("a", 1, dim=DIM)])
-    real_write = mirror.write_text
+    real_create = storage.create_only
     failures = iter([True])
 
-    def flaky(path, text):
-        if "/commits/" in path and next(failures, False):
+    def flaky(path, data):
+        if "/commits/" in str(path) and next(failures, False):
             raise OSError("503 from the object store")
-        real_write(path, text)
+        real_create(path, data)
 
-    monkeypatch.setattr(mirror, "write_text", flaky)
+    monkeypatch.setattr(storage, "create_only", flaky)
     with pytest.raises(OSError, match="503"):
         w.apply([record("b", 1, dim=DIM)])  # committed locally, not shipped: Beam retries the bundle
     w.apply([record("b", 1, dim=DIM), record("c", 1, dim=DIM)])  # the retry: b is a repeat, c is new

@@ -40,7 +40,7 @@ def test_event_text_joins_title_and_description():
 
 
 def test_dead_letter_truncates_payload_and_names_the_stage():
-    letter = DeadLetter.from_exception(Stage.PARSE, ValueError("bad"), "x" * (MAX_PAYLOAD_CHARS + 10))
+    letter = DeadLetter.of_payload(Stage.PARSE, "ValueError", "bad", "x" * (MAX_PAYLOAD_CHARS + 10))
     assert len(letter.payload) == MAX_PAYLOAD_CHARS
     data = json.loads(letter.to_json())
     assert data["stage"] == "parse" and data["error_type"] == "ValueError" and data["error"] == "bad"
@@ -49,7 +49,7 @@ def test_dead_letter_truncates_payload_and_names_the_stage():
 
 
 def test_dead_letter_keeps_undecodable_bytes_visible():
-    letter = DeadLetter.from_exception(Stage.PARSE, ValueError("x"), b"ok \xff")
+    letter = DeadLetter.of_payload(Stage.PARSE, "ValueError", "x", b"ok \xff")
     assert letter.payload == "ok \\xff"
 
 

@@ -20,8 +20,8 @@ from search.segment import SegmentCorrupted
 from search.sharded import ShardedIndex
 from search.store import IndexStore, StoreCorrupted
 from tests.conftest import TINY_CLIP
-from tests.index_helpers import record
-from tests.server_process import ServerProcess
+from tests.support.index_helpers import record
+from tests.support.server_process import ServerProcess
 
 DIM = 64
 

@@ -14,7 +14,6 @@ from selenium.webdriver.support.ui import WebDriverWait
 from localstack.http_server import BackgroundServer
 from search.server import create_app
 from search.sharded import ShardedIndex
-from tests.test_search_server import catalogue, embedder  # noqa: F401 (fixtures)
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -33,9 +32,9 @@ def browser(tmp_path):
     driver.quit()
 
 
-def test_a_typed_query_shows_result_images(catalogue, embedder, browser, tmp_path):  # noqa: F811
-    index_dir, _, _ = catalogue
-    with BackgroundServer(create_app(ShardedIndex.open(index_dir), embedder)) as server:
+def test_a_typed_query_shows_result_images(colour_index, query_embedder, browser, tmp_path):
+    index_dir, _, _ = colour_index
+    with BackgroundServer(create_app(ShardedIndex.open(index_dir), query_embedder)) as server:
         browser.get(server.url + "/")
         box = browser.find_element(By.ID, "q")
         box.send_keys("green shirt")

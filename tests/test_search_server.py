@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,58 +10,14 @@ import requests
 
 from localstack.http_server import BackgroundServer
 from localstack.image_server import Route
-from search.query import QueryEmbedder
 from search.server import create_app
 from search.sharded import ShardedIndex, shard_of
-from tests.conftest import TINY_CLIP, image_bytes
-from schemas import ProductEvent
-from transforms.decode import decode_image
-from transforms.download import FetchConfig
-from transforms.records import embedding_record
-
-DIM = 64
-COLOURS = {"red": (200, 30, 30), "green": (30, 160, 60), "blue": (40, 60, 200)}
-
-
-def solid_jpeg(rgb) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (96, 96), rgb).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return QueryEmbedder(TINY_CLIP, DIM, device="cpu", fetch=FetchConfig(allow_private_hosts=True))
-
+from tests.conftest import DIM, TINY_CLIP, image_bytes
 
 @pytest.fixture
-def catalogue(tmp_path, image_server, embedder):
-    """A small index of products embedded by the real backend, images on the image server."""
-    index_dir = tmp_path / "index"
-    ShardedIndex.ensure_layout(index_dir, 2, TINY_CLIP, DIM)
-    writer = ShardedIndex.open(index_dir, read_only=False)
-    records = []
-    for n in range(24):
-        colour = list(COLOURS)[n % 3]
-        image_server.routes[f"/{n}.jpg"] = Route(body=solid_jpeg(COLOURS[colour]), headers={"Content-Type": "image/jpeg"})
-        event = ProductEvent(f"e{n}", f"p{n}", "upsert", 1, shop_id=f"shop-{n % 2}", title=f"{colour} shirt {n}",
-                             image_urls=(image_server.url(f"{n}.jpg"),))
-        pixels = decode_image(solid_jpeg(COLOURS[colour]), embedder.backend.preprocess)
-        vectors = embedder.backend.embed_products([([pixels], event.text)])[0]
-        records.append(embedding_record(event, vectors, TINY_CLIP, event.image_urls[0]))
-    for n, shard in enumerate(writer.shards):
-        shard.apply([r for r in records if shard_of(r.product_id, 2) == n])
-    return index_dir, writer, records
-
-
-@pytest.fixture
-def server(catalogue, embedder):
-    index_dir, _, _ = catalogue
-    with BackgroundServer(create_app(ShardedIndex.open(index_dir), embedder, refresh_secs=0.0)) as running:
+def server(colour_index, query_embedder):
+    index_dir, _, _ = colour_index
+    with BackgroundServer(create_app(ShardedIndex.open(index_dir), query_embedder, refresh_secs=0.0)) as running:
         yield running
 
 
@@ -81,8 +35,8 @@ def test_text_queries_return_products_with_every_field(server):
     assert scores == sorted(scores, reverse=True)
 
 
-def test_a_products_own_vector_finds_it_first(server, catalogue):
-    _, _, records = catalogue
+def test_a_products_own_vector_finds_it_first(server, colour_index):
+    _, _, records = colour_index
     for record in records[:5]:
         (top,) = search(server, vector=record.embedding.tolist(), k=1).json()["results"]
         assert top["product_id"] == record.product_id and top["score"] == pytest.approx(1, abs=1e-4)
@@ -141,8 +95,8 @@ def test_health_and_metrics(server):
     assert "index_live_docs 24.0" in metrics and "search_latency_seconds_bucket" in metrics
 
 
-def test_new_commits_are_searchable_without_a_restart(server, catalogue):
-    _, writer, records = catalogue
+def test_new_commits_are_searchable_without_a_restart(server, colour_index):
+    _, writer, records = colour_index
     newest = records[0]
     vector = np.roll(np.array(newest.embedding), 7)
     vector /= np.linalg.norm(vector)
@@ -154,8 +108,3 @@ def test_new_commits_are_searchable_without_a_restart(server, catalogue):
     shard.apply([dataclasses.replace(newest, version=3, op="delete", embedding=())])
     hits = search(server, vector=moved.embedding.tolist(), k=24).json()["results"]
     assert newest.product_id not in {hit["product_id"] for hit in hits}
-
-
-def test_the_search_package_never_imports_beam():
-    code = "import sys, search.server, search.recall; sys.exit('apache_beam' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from search import recall
 from search.sharded import ShardedIndex, shard_of
 from search.store import IndexMismatch, IndexStore, StoreSettings
-from tests.index_helpers import MODEL, last_writer_wins, live_truth, record
+from tests.support.index_helpers import MODEL, last_writer_wins, live_truth, record
 
 SMALL = StoreSettings(delta_limit=6, max_delta_segments=3, max_hnsw_segments=2, tombstone_ratio=0.3, exact_below=0)
 

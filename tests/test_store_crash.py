@@ -15,8 +15,8 @@ import sys
 import time
 
 
-from tests.crash_writer import batches, open_store
-from tests.index_helpers import live_truth
+from tests.support.crash_writer import batches, open_store
+from tests.support.index_helpers import live_truth
 
 RUNS = 25
 
@@ -25,7 +25,7 @@ def kill_at_random(directory, seed: int, rng: random.Random) -> None:
     """Kills the writer a random few milliseconds after a random commit: inside the next commit,
     a compaction, or between them, wherever that time lands. Counting commits (not seconds) keeps
     the kill points spread over the run however fast or loaded the machine is."""
-    child = subprocess.Popen([sys.executable, "-m", "tests.crash_writer", str(directory), str(seed)],
+    child = subprocess.Popen([sys.executable, "-m", "tests.support.crash_writer", str(directory), str(seed)],
                              stdout=subprocess.PIPE, cwd=os.getcwd())
     assert child.stdout.readline().strip() == b"ready"
     after = rng.randrange(-1, 28)  # -1: during the first commit

@@ -20,7 +20,7 @@ from pipelines import embed
 from pipelines.options import EmbedJobConfig
 from schemas import EmbeddingRecord, bigquery_schema
 from tests.conftest import TINY_CLIP, image_bytes
-from transforms.download import FetchConfig
+from media.download import FetchConfig
 from transforms.images import ImageOptions
 
 pytestmark = pytest.mark.emulator
@@ -193,7 +193,7 @@ def test_the_cli_runs_against_the_emulators_until_stopped(pubsub_emulator, bigqu
 def test_the_index_pipeline_follows_the_embeddings_topic(pubsub_emulator, unique_name, tmp_path):
     from pipelines import index
     from search.sharded import ShardedIndex
-    from tests.index_helpers import live_truth, record
+    from tests.support.index_helpers import live_truth, record
 
     ps = pubsub_emulator
     names, records_sub, _, _ = make_topics(ps, unique_name)

@@ -86,14 +86,9 @@ def _rejected(contract: type, failure) -> DeadLetter:
         reason = errors[0].get("message") or errors[0].get("reason") or str(errors)
     else:  # the Storage Write API reports a message string
         reason = str(errors)
-    return DeadLetter(
-        stage=Stage.SINK,
-        error_type="BigQueryRowRejected",
-        error=f"{contract.__name__} row rejected: {reason}"[:2000],
-        payload=json.dumps(row, default=str),
-        event_id=str(row.get("event_id", "")),
-        product_id=str(row.get("product_id", "")),
-    )
+    return DeadLetter.of_payload(Stage.SINK, "BigQueryRowRejected", f"{contract.__name__} row rejected: {reason}",
+                                 json.dumps(row, default=str), event_id=str(row.get("event_id", "")),
+                                 product_id=str(row.get("product_id", "")))
 
 
 class WriteToBigQueryTable(beam.PTransform):

@@ -18,7 +18,7 @@ from apache_beam.ml.inference.base import PredictionResult, RunInference
 from model_handlers.config import ModelConfig
 from model_handlers.handler import EmbeddingRequest, ProductEmbeddingHandler
 from schemas import ProductEvent, Stage
-from transforms.dead_letter import from_beam_failure, image_dead_letters, nothing_left
+from transforms.dead_letter import event_of, from_beam_failure, image_dead_letters, nothing_left
 from transforms.images import FetchedProduct, FetchImages, ImageOptions
 from transforms.records import delete_record, embedding_record
 
@@ -32,6 +32,11 @@ class _Product(NamedTuple):
 
     event: ProductEvent
     image_url: str
+
+
+event_of.register(_Product, lambda product: product.event)
+event_of.register(EmbeddingRequest, lambda request: event_of(request.key))
+event_of.register(PredictionResult, lambda prediction: event_of(prediction.example))
 
 
 class _ToRequestFn(beam.DoFn):
@@ -73,16 +78,22 @@ class EmbedProducts(beam.PTransform):
         fetched = upserts | "FetchImages" >> FetchImages(
             self._model_config.spec, self._image_options, self._model_config.max_batch_size)
         image_letters = fetched | "ImageFailures" >> beam.FlatMap(image_dead_letters)
-        requests = fetched | "ToRequests" >> beam.ParDo(_ToRequestFn()).with_outputs(NOTHING_LEFT, main="requests")
+        # The steps around RunInference fail into the dead letters like the model itself: a bad
+        # element is one dead letter, never a bundle retried for ever.
+        requests = fetched | "ToRequests" >> beam.ParDo(_ToRequestFn()).with_exception_handling(
+            main_tag="requests", dead_letter_tag="failed")
         predictions, failed = (
             requests.requests
             | "RunInference" >> RunInference(self._handler).with_exception_handling()
         )
-        inference_letters = failed.failed_inferences | "InferenceFailures" >> beam.FlatMap(
-            lambda failure: from_beam_failure(Stage.INFERENCE, failure)
-        )
-        upsert_records = predictions | "ToRecords" >> beam.ParDo(_ToRecordFn())
-
-        records = (delete_records, upsert_records) | "AllRecords" >> beam.Flatten()
-        dead_letters = (image_letters, requests[NOTHING_LEFT], inference_letters) | "AllDeadLetters" >> beam.Flatten()
+        upserts = predictions | "ToRecords" >> beam.ParDo(_ToRecordFn()).with_exception_handling(
+            main_tag="records", dead_letter_tag="failed")
+        failures = [
+            requests.failed | "RequestFailures" >> beam.FlatMap(lambda f: from_beam_failure(Stage.INFERENCE, f)),
+            failed.failed_inferences | "InferenceFailures" >> beam.FlatMap(
+                lambda f: from_beam_failure(Stage.INFERENCE, f)),
+            upserts.failed | "RecordFailures" >> beam.FlatMap(lambda f: from_beam_failure(Stage.INFERENCE, f)),
+        ]
+        records = (delete_records, upserts.records) | "AllRecords" >> beam.Flatten()
+        dead_letters = (image_letters, requests[NOTHING_LEFT], *failures) | "AllDeadLetters" >> beam.Flatten()
         return records, dead_letters

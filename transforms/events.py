@@ -20,7 +20,7 @@ from apache_beam.metrics import Metrics
 
 from schemas import MAX_ID_CHARS, MAX_IMAGE_URLS, OPS, DeadLetter, ProductEvent, Stage
 
-__all__ = ["InvalidEvent", "ParseEvents", "parse_event", "MAX_MESSAGE_BYTES"]
+__all__ = ["InvalidEvent", "ParseEvents", "parse_event", "parse_outcome", "MAX_MESSAGE_BYTES"]
 
 # Pub/Sub allows 10 MB; a product change is a few KB. Anything near the limit is a bug upstream.
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -227,30 +227,30 @@ def _event_time(value: Any, fail) -> dt.datetime | None:
     return parsed
 
 
+def parse_outcome(raw: bytes | str) -> ProductEvent | DeadLetter:
+    """One message's one outcome: its event, or its dead letter (stage `parse` or `validate`)."""
+    try:
+        return parse_event(raw)
+    except InvalidEvent as e:
+        return DeadLetter.of_payload(e.stage, type(e).__name__, str(e), raw, event_id=e.event_id,
+                                     product_id=e.product_id)
+
+
 class _ParseEventFn(beam.DoFn):
     def __init__(self):
         self._parsed = Metrics.counter("embed", "parse_ok")
         self._failed = {stage: Metrics.counter("embed", f"{stage}_failed") for stage in (Stage.PARSE, Stage.VALIDATE)}
 
     def process(self, raw: bytes | str, timestamp=beam.DoFn.TimestampParam) -> Iterable[Any]:
-        try:
-            event = parse_event(raw)
-        except InvalidEvent as e:
-            self._failed[e.stage].inc()
-            letter = DeadLetter.from_exception(e.stage, e, raw)
-            yield beam.pvalue.TaggedOutput(
-                ParseEvents.DEAD_LETTER,
-                _with_ids(letter, e.event_id, e.product_id),
-            )
+        event = parse_outcome(raw)
+        if isinstance(event, DeadLetter):
+            self._failed[event.stage].inc()
+            yield beam.pvalue.TaggedOutput(ParseEvents.DEAD_LETTER, event)
             return
         if event.event_time is None:
             event = _stamp(event, timestamp)
         self._parsed.inc()
         yield event
-
-
-def _with_ids(letter: DeadLetter, event_id: str, product_id: str) -> DeadLetter:
-    return dataclasses.replace(letter, event_id=event_id, product_id=product_id)
 
 
 def _stamp(event: ProductEvent, timestamp) -> ProductEvent:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable
@@ -25,12 +24,15 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
+from apache_beam.utils.shared import Shared
+
+from media.decode import DEFAULT_MAX_PIXELS, decode_image
+from media.download import FetchConfig, ImageFetcher
 from model_handlers.backends import image_preprocess
 from schemas import ProductEvent, Stage
-from transforms.decode import DEFAULT_MAX_PIXELS, decode_image
-from transforms.download import FetchConfig, ImageFetcher
+from transforms.dead_letter import event_of
 
-__all__ = ["FetchImages", "FetchedProduct", "ImageFailure", "ImageOptions"]
+__all__ = ["FetchImages", "FetchImagesFn", "FetchedProduct", "ImageFailure", "ImageOptions"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,9 @@ class FetchedProduct:
     failures: tuple[ImageFailure, ...]
 
 
+event_of.register(FetchedProduct, lambda product: product.event)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Loaded:
     pixels: np.ndarray | None
@@ -64,21 +69,11 @@ class _Loaded:
 
 
 class _ImageWorker:
-    """One per process and FetchConfig: the pool is the per-worker concurrency cap."""
-
-    _lock = threading.Lock()
-    _instances: dict[FetchConfig, "_ImageWorker"] = {}
+    """One per process (Beam's `Shared`): its pool is the per-worker concurrency cap."""
 
     def __init__(self, config: FetchConfig):
         self.fetcher = ImageFetcher(config)
         self.pool = ThreadPoolExecutor(config.max_concurrent_downloads, thread_name_prefix="image-fetch")
-
-    @classmethod
-    def for_config(cls, config: FetchConfig) -> "_ImageWorker":
-        with cls._lock:
-            if config not in cls._instances:
-                cls._instances[config] = cls(config)
-            return cls._instances[config]
 
 
 def _load(fetcher: ImageFetcher, url: str, preprocess, max_pixels: int) -> _Loaded:
@@ -95,20 +90,22 @@ def _load(fetcher: ImageFetcher, url: str, preprocess, max_pixels: int) -> _Load
     return _Loaded(pixels, None, download_ms)
 
 
-class _FetchImagesFn(beam.DoFn):
+class FetchImagesFn(beam.DoFn):
     def __init__(self, model_spec: str, options: ImageOptions, batch_size: int = 1):
         self._model_spec = model_spec
         self._options = options
         # Products loading or loaded but not handed on. It bounds the decoded pixels held per
         # DoFn instance, and holds two model batches so that one loads while the other runs.
         self._max_pending = max(4 * options.fetch.max_concurrent_downloads, 2 * batch_size)
+        self._shared_worker = Shared()  # every copy of this DoFn in a process gets the same worker
         self._ok = Metrics.counter("embed", "images_ok")
         self._failed = {stage: Metrics.counter("embed", f"{stage}_failed") for stage in (Stage.DOWNLOAD, Stage.DECODE)}
         self._download_ms = Metrics.distribution("embed", "download_ms")
 
     def setup(self):
         self._preprocess = image_preprocess(self._model_spec)
-        self._worker = _ImageWorker.for_config(self._options.fetch)
+        fetch = self._options.fetch
+        self._worker = self._shared_worker.acquire(lambda: _ImageWorker(fetch), tag=repr(fetch))
 
     def start_bundle(self):
         self._pending: collections.deque[tuple[ProductEvent, list[Future], WindowedValue]] = collections.deque()
@@ -157,7 +154,7 @@ class FetchImages(beam.PTransform):
     def __init__(self, model_spec: str, options: ImageOptions = ImageOptions(), batch_size: int = 1):
         """`batch_size`: the model's largest batch, which the loading window is made to hold twice."""
         super().__init__()
-        self._fn = _FetchImagesFn(model_spec, options, batch_size)
+        self._fn = FetchImagesFn(model_spec, options, batch_size)
 
     def expand(self, events):
         return events | "DownloadAndDecode" >> beam.ParDo(self._fn)

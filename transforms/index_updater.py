@@ -19,6 +19,7 @@ from pathlib import Path
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.utils.shared import Shared
 from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import DeadLetter, EmbeddingRecord, Stage
@@ -29,22 +30,21 @@ __all__ = ["UpdateIndex", "parse_record"]
 
 
 class _ShardWriters:
-    """One writer `IndexStore` per shard per process, shared by the DoFn's threads."""
+    """The writer `IndexStore` of each shard: one per process (Beam's `Shared`), used by the DoFn's threads."""
 
-    _lock = threading.Lock()
-    _stores: dict[str, IndexStore] = {}
-    _store_locks: dict[str, threading.Lock] = {}
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._stores: dict[str, tuple[IndexStore, threading.Lock]] = {}
 
-    @classmethod
-    def get(cls, index_dir: str, shard: int, model: str, dim: int, settings: StoreSettings,
+    def get(self, index_dir: str, shard: int, model: str, dim: int, settings: StoreSettings,
             cache_dir: str | None) -> tuple[IndexStore, threading.Lock]:
         key = ShardedIndex.shard_path(index_dir, shard)
-        with cls._lock:
-            if key not in cls._stores:
-                cls._stores[key] = ShardedIndex.open_writer(index_dir, shard, model, dim, settings,
-                                                            Path(cache_dir) if cache_dir else None)
-                cls._store_locks[key] = threading.Lock()
-            return cls._stores[key], cls._store_locks[key]
+        with self._lock:
+            if key not in self._stores:
+                store = ShardedIndex.open_writer(index_dir, shard, model, dim, settings,
+                                                 Path(cache_dir) if cache_dir else None)
+                self._stores[key] = (store, threading.Lock())
+            return self._stores[key]
 
 
 def _compact_in_background(store: IndexStore) -> None:
@@ -70,11 +70,13 @@ class _CommitFn(beam.DoFn):
         self._batch_size = batch_size
         self._settings = settings
         self._background_compaction = background_compaction
+        self._shared_writers = Shared()  # every copy of this DoFn in a process uses the same writers
         self._counters = {name: Metrics.counter("index", name) for name in ("upserted", "deleted", "ignored", "refused")}
         self._commit_ms = Metrics.distribution("index", "commit_ms")
         self._batch_sizes = Metrics.distribution("index", "batch_size")
 
     def setup(self):
+        self._writers = self._shared_writers.acquire(_ShardWriters, tag=self._index_dir)
         self._layout: tuple[str, int] | None = None
         if self._model is not None:
             self._layout = self._settle_layout(self._model, self._dim)
@@ -115,7 +117,7 @@ class _CommitFn(beam.DoFn):
         if self._layout is None:
             self._layout = self._settle_layout(records[0].model, int(records[0].embedding.size))
         model, dim = self._layout
-        store, lock = _ShardWriters.get(self._index_dir, shard, model, dim, self._settings, self._cache_dir)
+        store, lock = self._writers.get(self._index_dir, shard, model, dim, self._settings, self._cache_dir)
         started = time.perf_counter()
         with lock:
             result = store.apply(records)
@@ -131,9 +133,8 @@ class _CommitFn(beam.DoFn):
         else:
             store.compact()
         for record, reason in result.refused:
-            yield beam.pvalue.TaggedOutput(UpdateIndex.DEAD_LETTER, DeadLetter(
-                stage=Stage.SINK, error_type="IndexMismatch", error=reason, payload=json.dumps(record.to_dict()),
-                event_id=record.event_id, product_id=record.product_id))
+            yield beam.pvalue.TaggedOutput(UpdateIndex.DEAD_LETTER,
+                                           DeadLetter.of_record(Stage.SINK, "IndexMismatch", reason, record))
         # One commit: what it did, and when it became searchable.
         yield dict(shard=shard, generation=generation, records=len(records), upserted=result.upserted,
                    deleted=result.deleted, ignored=result.ignored, refused=len(result.refused),

@@ -17,7 +17,7 @@ import urllib3
 from urllib3.exceptions import HTTPError
 from urllib3.util.retry import Retry
 
-from transforms.host_guard import HostRefused, guarded_pool_manager
+from media.host_guard import HostRefused, guarded_pool_manager
 
 __all__ = ["DownloadError", "FetchConfig", "HostRefused", "ImageFetcher"]
 

@@ -9,7 +9,7 @@ import random
 import sys
 
 from search.store import IndexStore, StoreSettings
-from tests.index_helpers import MODEL, record
+from tests.support.index_helpers import MODEL, record
 
 DIM = 32
 

@@ -20,12 +20,11 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from model_handlers.preprocess import ImagePreprocess
 
-__all__ = ["DecodeError", "decode_image", "DEFAULT_MAX_PIXELS", "MAX_ASPECT_RATIO"]
+__all__ = ["DecodeError", "decode_image", "resample", "DEFAULT_MAX_PIXELS", "MAX_ASPECT_RATIO"]
 
 DEFAULT_MAX_PIXELS = 50_000_000
 # Longer side over shorter: beyond this an image is no product photo, and would crop to a sliver.
@@ -109,7 +108,7 @@ def _resize_and_crop(image: Image.Image, spec: ImagePreprocess, region_only: boo
     if region_only and top >= 0 and left >= 0:
         box = (round(left * sx), round(top * sy), min(width, round((left + crop) * sx)),
                min(height, round((top + crop) * sy)))
-        return _resample(np.array(image.crop(box)), crop, spec.interpolation)
+        return resample(np.array(image.crop(box)), crop, spec.interpolation)
     if top >= 0 and left >= 0 and size[0] * size[1] > _MAX_RESIZED_AREA * crop * crop:
         # A very long image: resampling only the crop's source box (same scale, same filter
         # centres as the whole resize, within a level of it) bounds memory by the crop, where
@@ -119,11 +118,13 @@ def _resize_and_crop(image: Image.Image, spec: ImagePreprocess, region_only: boo
     return image.resize(size, _RESAMPLE[spec.interpolation]).crop((left, top, left + crop, top + crop))
 
 
-def _resample(pixels: np.ndarray, crop: int, interpolation: str) -> np.ndarray:
+def resample(pixels: np.ndarray, crop: int, interpolation: str) -> np.ndarray:
     """HWC uint8 → (crop, crop, 3) uint8 with Pillow's antialiased filter, in torch's AVX2 kernel.
 
     Runs on the calling thread only (no intra-op pool), so download threads don't contend
     with the model's threads for it."""
+    import torch  # here, not at the top: the decoder's limits and options are read without torch
+
     # A channels-last NCHW view of the HWC pixels (no copy): the kernel then writes channels-last
     # too, so the result is HWC-contiguous without another copy.
     source = torch.from_numpy(pixels).unsqueeze(0).permute(0, 3, 1, 2)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from localstack.emulator import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class ServerProcess:

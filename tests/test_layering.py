@@ -1,0 +1,50 @@
+"""The layering the README states, checked by importing modules in a fresh interpreter.
+
+search → media, model_handlers, storage (never the pipelines' transforms, never Beam for a local
+index); model_handlers → nothing above it; the index pipeline and the JSON-lines sink run no model,
+so importing them loads no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def loaded_after(*modules: str) -> set[str]:
+    code = (f"import sys, json\nfor name in {list(modules)!r}: __import__(name)\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return set(json.loads(result.stdout))
+
+
+def test_search_imports_neither_the_transforms_nor_beam():
+    loaded = loaded_after("search.server", "search.sharded", "search.store", "search.query", "search.recall",
+                          "search.mirror", "search.segment", "search.store_sql")
+    assert "search" in loaded and "media" in loaded
+    assert not {"transforms", "pipelines", "apache_beam"} & loaded
+
+
+def test_model_handlers_import_neither_the_transforms_nor_the_pipelines():
+    modules = [f"model_handlers.{p.stem}" for p in (ROOT / "model_handlers").glob("*.py") if p.stem != "__init__"]
+    loaded = loaded_after(*modules)
+    assert "torch" in loaded  # the backends were really imported
+    assert not {"transforms", "pipelines", "search", "localstack"} & loaded
+
+
+@pytest.mark.parametrize("module", ["pipelines.index", "transforms.sinks", "pipelines.options"])
+def test_what_runs_no_model_imports_no_torch(module):
+    loaded = loaded_after(module)
+    assert "apache_beam" in loaded and "torch" not in loaded
+
+
+def test_media_is_beam_free():
+    assert not {"apache_beam", "transforms", "torch"} & loaded_after("media.download", "media.decode",
+                                                                      "media.host_guard")
