@@ -97,7 +97,7 @@ def evaluate_judgements(args) -> dict:
             from search.server import create_app, open_service
 
             try:
-                index, embedder = open_service(args.index_dir, args.model, args.projection)
+                index, embedder = open_service(args.index_dir, args.model, args.projection or "")
             except (ValueError, FileNotFoundError) as e:
                 raise SystemExit(f"--index_dir: {e}") from e
             url = stack.enter_context(BackgroundServer(create_app(index, embedder))).url

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist"],
                         help="the labelled photos retrieval is measured on")
     parser.add_argument("--model", help=f"model spec (none: {DEFAULT_MODEL}; with --index_dir, the index's)")
-    parser.add_argument("--projection", default="",
+    parser.add_argument("--projection",
                         help="a saved head to evaluate instead of training one (dataset), or the head the "
                              "index's vectors went through (--index_dir)")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head_version", type=int, default=1, help="version of the head this run saves")
     parser.add_argument("--cache_dir", default="out/eval-cache", help="where embeddings are cached between runs")
     parser.add_argument("--head_dir", default="out/eval-heads", help="where the top-tuned head is saved")
-    parser.add_argument("--results_dir", default=str(RESULTS), help="where the results (.json/.md/.png) go")
+    parser.add_argument("--results_dir", help="where the results (.json/.md/.png) go (none: bench/results/ "
+                                              "of this checkout)")
     judged = parser.add_argument_group("labelled search evaluation")
     judged.add_argument("--qrels", help="JSON lines of {query, product_id, label: E|S|C|I}")
     judged.add_argument("--index_dir", help="serve this index (as search.server does) and score it")
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.results_dir = args.results_dir or str(RESULTS)
     if args.qrels:
         return evaluate_judgements(args)
     if args.index_dir or args.search_url:

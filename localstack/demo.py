@@ -33,6 +33,7 @@ from localstack.catalogue import broken_events, build_catalogue
 from localstack.image_server import ImageServer, Route
 from localstack.pubsub_emulator import PubSubEmulator
 from localstack.streaming import StreamingJob
+from model_handlers.backends import check_model
 from model_handlers.config import DEFAULT_MODEL, ModelConfig
 from pipelines import embed
 from pipelines.options import EmbedJobConfig
@@ -348,7 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.products < 1 or args.rate <= 0:
+        parser.error("--products must be at least 1 and --rate positive")
+    try:
+        check_model(args.model)  # before minutes of emulator start-up
+    except ValueError as e:
+        parser.error(str(e))
     logging.basicConfig(level=logging.WARNING)
     # Ctrl-C and `kill` both unwind the ExitStack, which stops everything the demo started
     # (SIGINT is ignored by default in background jobs, so set it explicitly).

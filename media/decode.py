@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model_handlers.preprocess import ImagePreprocess
 
@@ -61,6 +61,8 @@ def decode_image(data: bytes, spec: ImagePreprocess, max_pixels: int = DEFAULT_M
         image = _resize_and_crop(image, spec, region_only=reduced)
     except DecodeError:
         raise
+    except UnidentifiedImageError as e:  # its message names an in-memory buffer, which says nothing
+        raise DecodeError("cannot decode image: not a format Pillow reads (or not an image)") from e
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DecodeError(f"cannot decode image: {type(e).__name__}: {e}") from e
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))

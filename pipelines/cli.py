@@ -14,6 +14,7 @@ import argparse
 import difflib
 import logging
 import os
+import re
 import sys
 import time
 from typing import Callable, Sequence
@@ -33,7 +34,8 @@ BEAM_OPTIONS_URL = "https://cloud.google.com/dataflow/docs/reference/pipeline-op
 def _help_parser(prog: str, description: str, option_classes: Sequence[type[PipelineOptions]],
                  defaults: dict) -> argparse.ArgumentParser:
     parser = _BeamArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, usage="%(prog)s [options]", description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog=f"Beam's and Dataflow's own options (--project, --region, --temp_location, --job_name, "
                f"--sdk_container_image, --max_num_workers, ...) are accepted too: {BEAM_OPTIONS_URL}")
     for cls in (*option_classes, LaunchOptions):
@@ -46,32 +48,61 @@ def _help_parser(prog: str, description: str, option_classes: Sequence[type[Pipe
     return parser
 
 
-def _all_options_parser() -> argparse.ArgumentParser:
-    """A parser of every flag any registered options class (ours and Beam's) declares, as Beam builds it."""
+def _beam_and(option_classes: Sequence[type[PipelineOptions]]) -> argparse.ArgumentParser:
+    """A parser of Beam's own options and `option_classes` (not another pipeline's), as Beam builds it."""
     parser = _BeamArgumentParser(allow_abbrev=False)
-    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+    beam = [c for c in PipelineOptions.__subclasses__() if c.__module__.startswith("apache_beam.")]
+    for cls in {str(c): c for c in (*beam, *option_classes, LaunchOptions)}.values():
         cls._add_argparse_args(parser)
     return parser
 
 
+def _flags(parser: argparse.ArgumentParser) -> list[str]:
+    return [flag for action in parser._actions for flag in action.option_strings]
+
+
 def parse_options(argv: Sequence[str] | None, prog: str, description: str,
                   option_classes: Sequence[type[PipelineOptions]], defaults: dict | None = None) -> PipelineOptions:
-    """`PipelineOptions` of `argv`, after `--help` and the flag check (both exit like argparse).
+    """`PipelineOptions` of `argv`, after `--help` and the flag checks (each exits like argparse).
     `defaults`: this pipeline's own defaults of shared options, as its config applies them."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    ours = _help_parser(prog, description, option_classes, defaults or {})
     if "-h" in argv or "--help" in argv:
-        _help_parser(prog, description, option_classes, defaults or {}).print_help()
+        ours.print_help()
         raise SystemExit(0)
-    parser = _all_options_parser()
-    known = [flag for action in parser._actions for flag in action.option_strings]
+    ours.parse_known_args(argv)  # a bad value (`--image_weight abc`) is refused with this pipeline's usage
+    parser = _beam_and(option_classes)
+    known = _flags(parser)
+    others = set(_flags(_beam_and([c for c in PipelineOptions.__subclasses__() if c.__module__.startswith("pipelines.")])))
     _, unknown = parser.parse_known_args(argv)
-    for flag in (arg.split("=", 1)[0] for arg in unknown if arg.startswith("--")):
+    for flag in (arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")):
+        if flag in others:
+            raise SystemExit(f"{prog}: {flag} is an option of the other pipeline, not of this one (see --help)")
         close = difflib.get_close_matches(flag, known, n=1, cutoff=0.8)
         if close:
             raise SystemExit(f"{prog}: unknown option {flag}: did you mean {close[0]}? (see --help)")
         # A flag like no known one may be a runner's own: Beam passes those on, with a warning.
         _log.warning("%s is not an option of this project or of Beam; passing it on to the runner", flag)
-    return PipelineOptions(argv)
+    options = PipelineOptions(argv)
+    if options.view_as(StandardOptions).runner == "DataflowRunner":
+        _check_dataflow(options, prog)
+    return options
+
+
+_BUCKET = re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,61}[a-z0-9](/.*)?$")
+
+
+def _check_dataflow(options: PipelineOptions, prog: str) -> None:
+    """What Dataflow needs before it can take a job, refused in one line instead of after minutes of retries."""
+    cloud = options.view_as(GoogleCloudOptions)
+    problems = [f"--{flag} is required on Dataflow" for flag in ("project", "region") if not getattr(cloud, flag)]
+    staging = cloud.temp_location or cloud.staging_location
+    if not staging:
+        problems.append("--temp_location gs://BUCKET/PATH is required on Dataflow")
+    elif not _BUCKET.match(staging):
+        problems.append(f"--temp_location {staging!r} must be gs://BUCKET/PATH with a valid bucket name")
+    if problems:
+        raise SystemExit(f"{prog}: invalid options: " + "; ".join(problems))
 
 
 def configure_logging() -> None:

@@ -43,8 +43,9 @@ def build_pipeline(p: beam.Pipeline, config: EmbedJobConfig) -> EmbedOutputs:
         messages = p | "ReadEvents" >> ReadEventMessages(
             config.input_subscription, config.timestamp_attribute, config.id_label)
     else:
-        messages = p | "ReadEvents" >> beam.io.ReadFromText(config.input_file, coder=BytesCoder())
+        messages = p | "ReadEvents" >> beam.io.ReadFromText(config.input_file, coder=BytesCoder(), validate=False)
     parsed = messages | "ParseEvents" >> ParseEvents()
+    _ = parsed[ParseEvents.DEAD_LETTER] | "CountParseFailures" >> CountOutcomes("dead_letters")
     records, embed_letters = parsed.events | "EmbedProducts" >> EmbedProducts(config.model, config.images)
 
     sink_letters = []
@@ -55,6 +56,8 @@ def build_pipeline(p: beam.Pipeline, config: EmbedJobConfig) -> EmbedOutputs:
     if config.bigquery_table:
         sink_letters.append(records | "EmbeddingsToBigQuery" >> WriteToBigQueryTable(
             config.bigquery_table, EmbeddingRecord, config.bigquery_write_method, "embedded_at"))
+    for n, letters in enumerate(sink_letters):
+        _ = letters | f"CountSinkFailures{n}" >> CountOutcomes("dead_letters")
     dead_letters = (
         [parsed[ParseEvents.DEAD_LETTER], embed_letters, *sink_letters] | "AllDeadLetters" >> beam.Flatten()
     )
@@ -66,8 +69,6 @@ def build_pipeline(p: beam.Pipeline, config: EmbedJobConfig) -> EmbedOutputs:
     if config.bigquery_dead_letter_table:
         _ = dead_letters | "DeadLettersToBigQuery" >> WriteToBigQueryTable(
             config.bigquery_dead_letter_table, DeadLetter, config.bigquery_write_method, "failed_at")
-    _ = records | "CountRecords" >> CountOutcomes("records")
-    _ = dead_letters | "CountDeadLetters" >> CountOutcomes("dead_letters")
     return EmbedOutputs(records, dead_letters)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
 
 from pipelines.cli import configure_logging, launch, parse_options
 from pipelines.options import IndexJobConfig, IndexOptions, SharedOptions
@@ -34,19 +35,21 @@ def build_pipeline(p: beam.Pipeline, config: IndexJobConfig) -> IndexOutputs:
     if config.streaming:
         raw = p | "ReadRecords" >> ReadEventMessages(config.input_subscription)
     else:
-        raw = p | "ReadRecords" >> beam.io.ReadFromText(f"{config.input_dir.rstrip('/')}/*.jsonl")
+        raw = p | "ReadRecords" >> beam.io.ReadFromText(f"{config.input_dir.rstrip('/')}/*.jsonl", validate=False)
     records, unreadable = raw | "ParseRecords" >> beam.Map(parse_record).with_exception_handling()
     updated = records | "UpdateIndex" >> UpdateIndex(
         config.index_dir, config.model, config.dim, config.num_shards, config.commit_batch_size, config.settings,
         cache_dir=config.cache_dir)
     parse_letters = unreadable | "ParseFailures" >> beam.FlatMap(lambda f: from_beam_failure(Stage.PARSE, f))
+    # Counted where they are made (a local runner runs what follows a Flatten only at the end).
+    _ = records | "CountRecords" >> CountOutcomes("records")
+    _ = parse_letters | "CountParseFailures" >> CountOutcomes("dead_letters")
+    _ = updated[UpdateIndex.DEAD_LETTER] | "CountRefusals" >> CountOutcomes("dead_letters")
     dead_letters = (parse_letters, updated[UpdateIndex.DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
     if config.dead_letter_dir:
         _ = dead_letters | "WriteDeadLetters" >> WriteJsonLines(f"{config.dead_letter_dir.rstrip('/')}/part")
     if config.dead_letter_topic:
         _ = dead_letters | "PublishDeadLetters" >> PublishDeadLetters(config.dead_letter_topic)
-    _ = records | "CountRecords" >> CountOutcomes("records")
-    _ = dead_letters | "CountDeadLetters" >> CountOutcomes("dead_letters")
     return IndexOutputs(updated.commits, dead_letters)
 
 
@@ -54,13 +57,19 @@ def summarize(result, config: IndexJobConfig) -> str:
     """The closing line: what was read, what the index now holds, and where."""
     from search.sharded import ShardedIndex
 
-    line = describe_outcomes(read_outcomes(result))
+    applied = {name: 0 for name in ("upserted", "deleted", "ignored")}
+    for counter in result.metrics().query(MetricsFilter().with_namespace("index"))["counters"]:
+        if counter.key.metric.name in applied:
+            applied[counter.key.metric.name] += counter.committed or 0
+    line = describe_outcomes(read_outcomes(result), records="records read ({upserted} upserted, {deleted} deleted, "
+                             "{ignored} stale or repeated)".format(**applied))
     try:
         stats = ShardedIndex.open(config.index_dir).stats()
     except (OSError, ValueError) as e:
         return f"{line}; the index at {config.index_dir} cannot be opened: {e}"
-    return (f"{line}; {config.index_dir} holds {stats['live_docs']} live products in {stats['num_shards']} "
-            f"shards ({stats['model']}, {stats['dim']}-d)")
+    shards = f"{stats['num_shards']} shard{'s' if stats['num_shards'] != 1 else ''}"
+    return (f"{line}; {config.index_dir} holds {stats['live_docs']} live products in {shards} "
+            f"({stats['model']}, {stats['dim']}-d)")
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from pathlib import Path
 
 from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, StandardOptions, TestOptions
 
@@ -181,6 +182,11 @@ class EmbedJobConfig:
                 projection=shared.projection or "",
             )
             check_model(model.spec, model.projection, check_remote=not options.view_as(TestOptions).dry_run)
+            for flag, value, least in (("download_timeout_secs", o.download_timeout_secs, 1e-9),
+                                       ("max_image_bytes", o.max_image_bytes, 1), ("download_retries", o.download_retries, 0),
+                                       ("max_concurrent_downloads", o.max_concurrent_downloads, 1)):
+                if value < least:
+                    raise ValueError(f"--{flag} must be {'positive' if least else 'at least 0'}, got {value}")
             fetch = FetchConfig(
                 connect_timeout_s=min(5.0, o.download_timeout_secs),
                 read_timeout_s=o.download_timeout_secs,
@@ -213,16 +219,21 @@ class EmbedJobConfig:
             bigquery_write_method=_write_method(o.bigquery_write_method, runner),
         )
         config.validate(runner)
-        if preflight and not options.view_as(TestOptions).dry_run:
-            config.preflight()
+        if o.device == "cuda" and runner in LOCAL_RUNNERS:
+            check_local_cuda()
+        if preflight:
+            config.preflight(remote=not options.view_as(TestOptions).dry_run)
         return config
 
-    def preflight(self) -> None:
-        """What can only be checked by asking: the input exists, Pub/Sub answers (a few seconds)."""
+    def preflight(self, remote: bool = True) -> None:
+        """What can only be checked by looking: the input exists, the output can be written, and
+        (`remote`: not in a dry run) Pub/Sub and object storage answer within seconds."""
         try:
-            if self.input_file:
-                check_input_matches(self.input_file)
-            if self.streaming:
+            if self.input_file and (remote or not storage.is_remote(self.input_file)):
+                check_input_matches(self.input_file, "--input_file")
+            if self.output_dir:
+                check_writable_dir(self.output_dir, "--output_dir")
+            if self.streaming and remote:
                 check_pubsub(self.input_subscription, (self.output_topic, self.dead_letter_topic))
         except PreflightError as e:
             raise SystemExit(f"cannot start: {e}") from e
@@ -295,6 +306,8 @@ class IndexJobConfig:
             problems.append("--input_dir is required (or pass --streaming with --input_subscription)")
         if (o.num_shards is not None and o.num_shards < 1) or o.commit_batch_size < 1:
             problems.append("--num_shards and --commit_batch_size must be >= 1")
+        if o.hnsw_m < 2 or o.hnsw_m > 256 or o.hnsw_ef_construction < 1:
+            problems.append("--hnsw_m must be 2..256 and --hnsw_ef_construction >= 1")
         if shared.projection and not shared.model:
             problems.append("--projection needs --model (the model the head was trained on)")
         model, dim = None, 0
@@ -310,7 +323,13 @@ class IndexJobConfig:
         # An existing index decides what --model and --num_shards leave open (reading a remote
         # one needs the object store, which a dry run does not reach).
         layout = None if dry_run else _existing_layout(o.index_dir)
-        if layout and model is None:
+        if layout:
+            if o.num_shards and o.num_shards != layout["num_shards"]:
+                raise SystemExit(f"invalid options: --num_shards {o.num_shards}, but {o.index_dir} has "
+                                 f"{layout['num_shards']} shard(s) (resharding is a new index)")
+            if model is not None and (model, dim) != (layout["model"], layout["dim"]):
+                raise SystemExit(f"invalid options: --model makes {model} ({dim}-d) vectors, but {o.index_dir} "
+                                 f"indexes {layout['model']} ({layout['dim']}-d)")
             model, dim = layout["model"], layout["dim"]
         num_shards = o.num_shards or (layout or {}).get("num_shards", 1)
         config = cls(index_dir=o.index_dir, num_shards=num_shards,
@@ -318,15 +337,19 @@ class IndexJobConfig:
                      streaming=streaming, input_dir=o.input_dir, input_subscription=shared.input_subscription,
                      dead_letter_dir=o.dead_letter_dir, dead_letter_topic=shared.dead_letter_topic,
                      commit_batch_size=o.commit_batch_size, cache_dir=o.cache_dir)
-        if preflight and not dry_run:
-            config.preflight()
+        if preflight:
+            config.preflight(remote=not dry_run)
         return config
 
-    def preflight(self) -> None:
+    def preflight(self, remote: bool = True) -> None:
+        """As the embed job's: input, writable output, and (`remote`) Pub/Sub and object storage."""
         try:
-            if self.input_dir:
-                check_input_matches(f"{self.input_dir.rstrip('/')}/*.jsonl")
-            if self.streaming:
+            if self.input_dir and (remote or not storage.is_remote(self.input_dir)):
+                check_input_matches(f"{self.input_dir.rstrip('/')}/*.jsonl", "--input_dir")
+            for flag, path in (("--index_dir", self.index_dir), ("--dead_letter_dir", self.dead_letter_dir)):
+                if path:
+                    check_writable_dir(path, flag)
+            if self.streaming and remote:
                 check_pubsub(self.input_subscription, (self.dead_letter_topic,))
         except PreflightError as e:
             raise SystemExit(f"cannot start: {e}") from e
@@ -341,13 +364,35 @@ def _existing_layout(index_dir: str) -> dict | None:
         raise SystemExit(f"cannot start: cannot read {index_dir}/index.json: {e}") from e
 
 
-def check_input_matches(pattern: str) -> None:
+def check_input_matches(pattern: str, flag: str) -> None:
     """PreflightError unless the glob matches at least one file (Beam would raise deep in the graph)."""
     try:
         if not storage.match(pattern):
-            raise PreflightError(f"--input_file {pattern} matches no files")
+            raise PreflightError(f"{flag}: {pattern} matches no files")
     except storage.Unreachable as e:
-        raise PreflightError(f"--input_file: {e}") from e
+        raise PreflightError(f"{flag}: {e}") from e
+
+
+def check_writable_dir(path: str, flag: str) -> None:
+    """PreflightError unless a local `path` is a directory this process can write, or can create
+    (object storage is checked by writing to it, on the workers)."""
+    if storage.is_remote(path):
+        return
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise PreflightError(f"{flag} {path} is a file, not a directory")
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PreflightError(f"{flag} {path} cannot be written ({existing} is not a writable directory)")
+
+
+def check_local_cuda() -> None:
+    """A local runner runs the model on this machine: --device cuda needs a GPU here."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("invalid options: --device cuda, but torch sees no CUDA device on this machine "
+                         "(a local runner runs the model here; use --device auto or cpu)")
 
 
 def _write_method(requested: str, runner: str) -> str:

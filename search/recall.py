@@ -99,9 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    index = ShardedIndex.open(args.index_dir)
-    report = measure_recall(index, args.k, [int(x) for x in args.ef_search.split(",")], args.queries)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        ef_searches = [int(x) for x in args.ef_search.split(",")]
+    except ValueError:
+        parser.error(f"--ef_search {args.ef_search!r} must be comma-separated whole numbers")
+    if args.k < 1 or args.queries < 1 or min(ef_searches) < 1:
+        parser.error("--k, --queries and every --ef_search must be at least 1")
+    if "://" in args.index_dir:
+        parser.error("--index_dir must be a local path (measure a replica: search.server --cache_dir keeps one)")
+    try:
+        index = ShardedIndex.open(args.index_dir)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    report = measure_recall(index, args.k, ef_searches, args.queries)
     output = Path(args.output or Path(args.index_dir) / "recall.json")
     output.write_text(json.dumps(report, indent=2))
     plot(report, output.with_suffix(".png"))

@@ -219,7 +219,8 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request: Request, error: RequestValidationError):
         requests_total.labels("bad_request").inc()
-        messages = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in error.errors()]
+        messages = ["the body is not valid JSON" if e["type"] == "json_invalid" else
+                    f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in error.errors()]
         return _error(400, "; ".join(messages))
 
     @app.exception_handler(HTTPException)
@@ -304,15 +305,22 @@ def open_service(index_dir: str, model: str | None = None, projection: str = "",
     return index, QueryEmbedder(spec, index.dim, device, fetch, projection=projection)
 
 
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0-65535)")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m search.server", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--index_dir", required=True, help="A local path, or gs://... (replicated locally).")
     parser.add_argument("--cache_dir", help="Where a remote index is replicated (none: a new temporary dir).")
-    parser.add_argument("--port", type=int, default=8080, help="Port to serve on (0: any free port).")
+    parser.add_argument("--port", type=_port, default=8080, help="Port to serve on (0: any free port).")
     parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0: every interface).")
     parser.add_argument("--model", help="Query model spec; must be the index's (none: the index's model).")
-    parser.add_argument("--projection", default="",
+    parser.add_argument("--projection",
                         help="The top-tuned head the index's vectors went through; required when the index "
                              "holds tuned vectors (its model id says which head).")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="Where the query model runs.")
@@ -355,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         fetch = FetchConfig(allow_private_hosts=args.allow_private_hosts, total_timeout_s=args.image_timeout_secs,
                             read_timeout_s=args.image_timeout_secs,
                             connect_timeout_s=min(5.0, args.image_timeout_secs))
-        index, embedder = open_service(args.index_dir, args.model, args.projection, args.device, fetch,
+        index, embedder = open_service(args.index_dir, args.model, args.projection or "", args.device, fetch,
                                        args.cache_dir)
     except (ValueError, FileNotFoundError) as e:
         sock.close()
@@ -363,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     # A remote index is polled for new commits (an object listing per shard) less often.
     refresh_secs = 1.0 if storage.is_remote(args.index_dir) else 0.2
     host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     stats = index.stats()
     queries = "" if embedder.backend is not None else "; vector queries only: this service cannot run the model"
     ready = (f"search page: http://{host}:{port}/ ({stats['live_docs']} products, {index.num_shards} shards, "

@@ -63,9 +63,11 @@ class ShardedIndex:
         return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
 
     @classmethod
-    def ensure_layout(cls, index_dir: str | Path, num_shards: int, model: str, dim: int) -> dict:
+    def ensure_layout(cls, index_dir: str | Path, num_shards: int, model: str, dim: int,
+                      settings: StoreSettings = StoreSettings()) -> dict:
         """Writes `index.json` if there is none (exactly one of racing writers creates it); refuses a
-        layout that disagrees; makes every shard, so readers can open them all from the start."""
+        layout that disagrees; makes every shard (new ones with `settings`), so readers can open them
+        all from the start."""
         wanted = {"num_shards": num_shards, "model": model, "dim": dim}
         if not storage.is_remote(index_dir):
             Path(index_dir).mkdir(parents=True, exist_ok=True)
@@ -81,10 +83,10 @@ class ShardedIndex:
                 remote = cls.shard_path(index_dir, n)
                 if not has_snapshot(remote):
                     with tempfile.TemporaryDirectory() as tmp:
-                        IndexStore(Path(tmp), model=model, dim=dim).close()
+                        IndexStore(Path(tmp), model=model, dim=dim, settings=settings).close()
                         ShardPublisher(remote, Path(tmp)).snapshot(0)
             elif not (cls.shard_dir(index_dir, n) / "state.sqlite").exists():
-                IndexStore(cls.shard_dir(index_dir, n), model=model, dim=dim).close()
+                IndexStore(cls.shard_dir(index_dir, n), model=model, dim=dim, settings=settings).close()
         return current
 
     @staticmethod

@@ -38,6 +38,7 @@ __all__ = ["ApplyResult", "CommitDelta", "Hit", "IndexMismatch", "IndexStore", "
 _log = logging.getLogger(__name__)
 
 MARKER = "committed"  # the commit marker's file name
+UNIT_TOLERANCE = 1e-3  # float32 vectors from any model land within 1e-6 of length 1
 
 
 class StoreCorrupted(RuntimeError):
@@ -282,6 +283,12 @@ class IndexStore:
             raise IndexMismatch(f"record of model {record.model!r} for an index of {self.model!r}")
         if record.op == "upsert" and len(record.embedding) != self.dim:
             raise IndexMismatch(f"{len(record.embedding)}-d vector for a {self.dim}-d index")
+        if record.op == "upsert":
+            # Scores are inner products of unit vectors (DESIGN §4): anything else would rank wrongly.
+            norm = float(np.linalg.norm(record.embedding.astype(np.float64)))
+            if not np.isfinite(norm) or abs(norm - 1.0) > UNIT_TOLERANCE:
+                raise IndexMismatch(f"the vector is not a finite unit vector (norm {norm:.6g}): normalise "
+                                    f"it to length 1")
         if record.op not in ("upsert", "delete"):
             raise IndexMismatch(f"unknown op {record.op!r}")
 

@@ -9,6 +9,7 @@ from a model this product cannot run is built and served for vector queries.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -216,7 +217,7 @@ def custom_index(tmp_path):
     result = cli("pipelines.index", "--input_dir", str(tmp_path / "records"), "--index_dir", str(tmp_path / "index"),
                  "--num_shards", "2", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "40 records, 0 dead letters" in result.stdout
+    assert "40 records read (40 upserted, 0 deleted, 0 stale or repeated), 0 dead letters" in result.stdout
     assert "holds 40 live products in 2 shards (acme:custom-64, 64-d)" in result.stdout
     return tmp_path / "index", records
 
@@ -286,3 +287,84 @@ def test_no_dependency_points_at_a_local_file():
         for line in lines:
             if line.strip() and not line.strip().startswith("#"):
                 assert not local.search(line), f"{name}: {line!r} points at a local file"
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("pipelines.embed", ["--input_file", "x", "--output_dir", "y", "--num_shards", "3"],
+     "--num_shards is an option of the other pipeline"),
+    ("pipelines.index", ["--input_dir", "x", "--index_dir", "y", "--image_weight", "0.9"],
+     "--image_weight is an option of the other pipeline"),
+    ("pipelines.embed", [*DATAFLOW[:-3], "--temp_location", "/tmp/local", "--input_subscription", SUBSCRIPTION,
+                         *TOPICS, "--streaming"], "--temp_location '/tmp/local' must be gs://BUCKET/PATH"),
+    ("pipelines.embed", ["--runner", "DataflowRunner", "--dry_run=True", "--no_auth", "--streaming",
+                         "--input_subscription", SUBSCRIPTION, *TOPICS], "--project is required on Dataflow"),
+    ("pipelines.embed", ["--input_file", "x", "--output_dir", "y", "--download_timeout_secs", "-1"],
+     "--download_timeout_secs must be positive"),
+    ("pipelines.index", ["--input_dir", "x", "--index_dir", "y", "--hnsw_m", "0"], "--hnsw_m must be 2..256"),
+    ("search.recall", ["--index_dir", "/nonexistent/index"], "no index at /nonexistent/index"),
+    ("search.recall", ["--index_dir", "x", "--ef_search", "abc"], "--ef_search 'abc' must be"),
+    ("localstack.demo", ["--products", "0"], "--products must be at least 1"),
+    ("localstack.demo", ["--model", "open_clip:ViT-B-23"], "open_clip has no model config"),
+])
+def test_more_refusals_are_one_line_without_a_traceback(module, argv, message, tmp_path):
+    result = cli(module, *argv, timeout=60, offline_dir=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
+
+
+def test_outputs_that_cannot_be_written_are_refused_at_launch(tmp_path):
+    (tmp_path / "events.jsonl").write_text("{}\n")
+    (tmp_path / "a-file").write_text("x")
+    result = cli("pipelines.embed", "--input_file", str(tmp_path / "events.jsonl"), "--output_dir",
+                 str(tmp_path / "a-file"), timeout=60)
+    _one_line_refusal(result, f"--output_dir {tmp_path / 'a-file'} is a file, not a directory")
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "part-0.jsonl").write_text("{}\n")
+    result = cli("pipelines.index", "--input_dir", str(tmp_path / "records"), "--index_dir",
+                 str(tmp_path / "a-file" / "index"), timeout=60)
+    _one_line_refusal(result, "cannot be written")
+
+
+def test_a_batch_dry_run_with_object_storage_paths_stays_offline(tmp_path):
+    result = cli("pipelines.embed", *DATAFLOW[:-1], "--input_file", "gs://my-bucket/events/*.jsonl",
+                 "--output_dir", "gs://my-bucket/out", offline_dir=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "embed: dry run, nothing submitted" in result.stdout
+
+
+def test_the_hnsw_flags_shape_a_new_index_and_non_unit_vectors_are_refused(tmp_path):
+    records = [record(f"p{n}", 1, dim=16, model="acme:custom-16", seed=n) for n in range(30)]
+    bad = dataclasses.replace(record("bad", 1, dim=16, model="acme:custom-16"),
+                              embedding=np.array([3.0] + [0.0] * 15, np.float32))  # not unit length
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "part-0.jsonl").write_text("\n".join(r.to_json() for r in [*records, bad]) + "\n")
+    result = cli("pipelines.index", "--input_dir", str(tmp_path / "records"), "--index_dir", str(tmp_path / "index"),
+                 "--hnsw_m", "8", "--hnsw_ef_construction", "40", "--dead_letter_dir", str(tmp_path / "dead"),
+                 timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "31 records read (30 upserted, 0 deleted, 0 stale or repeated), 1 dead letters (sink=1)" in result.stdout
+    letter = json.loads(next((tmp_path / "dead").glob("*")).read_text().splitlines()[0])
+    assert letter["product_id"] == "bad" and "not a finite unit vector" in letter["error"]
+    from search.store import IndexStore
+
+    store = IndexStore(tmp_path / "index" / "shard-000", read_only=True)
+    assert (store.settings.hnsw.m, store.settings.hnsw.ef_construction) == (8, 40)
+    again = cli("pipelines.index", "--input_dir", str(tmp_path / "records"), "--index_dir", str(tmp_path / "index"),
+                "--num_shards", "4", timeout=60)
+    _one_line_refusal(again, "has 1 shard(s) (resharding is a new index)")
+
+
+def test_a_long_local_run_logs_progress(tmp_path, image_server):
+    from localstack.image_server import Route
+    from tests.conftest import image_bytes
+
+    image_server.routes["/a.jpg"] = Route(body=image_bytes("JPEG"), headers={"Content-Type": "image/jpeg"},
+                                          delay=0.2)
+    events = [{"event_id": f"e{n}", "product_id": f"p{n}", "op": "upsert", "version": 1, "title": "shirt",
+               "image_urls": [image_server.url("a.jpg")]} for n in range(70)]
+    (tmp_path / "events.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    result = cli("pipelines.embed", "--input_file", str(tmp_path / "events.jsonl"), "--output_dir",
+                 str(tmp_path / "out"), "--model", TINY_CLIP, "--allow_private_hosts", "--max_concurrent_downloads",
+                 "2", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"progress: \d+ records, 0 dead letters, [\d.]+ records/s", result.stderr), result.stderr[-3000:]

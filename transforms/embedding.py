@@ -20,6 +20,7 @@ from model_handlers.handler import EmbeddingRequest, ProductEmbeddingHandler
 from schemas import ProductEvent, Stage
 from transforms.dead_letter import event_of, from_beam_failure, image_dead_letters, nothing_left
 from transforms.images import FetchedProduct, FetchImages, ImageOptions
+from transforms.progress import CountOutcomes
 from transforms.records import delete_record, embedding_record
 
 __all__ = ["EmbedProducts"]
@@ -61,7 +62,7 @@ class _ToRecordFn(beam.DoFn):
 
 
 class EmbedProducts(beam.PTransform):
-    """`ProductEvent`s → (`EmbeddingRecord`s, `DeadLetter`s)."""
+    """`ProductEvent`s → (`EmbeddingRecord`s, `DeadLetter`s), each counted (transforms.progress)."""
 
     def __init__(self, model_config: ModelConfig, image_options: ImageOptions = ImageOptions(),
                  handler: ProductEmbeddingHandler | None = None):
@@ -94,6 +95,15 @@ class EmbedProducts(beam.PTransform):
                 lambda f: from_beam_failure(Stage.INFERENCE, f)),
             upserts.failed | "RecordFailures" >> beam.FlatMap(lambda f: from_beam_failure(Stage.INFERENCE, f)),
         ]
-        records = (delete_records, upserts.records) | "AllRecords" >> beam.Flatten()
-        dead_letters = (image_letters, requests[NOTHING_LEFT], *failures) | "AllDeadLetters" >> beam.Flatten()
+        record_branches = {"Deletes": delete_records, "Upserts": upserts.records}
+        letter_branches = {"Images": image_letters, "NothingLeft": requests[NOTHING_LEFT],
+                           **{f"Failures{n}": f for n, f in enumerate(failures)}}
+        # Counted where they are made: a local runner runs what follows a Flatten only after the
+        # stage before it has finished, so a count there would never show progress.
+        for name, branch in record_branches.items():
+            _ = branch | f"Count{name}" >> CountOutcomes("records")
+        for name, branch in letter_branches.items():
+            _ = branch | f"Count{name}" >> CountOutcomes("dead_letters")
+        records = tuple(record_branches.values()) | "AllRecords" >> beam.Flatten()
+        dead_letters = tuple(letter_branches.values()) | "AllDeadLetters" >> beam.Flatten()
         return records, dead_letters

@@ -85,7 +85,7 @@ class _CommitFn(beam.DoFn):
         """The index's (model, dim): as configured, or as the first record proposes when the index is
         new; when another worker's first record got there first, the index's (then this record is refused)."""
         try:
-            ShardedIndex.ensure_layout(self._index_dir, self._num_shards, model, dim)
+            ShardedIndex.ensure_layout(self._index_dir, self._num_shards, model, dim, self._settings)
         except IndexMismatch:
             layout = ShardedIndex.layout(self._index_dir)
             if self._model is not None or layout is None or layout["num_shards"] != self._num_shards:

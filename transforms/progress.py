@@ -1,7 +1,8 @@
 """`CountOutcomes`: what a job has produced so far, as Beam counters and a progress line.
 
-Records and dead letters (by stage) are counted under the `outcome` namespace, which the
-command line's closing summary reads, and every worker process logs one line every
+Records, dead letters (by stage) and failed-image reports (an image that failed for a product
+still embedded) are counted under the `outcome` namespace, which the command line's closing
+summary reads, and every worker process logs one line every
 `every_secs` while output flows, so a long run is never silent.
 """
 
@@ -40,7 +41,7 @@ class _ProcessProgress:
                 return
             cls.logged = now
             records = cls.counts["records"]
-            dead = sum(n for name, n in cls.counts.items() if name != "records")
+            dead = sum(n for name, n in cls.counts.items() if name.startswith("dead_letters_"))
             rate = records / max(now - cls.started, 1e-9)
         _log.info("progress: %d records, %d dead letters, %.1f records/s", records, dead, rate)
 
@@ -54,7 +55,10 @@ class _CountFn(beam.DoFn):
         self._counters: dict[str, object] = {}
 
     def process(self, element):
-        name = self._kind if self._kind == "records" else f"dead_letters_{element.stage}"
+        if self._kind == "records":
+            name = "records"
+        else:  # an image that failed for a product still embedded is a report, not the event's outcome
+            name = f"{'dead_letters' if element.is_event_level else 'image_failures'}_{element.stage}"
         if name not in self._counters:
             self._counters[name] = Metrics.counter(NAMESPACE, name)
         self._counters[name].inc()
@@ -86,10 +90,12 @@ def read_outcomes(result) -> dict[str, int]:
     return dict(totals)
 
 
-def describe_outcomes(totals: dict[str, int]) -> str:
-    """`300 records, 10 dead letters (download=3, parse=2, validate=5)`."""
+def describe_outcomes(totals: dict[str, int], records: str = "records") -> str:
+    """`300 records, 10 dead letters (download=3, parse=2, validate=5); plus 3 failed-image reports`
+    (`records`: what to call them)."""
     stages = {name.removeprefix("dead_letters_"): n for name, n in sorted(totals.items())
               if name.startswith("dead_letters_")}
-    dead = sum(stages.values())
     by_stage = f" ({', '.join(f'{stage}={n}' for stage, n in stages.items())})" if stages else ""
-    return f"{totals.get('records', 0)} records, {dead} dead letters{by_stage}"
+    line = f"{totals.get('records', 0)} {records}, {sum(stages.values())} dead letters{by_stage}"
+    images = sum(n for name, n in totals.items() if name.startswith("image_failures_"))
+    return line + (f"; plus {images} failed-image reports" if images else "")
