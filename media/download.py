@@ -68,6 +68,7 @@ class ImageFetcher:
             raise_on_status=False,
             respect_retry_after_header=False,
         )
+        self._retry = retry
         # Proxies from the environment would bypass the address guard: a PoolManager reads none.
         self._http = guarded_pool_manager(
             config.allow_private_hosts,
@@ -90,8 +91,11 @@ class ImageFetcher:
             left = self._time_left(deadline)
             timeout = urllib3.Timeout(connect=min(self.config.connect_timeout_s, left),
                                       read=min(self.config.read_timeout_s, left))
+            # Retries (with backoff) only while another whole attempt fits before the deadline.
+            retries = self._retry if left > self.config.read_timeout_s + self.config.connect_timeout_s else False
             try:
-                response = self._http.request("GET", url, preload_content=False, redirect=False, timeout=timeout)
+                response = self._http.request("GET", url, preload_content=False, redirect=False, timeout=timeout,
+                                              retries=retries)
             except HTTPError as e:
                 raise DownloadError(f"GET {url[:200]} failed: {_short(e)}") from e
             body = None

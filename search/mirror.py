@@ -76,8 +76,7 @@ def _replay(db: sqlite3.Connection, delta: dict) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
         store_sql.write_commit(db, generation=delta["generation"], products=delta["products"], added=delta["added"],
-                               removed=delta["removed"], next_doc_id=delta["next_doc_id"],
-                               checkpoint=delta.get("checkpoint"))
+                               removed=delta["removed"], next_doc_id=delta["next_doc_id"])
     except BaseException:
         db.execute("ROLLBACK")
         raise
@@ -195,8 +194,8 @@ class ShardPublisher:
         try:  # the remote commit point: exactly one writer creates generation G
             storage.create_only(path, json.dumps({
                 "generation": delta.generation, "next_doc_id": delta.next_doc_id, "products": delta.products,
-                "added": [[i.name, i.kind, i.count] for i in delta.added], "removed": list(delta.removed),
-                "checkpoint": delta.checkpoint}).encode("utf-8"))
+                "added": [[i.name, i.kind, i.count] for i in delta.added],
+                "removed": list(delta.removed)}).encode("utf-8"))
         except storage.AlreadyExists as e:
             raise RuntimeError(f"{path} exists: another process is writing to {self.remote.root}") from e
 

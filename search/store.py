@@ -31,6 +31,7 @@ import numpy as np
 
 from schemas import EmbeddingRecord
 from search import store_sql
+from search.merge_policy import MergePolicy, SegmentState
 from search.segment import HnswParams, Segment, SegmentCorrupted, SegmentInfo, top_k
 
 __all__ = ["ApplyResult", "CommitDelta", "Hit", "IndexMismatch", "IndexStore", "StoreCorrupted", "StoreSettings"]
@@ -52,14 +53,7 @@ class IndexMismatch(ValueError):
 @dataclasses.dataclass(frozen=True)
 class StoreSettings:
     hnsw: HnswParams = HnswParams()
-    # Compaction merges the flat (delta) segments into HNSW once they hold this many vectors
-    # or number this many, and rebuilds an HNSW segment whose tombstones pass the ratio.
-    # HNSW segments are merged (smallest first) only when there are more than max_hnsw_segments,
-    # so a vector is rarely built into a graph twice: builds are the expensive part.
-    delta_limit: int = 20_000
-    max_delta_segments: int = 16
-    max_hnsw_segments: int = 8
-    tombstone_ratio: float = 0.3
+    merge: MergePolicy = MergePolicy()
     # Threads an HNSW build may use; the rest stay free for commits and searches. 0: all cores.
     build_threads: int = max(1, (os.cpu_count() or 2) - 1)
     # Filters that leave fewer docs than this in a segment are searched exactly.
@@ -93,7 +87,6 @@ class CommitDelta:
     products: tuple[tuple, ...]  # (product_id, version, doc_id, shop_id, title, image_url)
     added: tuple[SegmentInfo, ...] = ()
     removed: tuple[str, ...] = ()
-    checkpoint: str | None = None
 
 
 class CommitListener(Protocol):
@@ -135,6 +128,7 @@ class IndexStore:
             self._take_writer_lock()
         self._write_lock = threading.RLock()
         self._compacting = threading.Lock()
+        self._compaction_thread: threading.Thread | None = None
         if not read_only:
             self._db().executescript(store_sql.SCHEMA)  # its own transaction: executescript commits
         with self._transaction() as db:
@@ -292,7 +286,7 @@ class IndexStore:
         if record.op not in ("upsert", "delete"):
             raise IndexMismatch(f"unknown op {record.op!r}")
 
-    def apply(self, records: Sequence[EmbeddingRecord], checkpoint: str | None = None) -> ApplyResult:
+    def apply(self, records: Sequence[EmbeddingRecord]) -> ApplyResult:
         """Applies a micro-batch in one commit; returns what it did. Refused records are reported."""
         if self.read_only:
             raise PermissionError("store opened read-only")
@@ -340,13 +334,13 @@ class IndexStore:
                 store_sql.write_commit(db, generation=view.generation + 1,
                                     products=[(pid, *state) for pid, state in changed.items()],
                                     added=[(info.name, info.kind, info.count)] if info else (),
-                                    next_doc_id=next_doc, checkpoint=checkpoint)
+                                    next_doc_id=next_doc)
             self._committed(view.generation + 1)
             self._view = self._next_view(view, changed, current, segment, next_doc)
             if self._listener:
                 self._listener.committed(CommitDelta(
                     self._view.generation, next_doc, tuple((pid, *state) for pid, state in changed.items()),
-                    (info,) if info else (), (), checkpoint))
+                    (info,) if info else ()))
         return result
 
     def _next_view(self, view: _View, changed: dict, before: dict, segment: Segment | None, next_doc: int) -> _View:
@@ -374,20 +368,29 @@ class IndexStore:
 
     # Compaction ---------------------------------------------------------------------------
     def compaction_plan(self, view: _View | None = None) -> list[Segment]:
+        """The segments the merge policy would merge now (search.merge_policy)."""
         view = view or self._view
-        s = self.settings
-        delta = [seg for seg in view.segments if seg.info.kind == "flat"]
-        hnsw = [seg for seg in view.segments if seg.info.kind == "hnsw"]
-        plan = []
-        if sum(seg.info.count for seg in delta) >= s.delta_limit or len(delta) > s.max_delta_segments:
-            plan += delta
-        worn = [seg for seg in hnsw if 1 - view.live[seg.ids].mean() > s.tombstone_ratio]
-        plan += worn
-        kept = sorted((seg for seg in hnsw if seg not in worn), key=lambda seg: seg.info.count)
-        excess = len(kept) + (1 if plan else 0) - s.max_hnsw_segments
-        if excess > 0:
-            plan += kept[:excess + 1]  # the smallest ones, merged into one
-        return plan
+        states = [SegmentState(seg.info.name, seg.info.kind, seg.info.count, int(view.live[seg.ids].sum()))
+                  for seg in view.segments]
+        names = set(self.settings.merge.plan(states))
+        return [seg for seg in view.segments if seg.info.name in names]
+
+    def compact_in_background(self) -> None:
+        """Starts a compaction on a thread of its own when the policy asks for one and none is running,
+        so a commit never waits for an HNSW build."""
+        with self._write_lock:
+            if self._compaction_thread is not None or not self.compaction_plan():
+                return
+
+            def run():
+                try:
+                    self.compact()
+                finally:
+                    self._compaction_thread = None
+
+            self._compaction_thread = threading.Thread(target=run, name=f"compact-{self.directory.name}",
+                                                       daemon=True)
+            self._compaction_thread.start()
 
     def compact(self, force: bool = False) -> bool:
         """Merges what the plan (or, forced, everything) says into one HNSW segment; True if it did."""
@@ -494,11 +497,6 @@ class IndexStore:
         if not ids:
             return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
         return np.concatenate(ids), np.concatenate(vectors)
-
-    def checkpoint(self) -> str | None:
-        with self._transaction(immediate=False) as db:
-            row = db.execute("SELECT value FROM meta WHERE key = 'checkpoint'").fetchone()
-        return row[0] if row else None
 
     def stats(self) -> dict:
         view = self._view

@@ -39,8 +39,7 @@ def generation(db: sqlite3.Connection) -> int:
 
 
 def write_commit(db: sqlite3.Connection, *, generation: int, products: Iterable[Sequence] = (),
-                 added: Iterable[Sequence] = (), removed: Iterable[str] = (), next_doc_id: int | None = None,
-                 checkpoint: str | None = None) -> None:
+                 added: Iterable[Sequence] = (), removed: Iterable[str] = (), next_doc_id: int | None = None) -> None:
     """One commit's rows, inside the caller's transaction: products as (product_id, version, doc_id,
     shop_id, title, image_url), segments added as (name, kind, count) and removed by name."""
     db.executemany(_UPSERT, [tuple(row) for row in products])
@@ -49,5 +48,3 @@ def write_commit(db: sqlite3.Connection, *, generation: int, products: Iterable[
     if next_doc_id is not None:
         db.execute("UPDATE meta SET value = ? WHERE key = 'next_doc_id'", (str(next_doc_id),))
     db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(generation),))
-    if checkpoint is not None:
-        db.execute("INSERT OR REPLACE INTO meta VALUES ('checkpoint', ?)", (checkpoint,))

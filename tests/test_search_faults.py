@@ -63,7 +63,9 @@ def test_trickling_image_queries_never_starve_health_text_or_vector_queries(inde
             outcomes = [future.result(timeout=60) for future in slow]
         for response, took in outcomes:
             assert response.status_code in (400, 503), response.text
-            assert took < 3.0 + 1.5, took  # each ends by its deadline, its wait for a slot included
+            # Each ends by its deadline, its wait for a slot included (plus scheduling on a loaded 2-core
+            # machine); a thread held by a trickling body used to take minutes.
+            assert took < 3.0 + 1.5, took
     finally:
         server.stop()
 

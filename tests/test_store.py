@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 
 from search import recall
 from search.sharded import ShardedIndex, shard_of
+from search.merge_policy import MergePolicy
 from search.store import IndexMismatch, IndexStore, StoreSettings
 from tests.support.index_helpers import MODEL, last_writer_wins, live_truth, record
 
-SMALL = StoreSettings(delta_limit=6, max_delta_segments=3, max_hnsw_segments=2, tombstone_ratio=0.3, exact_below=0)
+SMALL = StoreSettings(merge=MergePolicy(delta_limit=6, max_delta_segments=3, max_hnsw_segments=2, tombstone_ratio=0.3),
+                      exact_below=0)
 
 
 def new_store(path, **kwargs) -> IndexStore:
@@ -84,7 +86,7 @@ def test_a_delete_remembers_its_version_so_a_late_older_upsert_stays_out(tmp_pat
 
 
 def test_a_shop_scoped_query_never_returns_another_shops_product(tmp_path):
-    store = new_store(tmp_path, settings=StoreSettings(delta_limit=50, exact_below=0))
+    store = new_store(tmp_path, settings=StoreSettings(merge=MergePolicy(delta_limit=50), exact_below=0))
     records = [record(f"p{i}", 1, shop_id=f"shop-{i % 3}", seed=i) for i in range(150)]
     store.apply(records[:100])
     store.compact(force=True)
@@ -113,7 +115,7 @@ def test_records_of_another_model_or_dimension_are_refused_not_mixed(tmp_path):
 
 
 def test_k_and_ef_search_are_independent(tmp_path):
-    store = new_store(tmp_path, settings=StoreSettings(delta_limit=10, exact_below=0))
+    store = new_store(tmp_path, settings=StoreSettings(merge=MergePolicy(delta_limit=10), exact_below=0))
     store.apply([record(f"p{i}", 1, seed=i) for i in range(200)])
     store.compact(force=True)
     query = np.array(record("p3", 1, seed=3).embedding)
@@ -122,7 +124,7 @@ def test_k_and_ef_search_are_independent(tmp_path):
 
 
 def test_compaction_drops_tombstones_and_keeps_results(tmp_path):
-    store = new_store(tmp_path, settings=StoreSettings(delta_limit=10, exact_below=0))
+    store = new_store(tmp_path, settings=StoreSettings(merge=MergePolicy(delta_limit=10), exact_below=0))
     store.apply([record(f"p{i}", 1, seed=i) for i in range(30)])
     store.apply([record(f"p{i}", 2, "delete") for i in range(0, 30, 2)])
     assert store.compaction_plan()

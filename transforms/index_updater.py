@@ -47,18 +47,6 @@ class _ShardWriters:
             return self._stores[key]
 
 
-def _compact_in_background(store: IndexStore) -> None:
-    if store.compaction_plan() and not getattr(store, "_compaction_thread", None):
-        def run():
-            try:
-                store.compact()
-            finally:
-                store._compaction_thread = None
-
-        store._compaction_thread = threading.Thread(target=run, name=f"compact-{store.directory.name}", daemon=True)
-        store._compaction_thread.start()
-
-
 class _CommitFn(beam.DoFn):
     def __init__(self, index_dir: str, model: str | None, dim: int, num_shards: int, batch_size: int,
                  settings: StoreSettings, background_compaction: bool, cache_dir: str | None):
@@ -129,7 +117,7 @@ class _CommitFn(beam.DoFn):
             self._counters[name].inc(getattr(result, name))
         self._counters["refused"].inc(len(result.refused))
         if self._background_compaction:
-            _compact_in_background(store)
+            store.compact_in_background()
         else:
             store.compact()
         for record, reason in result.refused:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import sys
 
+from search.merge_policy import MergePolicy
 from search.store import IndexStore, StoreSettings
 from tests.support.index_helpers import MODEL, record
 
@@ -28,7 +29,7 @@ def batches(seed: int, count: int = 30, size: int = 60) -> list[list]:
 
 def open_store(directory: str) -> IndexStore:
     return IndexStore(directory, model=MODEL, dim=DIM,
-                      settings=StoreSettings(delta_limit=400, max_delta_segments=6, exact_below=0))
+                      settings=StoreSettings(merge=MergePolicy(delta_limit=400, max_delta_segments=6), exact_below=0))
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
     store = open_store(directory)
     print("ready", flush=True)
     for n, batch in enumerate(batches(seed)):
-        store.apply(batch, checkpoint=str(n))
+        store.apply(batch)
         print(f"committed {n}", flush=True)
         if n % 4 == 3:
             store.compact(force=n % 8 == 7)

@@ -1,0 +1,56 @@
+"""Which segments to merge, and when: the store's merge policy, apart from the store as Lucene keeps it.
+
+Commits write small flat segments (searched exactly); merging them into an HNSW segment is the
+expensive part (the graph build), so the policy merges flat segments once they are many or large,
+rebuilds an HNSW segment whose tombstones pass a ratio, and merges HNSW segments (smallest first)
+only when there are too many of them: a vector is rarely built into a graph twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+__all__ = ["MergePolicy", "SegmentState"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentState:
+    """What the policy knows of a segment: its name, kind, size and how many of its docs are live."""
+
+    name: str
+    kind: str  # "flat" or "hnsw"
+    count: int
+    live: int
+
+    @property
+    def dead_ratio(self) -> float:
+        return 1 - self.live / self.count if self.count else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MergePolicy:
+    # Flat (delta) segments are merged into HNSW once they hold this many vectors or number this many.
+    delta_limit: int = 20_000
+    max_delta_segments: int = 16
+    # HNSW segments are merged, smallest first, only past this many.
+    max_hnsw_segments: int = 8
+    # An HNSW segment whose tombstones pass this share is rebuilt without them.
+    tombstone_ratio: float = 0.3
+
+    def plan(self, segments: Sequence[SegmentState]) -> list[str]:
+        """Names of the segments to merge into one new HNSW segment; empty when nothing is due."""
+        delta = [s for s in segments if s.kind == "flat"]
+        graphs = [s for s in segments if s.kind != "flat"]
+        plan = []
+        if sum(s.count for s in delta) >= self.delta_limit or len(delta) > self.max_delta_segments:
+            plan += delta
+        worn = [s for s in graphs if s.dead_ratio > self.tombstone_ratio]
+        plan += worn
+        kept = sorted((s for s in graphs if s not in worn), key=lambda s: s.count)
+        excess = len(kept) + (1 if plan else 0) - self.max_hnsw_segments
+        if excess > 0:
+            # The smallest ones: into the segment the plan already makes, `excess` of them are enough;
+            # merged among themselves, one more (n segments into one is n - 1 fewer).
+            plan += kept[:excess if plan else excess + 1]
+        return [s.name for s in plan]
