@@ -1,5 +1,8 @@
 """Immutable index segments: doc ids and unit vectors on disk, searched by HNSW or exactly.
 
+Which of a segment's positions are live, and which belong to a shop, the store keeps as
+bitmaps and postings maintained at commit; a search hands them over as they are.
+
 A commit writes a small `flat` segment (searched exactly: cheap to write, searchable at once);
 compaction merges segments into an `hnsw` segment (FAISS `IndexHNSWFlat`, inner product).
 Files are written to a temporary name, fsynced and renamed, so a segment either exists whole
@@ -95,7 +98,10 @@ class Segment:
             raise SegmentCorrupted(f"{sums_path} is unreadable: {e}") from e
         try:
             self.ids = np.load(io.BytesIO(_verified(directory, f"{info.name}.ids.npy", sums)))
-            self.vectors = np.load(io.BytesIO(_verified(directory, f"{info.name}.vectors.npy", sums)))
+            # Verified, then memory-mapped: the float vectors live in the page cache (which the OS can
+            # drop), touched only by exact search and merges; an HNSW segment's index owns its copy.
+            _verified(directory, f"{info.name}.vectors.npy", sums)
+            self.vectors = np.load(directory / f"{info.name}.vectors.npy", mmap_mode="r")
             self.index = None
             if info.kind == "hnsw":
                 data = _verified(directory, f"{info.name}.hnsw", sums)
@@ -104,6 +110,7 @@ class Segment:
             if isinstance(e, SegmentCorrupted):
                 raise
             raise SegmentCorrupted(f"segment {info.name} in {directory} cannot be read: {e}") from e
+        self._order: np.ndarray | None = None  # argsort of ids, made on the first `locate`
         if len(self.ids) != info.count or len(self.vectors) != info.count:
             raise SegmentCorrupted(f"segment {info.name} holds {len(self.ids)} ids for a manifest count of {info.count}")
 
@@ -131,31 +138,34 @@ class Segment:
         os.replace(ids_path.with_name(ids_path.name + ".tmp"), ids_path)  # last: its presence means whole
         return SegmentInfo(name, kind, len(ids))
 
-    def search(self, query: np.ndarray, k: int, ef_search: int, allowed: np.ndarray,
-               exact_below: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, doc ids) among the positions `allowed` (bool mask) marks.
+    def locate(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(which of the sorted doc ids `docs` this segment holds, and their positions in it)."""
+        if self._order is None:
+            self._order = np.argsort(self.ids, kind="stable")
+            self._sorted = self.ids[self._order]
+        at = np.searchsorted(self._sorted, docs)
+        found = at < len(self._sorted)
+        found[found] = self._sorted[at[found]] == docs[found]
+        return found, self._order[at[found]]
 
-        Filtered HNSW loses recall when few positions are allowed, so a small allowed set
-        (fewer than `exact_below`) is searched exactly instead.
-        """
-        n_allowed = int(allowed.sum())
-        if n_allowed == 0:
-            return np.zeros(0, np.float32), np.zeros(0, np.int64)
-        if self.index is None or n_allowed < exact_below:
-            return self.search_exact(query, k, allowed)
+    def search_bitmap(self, query: np.ndarray, k: int, ef_search: int, bits: np.ndarray,
+                      allowed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, doc ids) by HNSW among the positions set in `bits` (packed, little bit
+        order; `allowed` of them). The bitmap is handed to FAISS as it is: nothing is rebuilt."""
         params = faiss.SearchParametersHNSW()
         params.efSearch = max(ef_search, k)
-        bits = np.packbits(allowed, bitorder="little")
         selector = None  # held here: faiss does not own it, nor the bitmap under it
-        if n_allowed < len(allowed):
-            selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))
+        if allowed < self.info.count:
+            selector = faiss.IDSelectorBitmap(self.info.count, faiss.swig_ptr(bits))
             params.sel = selector
         scores, positions = self.index.search(query.reshape(1, -1), k, params=params)
         keep = positions[0] >= 0
         return scores[0][keep], self.ids[positions[0][keep]]
 
-    def search_exact(self, query: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        positions = np.flatnonzero(allowed)
+    def search_positions(self, query: np.ndarray, k: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, doc ids) exactly, over the given positions only (read from the memory map)."""
+        if not len(positions):
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
         scores = self.vectors[positions] @ query
         best = top_k(scores, k)
         return scores[best], self.ids[positions[best]]

@@ -39,6 +39,7 @@ __all__ = ["ApplyResult", "CommitDelta", "Hit", "IndexMismatch", "IndexStore", "
 _log = logging.getLogger(__name__)
 
 MARKER = "committed"  # the commit marker's file name
+BITMAP_CACHE_SIZE = 64  # large shops' per-generation bitmaps kept
 UNIT_TOLERANCE = 1e-3  # float32 vectors from any model land within 1e-6 of length 1
 
 
@@ -97,15 +98,25 @@ class CommitListener(Protocol):
     def committed(self, delta: CommitDelta) -> None: ...
 
 
+def _ones(count: int) -> np.ndarray:
+    return np.packbits(np.ones(count, bool), bitorder="little")
+
+
+def _unpack(bits: np.ndarray, count: int) -> np.ndarray:
+    return np.unpackbits(bits, count=count, bitorder="little").view(bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class _View:
-    """Everything a search reads, swapped whole on every commit."""
+    """Everything a search reads, swapped whole on every commit. The filters are maintained here at
+    commit, so no query step touches every document of the shard."""
 
     generation: int
+    next_doc: int
     segments: tuple[Segment, ...]
-    live: np.ndarray  # bool by doc id
-    shop_codes: np.ndarray  # int32 by doc id
-    shops: dict[str, int]
+    live: dict[str, np.ndarray]  # segment name → packed liveness bitmap over its positions (little bit order)
+    live_count: dict[str, int]
+    postings: dict[str, np.ndarray]  # shop → its live doc ids, sorted
 
 
 class IndexStore:
@@ -129,6 +140,8 @@ class IndexStore:
         self._write_lock = threading.RLock()
         self._compacting = threading.Lock()
         self._compaction_thread: threading.Thread | None = None
+        self._cache_lock = threading.Lock()
+        self._bitmap_cache: dict[tuple[int, str], list[tuple[np.ndarray, int]]] = {}  # oldest first
         if not read_only:
             self._db().executescript(store_sql.SCHEMA)  # its own transaction: executescript commits
         with self._transaction() as db:
@@ -220,15 +233,22 @@ class IndexStore:
             next_doc = int(store_sql.meta(db, "next_doc_id"))
             infos = [SegmentInfo(*row) for row in db.execute("SELECT name, kind, count FROM segments ORDER BY name")]
             rows = db.execute("SELECT doc_id, shop_id FROM products WHERE doc_id IS NOT NULL").fetchall()
-        live = np.zeros(next_doc, bool)
-        shop_codes = np.zeros(next_doc, np.int32)
-        shops: dict[str, int] = {}
-        if rows:
-            doc_ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-            live[doc_ids] = True
-            shop_codes[doc_ids] = [shops.setdefault(r[1], len(shops)) for r in rows]
         segments = tuple(reuse.get(info.name) or Segment(self.directory, info, self._require_sums) for info in infos)
-        return _View(generation, segments, live, shop_codes, shops)
+        docs = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        postings = {}
+        if len(docs):  # each shop's doc ids, sorted: one sort by (shop, doc), split where the shop changes
+            names, shop_of_doc = np.unique(np.array([r[1] for r in rows], dtype=object), return_inverse=True)
+            order = np.lexsort((docs, shop_of_doc))
+            bounds = np.searchsorted(shop_of_doc[order], np.arange(len(names) + 1))
+            postings = {str(name): docs[order[bounds[n]:bounds[n + 1]]] for n, name in enumerate(names)}
+            docs = np.sort(docs)
+        live, live_count = {}, {}
+        for seg in segments:
+            mask = np.zeros(seg.info.count, bool)
+            found, positions = seg.locate(docs)
+            mask[positions] = True
+            live[seg.info.name], live_count[seg.info.name] = np.packbits(mask, bitorder="little"), int(found.sum())
+        return _View(generation, next_doc, segments, live, live_count, postings)
 
     def refresh(self, retry_secs: float = 5.0) -> bool:
         """Picks up commits made by another process; True if there was one. When the new generation
@@ -344,20 +364,37 @@ class IndexStore:
         return result
 
     def _next_view(self, view: _View, changed: dict, before: dict, segment: Segment | None, next_doc: int) -> _View:
-        live = np.zeros(next_doc, bool)
-        live[:len(view.live)] = view.live
-        shop_codes = np.zeros(next_doc, np.int32)
-        shop_codes[:len(view.shop_codes)] = view.shop_codes
-        shops = dict(view.shops)
+        """The view after a commit: only the bitmaps of segments that lost docs, and the postings of
+        shops that changed, are copied and updated."""
+        dead = np.array(sorted(old[1] for pid, old in before.items() if pid in changed and old[1] is not None),
+                        np.int64)
+        live, live_count = dict(view.live), dict(view.live_count)
+        for seg in view.segments:
+            found, positions = seg.locate(dead) if len(dead) else (None, ())
+            if len(positions):
+                bits = live[seg.info.name].copy()
+                np.bitwise_and.at(bits, positions >> 3, ~(1 << (positions & 7)).astype(np.uint8))
+                live[seg.info.name], live_count[seg.info.name] = bits, live_count[seg.info.name] - len(positions)
+        if segment is not None:
+            live[segment.info.name], live_count[segment.info.name] = _ones(segment.info.count), segment.info.count
+        removed: dict[str, list[int]] = {}
+        added: dict[str, list[int]] = {}
         for pid, (_, doc, shop, *_rest) in changed.items():
             old = before.get(pid)
             if old and old[1] is not None:
-                live[old[1]] = False
+                removed.setdefault(old[2], []).append(old[1])
             if doc is not None:
-                live[doc] = True
-                shop_codes[doc] = shops.setdefault(shop, len(shops))
+                added.setdefault(shop, []).append(doc)
+        postings = dict(view.postings)
+        for shop in removed.keys() | added.keys():
+            docs = np.setdiff1d(postings.get(shop, np.zeros(0, np.int64)), removed.get(shop, ()), assume_unique=True)
+            docs = np.union1d(docs, np.array(added.get(shop, ()), np.int64))
+            if len(docs):
+                postings[shop] = docs
+            else:
+                postings.pop(shop, None)
         segments = view.segments + ((segment,) if segment else ())
-        return _View(view.generation + 1, segments, live, shop_codes, shops)
+        return _View(view.generation + 1, next_doc, segments, live, live_count, postings)
 
     def _committed(self, generation: int) -> None:
         self._checkpoint_wal()
@@ -370,7 +407,7 @@ class IndexStore:
     def compaction_plan(self, view: _View | None = None) -> list[Segment]:
         """The segments the merge policy would merge now (search.merge_policy)."""
         view = view or self._view
-        states = [SegmentState(seg.info.name, seg.info.kind, seg.info.count, int(view.live[seg.ids].sum()))
+        states = [SegmentState(seg.info.name, seg.info.kind, seg.info.count, view.live_count[seg.info.name])
                   for seg in view.segments]
         names = set(self.settings.merge.plan(states))
         return [seg for seg in view.segments if seg.info.name in names]
@@ -399,11 +436,12 @@ class IndexStore:
         with self._compacting:
             view = self._view
             plan = list(view.segments) if force else self.compaction_plan(view)
-            if not plan or force and len(plan) == 1 and plan[0].info.kind == "hnsw" and view.live[plan[0].ids].all():
+            if not plan or force and len(plan) == 1 and plan[0].info.kind == "hnsw" and \
+                    view.live_count[plan[0].info.name] == plan[0].info.count:
                 return False
             ids = np.concatenate([seg.ids for seg in plan])
             vectors = np.concatenate([seg.vectors for seg in plan])
-            keep = view.live[ids]
+            keep = np.concatenate([_unpack(view.live[seg.info.name], seg.info.count) for seg in plan])
             info = None
             if keep.any():
                 # omp_set_num_threads is per calling thread: only this build is limited.
@@ -422,10 +460,18 @@ class IndexStore:
                 current = self._view
                 names = {seg.info.name for seg in plan}
                 segments = tuple(seg for seg in current.segments if seg.info.name not in names)
+                live = {name: bits for name, bits in current.live.items() if name not in names}
+                live_count = {name: n for name, n in current.live_count.items() if name not in names}
+                if merged:
+                    # Commits during the build may have tombstoned merged docs: liveness is as of now.
+                    alive = np.concatenate([_unpack(current.live[seg.info.name], seg.info.count) for seg in plan])[keep]
+                    live[merged.info.name] = np.packbits(alive, bitorder="little")
+                    live_count[merged.info.name] = int(alive.sum())
                 self._view = dataclasses.replace(current, generation=current.generation + 1,
-                                                 segments=segments + ((merged,) if merged else ()))
+                                                 segments=segments + ((merged,) if merged else ()), live=live,
+                                                 live_count=live_count)
                 if self._listener:
-                    self._listener.committed(CommitDelta(self._view.generation, len(current.live), (),
+                    self._listener.committed(CommitDelta(self._view.generation, current.next_doc, (),
                                                          (info,) if info else (), tuple(names)))
             for seg in plan:
                 for name in Segment.files(seg.info.name):
@@ -448,24 +494,56 @@ class IndexStore:
         if query.shape[0] != self.dim:
             raise IndexMismatch(f"{query.shape[0]}-d query for a {self.dim}-d index")
         view = self._view
-        if shop_id is not None and shop_id not in view.shops:
-            return []
-        scores, docs = [], []
-        for segment in view.segments:
-            allowed = view.live[segment.ids]
-            if shop_id is not None:
-                allowed &= view.shop_codes[segment.ids] == view.shops[shop_id]
-            if exact:
-                s, d = segment.search_exact(query, k, allowed)
+        if shop_id is None:
+            hits = [self._search_segment(seg, query, k, ef_search, exact, view.live[seg.info.name],
+                                         view.live_count[seg.info.name]) for seg in view.segments]
+        else:
+            postings = view.postings.get(shop_id)
+            if postings is None:
+                return []
+            if exact or len(postings) < self.settings.exact_below:
+                # A small shop is searched exactly over its own docs: cost in proportion to the shop.
+                hits = []
+                for seg in view.segments:
+                    found, positions = seg.locate(postings)
+                    hits.append(seg.search_positions(query, k, positions))
             else:
-                s, d = segment.search(query, k, ef_search, allowed, self.settings.exact_below)
-            scores.append(s)
-            docs.append(d)
-        if not scores:
+                hits = [self._search_segment(seg, query, k, ef_search, False, bits, allowed)
+                        for seg, (bits, allowed) in zip(view.segments, self._shop_bitmaps(view, shop_id))]
+        if not hits:
             return []
-        scores, docs = np.concatenate(scores), np.concatenate(docs)
+        scores, docs = np.concatenate([h[0] for h in hits]), np.concatenate([h[1] for h in hits])
         best = top_k(scores, k)
         return [(float(scores[i]), int(docs[i])) for i in best]
+
+    def _search_segment(self, seg: Segment, query: np.ndarray, k: int, ef_search: int, exact: bool,
+                        bits: np.ndarray, allowed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Filtered HNSW with the bitmap as it is; exact search when the segment has no graph, or when
+        few docs pass (filtered HNSW loses recall then) or exact is asked."""
+        if allowed == 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        if exact or seg.index is None or allowed < self.settings.exact_below:
+            return seg.search_positions(query, k, np.flatnonzero(_unpack(bits, seg.info.count)))
+        return seg.search_bitmap(query, k, ef_search, bits, allowed)
+
+    def _shop_bitmaps(self, view: _View, shop_id: str) -> list[tuple[np.ndarray, int]]:
+        """A large shop's live docs as a bitmap per segment, made once per generation and kept."""
+        key = (view.generation, shop_id)
+        with self._cache_lock:
+            cached = self._bitmap_cache.get(key)
+        if cached is None:
+            postings = view.postings[shop_id]
+            cached = []
+            for seg in view.segments:
+                mask = np.zeros(seg.info.count, bool)
+                found, positions = seg.locate(postings)
+                mask[positions] = True
+                cached.append((np.packbits(mask, bitorder="little"), int(found.sum())))
+            with self._cache_lock:
+                self._bitmap_cache[key] = cached
+                while len(self._bitmap_cache) > BITMAP_CACHE_SIZE:
+                    self._bitmap_cache.pop(next(iter(self._bitmap_cache)))
+        return cached
 
     def hits(self, scored: Iterable[tuple[float, int]]) -> list[Hit]:
         scored = list(scored)
@@ -491,7 +569,7 @@ class IndexStore:
         view = self._view
         ids, vectors = [], []
         for segment in view.segments:
-            keep = view.live[segment.ids]
+            keep = _unpack(view.live[segment.info.name], segment.info.count)
             ids.append(segment.ids[keep])
             vectors.append(segment.vectors[keep])
         if not ids:
@@ -504,9 +582,9 @@ class IndexStore:
             "model": self.model,
             "dim": self.dim,
             "generation": view.generation,
-            "live_docs": int(view.live.sum()),
+            "live_docs": sum(view.live_count.values()),
             "segments": [{"name": s.info.name, "kind": s.info.kind, "count": s.info.count,
-                          "live": int(view.live[s.ids].sum())} for s in view.segments],
+                          "live": view.live_count[s.info.name]} for s in view.segments],
         }
 
     def close(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -38,6 +40,16 @@ def assert_equals_truth(store: IndexStore, records) -> None:
     for pid, r in live.items():  # each live product is found by its own current vector
         (top,) = store.search(np.array(r.embedding), k=1, exact=True)
         assert top.product_id == pid and top.score == pytest.approx(1.0, abs=1e-5)
+    # Scoped to a shop (postings maintained at commit): exactly that shop's live products, each
+    # found by its own vector, whether the shop is searched exactly or through its bitmaps.
+    for shop in ("shop-a", "shop-b", "shop-none"):
+        in_shop = {pid for pid, r in live.items() if r.shop_id == shop}
+        for vector in every_vector:
+            hits = store.search(np.array(vector), k=len(truth) + 5, ef_search=64, shop_id=shop)
+            assert {h.product_id for h in hits} <= in_shop and all(h.shop_id == shop for h in hits)
+        for pid in in_shop:
+            (top,) = store.search(np.array(live[pid].embedding), k=1, ef_search=64, shop_id=shop)
+            assert top.product_id == pid
 
 
 ops = st.tuples(
@@ -48,14 +60,16 @@ ops = st.tuples(
 )
 
 
+@pytest.mark.parametrize("exact_below", [0, 1000], ids=["shops-by-bitmap", "shops-exactly"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stream=st.lists(ops, min_size=1, max_size=40), cuts=st.lists(st.integers(0, 40), max_size=6),
        compact_after=st.sets(st.integers(0, 7)), data=st.data())
-def test_random_streams_equal_last_writer_wins(tmp_path_factory, stream, cuts, compact_after, data):
-    """Upserts, deletes, duplicates and reordered versions, random commit points and compactions."""
+def test_random_streams_equal_last_writer_wins(tmp_path_factory, exact_below, stream, cuts, compact_after, data):
+    """Upserts, deletes, duplicates and reordered versions, random commit points and compactions;
+    shops searched through their bitmaps (exact_below 0) or exactly over their postings."""
     records = [record(pid, version, op, shop_id=shop) for pid, version, op, shop in stream]
     records += data.draw(st.lists(st.sampled_from(records), max_size=5))  # redeliveries
-    store = new_store(tmp_path_factory.mktemp("store"))
+    store = new_store(tmp_path_factory.mktemp("store"), settings=dataclasses.replace(SMALL, exact_below=exact_below))
     bounds = sorted({0, len(records), *(c for c in cuts if c < len(records))})
     for n, (start, end) in enumerate(zip(bounds, bounds[1:])):
         store.apply(records[start:end])
@@ -171,3 +185,25 @@ def test_recall_cli_reports_the_distribution_and_writes_json_and_a_plot(tmp_path
     assert high["mean"] >= low["mean"] and high["min"] >= 0.9
     assert json.loads((tmp_path / "recall.json").read_text())["k"] == 10
     assert (tmp_path / "recall.png").stat().st_size > 10_000
+
+
+def test_segment_vectors_are_held_once_memory_mapped_after_their_checksum(tmp_path):
+    """The float vectors are a read-only memory map of the verified file (page cache, not the
+    process's own memory); an HNSW segment's graph owns the only in-memory copy."""
+    from search.segment import HnswParams, Segment, SegmentCorrupted
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(50, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    for kind in ("flat", "hnsw"):
+        info = Segment.write(tmp_path, f"seg-{kind}", np.arange(50), vectors, kind, HnswParams(m=8))
+        segment = Segment(tmp_path, info)
+        assert isinstance(segment.vectors, np.memmap) and not segment.vectors.flags.writeable
+        np.testing.assert_array_equal(segment.vectors, vectors)
+        assert (segment.index is not None) == (kind == "hnsw")
+    path = tmp_path / "seg-flat.vectors.npy"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(SegmentCorrupted):
+        Segment(tmp_path, info.__class__("seg-flat", "flat", 50))
