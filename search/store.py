@@ -387,8 +387,11 @@ class IndexStore:
                 added.setdefault(shop, []).append(doc)
         postings = dict(view.postings)
         for shop in removed.keys() | added.keys():
-            docs = np.setdiff1d(postings.get(shop, np.zeros(0, np.int64)), removed.get(shop, ()), assume_unique=True)
-            docs = np.union1d(docs, np.array(added.get(shop, ()), np.int64))
+            docs = postings.get(shop, np.zeros(0, np.int64))
+            if shop in removed:
+                docs = docs[~np.isin(docs, removed[shop], assume_unique=True)]
+            # New doc ids are above every existing one: appended in order, the postings stay sorted.
+            docs = np.concatenate([docs, np.sort(np.array(added.get(shop, ()), np.int64))])
             if len(docs):
                 postings[shop] = docs
             else:
