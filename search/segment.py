@@ -110,7 +110,9 @@ class Segment:
             if isinstance(e, SegmentCorrupted):
                 raise
             raise SegmentCorrupted(f"segment {info.name} in {directory} cannot be read: {e}") from e
-        self._order: np.ndarray | None = None  # argsort of ids, made on the first `locate`
+        # The ids in order, for `locate`: made here, not on first use, since searches run in threads.
+        self._order = np.argsort(self.ids, kind="stable")
+        self._sorted = self.ids[self._order]
         if len(self.ids) != info.count or len(self.vectors) != info.count:
             raise SegmentCorrupted(f"segment {info.name} holds {len(self.ids)} ids for a manifest count of {info.count}")
 
@@ -140,9 +142,6 @@ class Segment:
 
     def locate(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(which of the sorted doc ids `docs` this segment holds, and their positions in it)."""
-        if self._order is None:
-            self._order = np.argsort(self.ids, kind="stable")
-            self._sorted = self.ids[self._order]
         at = np.searchsorted(self._sorted, docs)
         found = at < len(self._sorted)
         found[found] = self._sorted[at[found]] == docs[found]

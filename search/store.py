@@ -106,6 +106,14 @@ def _unpack(bits: np.ndarray, count: int) -> np.ndarray:
     return np.unpackbits(bits, count=count, bitorder="little").view(bool)
 
 
+def _bitmap(seg: Segment, docs: np.ndarray) -> tuple[np.ndarray, int]:
+    """(the packed bitmap of the sorted doc ids `docs` over the segment's positions, how many it holds)."""
+    mask = np.zeros(seg.info.count, bool)
+    found, positions = seg.locate(docs)
+    mask[positions] = True
+    return np.packbits(mask, bitorder="little"), int(found.sum())
+
+
 @dataclasses.dataclass(frozen=True)
 class _View:
     """Everything a search reads, swapped whole on every commit. The filters are maintained here at
@@ -244,10 +252,7 @@ class IndexStore:
             docs = np.sort(docs)
         live, live_count = {}, {}
         for seg in segments:
-            mask = np.zeros(seg.info.count, bool)
-            found, positions = seg.locate(docs)
-            mask[positions] = True
-            live[seg.info.name], live_count[seg.info.name] = np.packbits(mask, bitorder="little"), int(found.sum())
+            live[seg.info.name], live_count[seg.info.name] = _bitmap(seg, docs)
         return _View(generation, next_doc, segments, live, live_count, postings)
 
     def refresh(self, retry_secs: float = 5.0) -> bool:
@@ -369,8 +374,8 @@ class IndexStore:
         dead = np.array(sorted(old[1] for pid, old in before.items() if pid in changed and old[1] is not None),
                         np.int64)
         live, live_count = dict(view.live), dict(view.live_count)
-        for seg in view.segments:
-            found, positions = seg.locate(dead) if len(dead) else (None, ())
+        for seg in view.segments if len(dead) else ():
+            _, positions = seg.locate(dead)
             if len(positions):
                 bits = live[seg.info.name].copy()
                 np.bitwise_and.at(bits, positions >> 3, ~(1 << (positions & 7)).astype(np.uint8))
@@ -508,7 +513,7 @@ class IndexStore:
                 # A small shop is searched exactly over its own docs: cost in proportion to the shop.
                 hits = []
                 for seg in view.segments:
-                    found, positions = seg.locate(postings)
+                    _, positions = seg.locate(postings)
                     hits.append(seg.search_positions(query, k, positions))
             else:
                 hits = [self._search_segment(seg, query, k, ef_search, False, bits, allowed)
@@ -535,13 +540,7 @@ class IndexStore:
         with self._cache_lock:
             cached = self._bitmap_cache.get(key)
         if cached is None:
-            postings = view.postings[shop_id]
-            cached = []
-            for seg in view.segments:
-                mask = np.zeros(seg.info.count, bool)
-                found, positions = seg.locate(postings)
-                mask[positions] = True
-                cached.append((np.packbits(mask, bitorder="little"), int(found.sum())))
+            cached = [_bitmap(seg, view.postings[shop_id]) for seg in view.segments]
             with self._cache_lock:
                 self._bitmap_cache[key] = cached
                 while len(self._bitmap_cache) > BITMAP_CACHE_SIZE:
