@@ -35,7 +35,7 @@ def build_pipeline(p: beam.Pipeline, config: IndexJobConfig) -> IndexOutputs:
     if config.streaming:
         raw = p | "ReadRecords" >> ReadEventMessages(config.input_subscription)
     else:
-        raw = p | "ReadRecords" >> beam.io.ReadFromText(f"{config.input_dir.rstrip('/')}/*.jsonl", validate=False)
+        raw = p | "ReadRecords" >> beam.io.ReadFromText(config.input_files, validate=False)
     records, unreadable = raw | "ParseRecords" >> beam.Map(parse_record).with_exception_handling()
     updated = records | "UpdateIndex" >> UpdateIndex(
         config.index_dir, config.model, config.dim, config.num_shards, config.commit_batch_size, config.settings,

@@ -341,11 +341,16 @@ class IndexJobConfig:
             config.preflight(remote=not dry_run)
         return config
 
+    @property
+    def input_files(self) -> str:
+        """The glob of the record files under `input_dir` that the batch job reads."""
+        return f"{self.input_dir.rstrip('/')}/*.jsonl"
+
     def preflight(self, remote: bool = True) -> None:
         """As the embed job's: input, writable output, and (`remote`) Pub/Sub and object storage."""
         try:
             if self.input_dir and (remote or not storage.is_remote(self.input_dir)):
-                check_input_matches(f"{self.input_dir.rstrip('/')}/*.jsonl", "--input_dir")
+                check_input_matches(self.input_files, "--input_dir")
             for flag, path in (("--index_dir", self.index_dir), ("--dead_letter_dir", self.dead_letter_dir)):
                 if path:
                     check_writable_dir(path, flag)
