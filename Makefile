@@ -51,7 +51,7 @@ test: setup ## Set everything up and run the whole test suite
 demo: setup ## Set everything up; real product photos → Pub/Sub → embed → BigQuery + index → search (SERVE=1 keeps the page up)
 	$(RUN) -m localstack.demo --output_dir $(OUT)/demo $(if $(SERVE),--serve,)
 
-BENCHMARKS := decode pipeline memory batching index search_latency gpu_readiness allocator
+BENCHMARKS := decode pipeline memory batching index scale search_latency gpu_readiness allocator
 
 bench: setup ## Run every benchmark; each prints its figures against its baseline and writes bench/results/NAME.json
 	$(RUN) -m bench.freshness --output_dir $(OUT)/bench-freshness

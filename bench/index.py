@@ -43,10 +43,14 @@ def embedding_like(n: int, dim: int, seed: int = 0, clusters: int = 1000, latent
     sizes = rng.dirichlet(np.full(clusters, 0.7))
     labels = rng.choice(clusters, size=n, p=sizes)
     centers = rng.normal(size=(clusters, latent)).astype(np.float32)
-    points = centers[labels] + rng.normal(scale=0.6, size=(n, latent)).astype(np.float32)
     projection = rng.normal(size=(latent, dim)).astype(np.float32) / np.sqrt(latent)
-    vectors = points @ projection + rng.normal(scale=0.15, size=(n, dim)).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = np.empty((n, dim), np.float32)
+    for start in range(0, n, 100_000):  # in float32 chunks: millions of vectors without float64 copies
+        part = labels[start:start + 100_000]
+        points = centers[part] + 0.6 * rng.standard_normal((len(part), latent), np.float32)
+        chunk = points @ projection + 0.15 * rng.standard_normal((len(part), dim), np.float32)
+        vectors[start:start + len(part)] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+    return vectors
 
 
 def records(vectors: np.ndarray, start: int) -> list[EmbeddingRecord]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from model_handlers.config import DEVICES, PRECISIONS
 from pipelines.options import (SUBSCRIPTION_PATTERN, TABLE_PATTERN, TOPIC_PATTERN, EmbedOptions, IndexOptions,
                                SharedOptions)
+from search.segment import SEGMENT_KINDS
 from transforms.bigquery import WRITE_METHODS
 
 __all__ = ["TEMPLATES", "metadata", "main"]
@@ -59,6 +60,8 @@ REGEXES = {
     "commit_batch_size": _POSITIVE_INT,
     "hnsw_m": _POSITIVE_INT,
     "hnsw_ef_construction": _POSITIVE_INT,
+    "segment_kind": "^(" + "|".join(SEGMENT_KINDS) + ")$",
+    "ivf_nprobe": _POSITIVE_INT,
 }
 
 # Beam's own flag, passed through to Dataflow (the Shopify memory lesson): a template parameter too.

@@ -69,7 +69,7 @@ def summarize(result, config: IndexJobConfig) -> str:
         return f"{line}; the index at {config.index_dir} cannot be opened: {e}"
     shards = f"{stats['num_shards']} shard{'s' if stats['num_shards'] != 1 else ''}"
     return (f"{line}; {config.index_dir} holds {stats['live_docs']} live products in {shards} "
-            f"({stats['model']}, {stats['dim']}-d)")
+            f"({stats['model']}, {stats['dim']}-d, {stats['segment_kind']} segments)")
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None):

@@ -20,7 +20,8 @@ import storage
 from model_handlers.backends import check_model, embedding_dim
 from model_handlers.config import DEFAULT_MODEL, DEVICES, PRECISIONS, ModelConfig
 from pipelines.preflight import PreflightError, check_pubsub
-from search.store import HnswParams, StoreSettings
+from search.segment import SEGMENT_KINDS, SegmentParams
+from search.store import StoreSettings
 from media.decode import DEFAULT_MAX_PIXELS
 from media.download import FetchConfig
 from transforms.bigquery import EMULATOR_ENV, WRITE_METHODS
@@ -134,9 +135,16 @@ class IndexOptions(PipelineOptions):
                             help="Stores the index is split into (none: index.json's count, or 1 for a new index).")
         parser.add_argument("--commit_batch_size", type=int, default=1000,
                             help="Records per commit at most (a shard's records of a bundle are one commit).")
+        parser.add_argument("--segment_kind", choices=SEGMENT_KINDS,
+                            help="What compaction builds, fixed when the index is made (none: the index's, or "
+                                 "hnsw for a new one): hnsw (float vectors in the graph), hnsw_sq8 (8-bit "
+                                 "scalar-quantised graph, ~0.3x the memory) or ivf_pq (IVF with PQ codes, ~0.05x); "
+                                 "the compressed kinds re-score their candidates with the float vectors on disk.")
         parser.add_argument("--hnsw_m", type=int, default=16, help="HNSW graph degree (FAISS M) of new segments.")
         parser.add_argument("--hnsw_ef_construction", type=int, default=512,
                             help="HNSW build breadth (efConstruction) of new segments.")
+        parser.add_argument("--ivf_nprobe", type=int, default=32,
+                            help="ivf_pq: inverted lists probed per search, fixed when the index is made.")
 
 
 LOCAL_RUNNERS = ("DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner", "FnApiRunner", "PrismRunner")
@@ -306,8 +314,8 @@ class IndexJobConfig:
             problems.append("--input_dir is required (or pass --streaming with --input_subscription)")
         if (o.num_shards is not None and o.num_shards < 1) or o.commit_batch_size < 1:
             problems.append("--num_shards and --commit_batch_size must be >= 1")
-        if o.hnsw_m < 2 or o.hnsw_m > 256 or o.hnsw_ef_construction < 1:
-            problems.append("--hnsw_m must be 2..256 and --hnsw_ef_construction >= 1")
+        if o.hnsw_m < 2 or o.hnsw_m > 256 or o.hnsw_ef_construction < 1 or o.ivf_nprobe < 1:
+            problems.append("--hnsw_m must be 2..256, --hnsw_ef_construction and --ivf_nprobe >= 1")
         if shared.projection and not shared.model:
             problems.append("--projection needs --model (the model the head was trained on)")
         model, dim = None, 0
@@ -330,10 +338,16 @@ class IndexJobConfig:
             if model is not None and (model, dim) != (layout["model"], layout["dim"]):
                 raise SystemExit(f"invalid options: --model makes {model} ({dim}-d) vectors, but {o.index_dir} "
                                  f"indexes {layout['model']} ({layout['dim']}-d)")
+            kind = layout.get("segment_kind", "hnsw")
+            if o.segment_kind and o.segment_kind != kind:
+                raise SystemExit(f"invalid options: --segment_kind {o.segment_kind}, but {o.index_dir} is an index "
+                                 f"of {kind} segments (a kind is fixed when the index is made: build a new one)")
             model, dim = layout["model"], layout["dim"]
+        else:
+            kind = o.segment_kind or "hnsw"
         num_shards = o.num_shards or (layout or {}).get("num_shards", 1)
         config = cls(index_dir=o.index_dir, num_shards=num_shards,
-                     settings=StoreSettings(hnsw=HnswParams(o.hnsw_m, o.hnsw_ef_construction)), model=model, dim=dim,
+                     settings=StoreSettings(segment=SegmentParams(kind, o.hnsw_m, o.hnsw_ef_construction, o.ivf_nprobe)), model=model, dim=dim,
                      streaming=streaming, input_dir=o.input_dir, input_subscription=shared.input_subscription,
                      dead_letter_dir=o.dead_letter_dir, dead_letter_topic=shared.dead_letter_topic,
                      commit_batch_size=o.commit_batch_size, cache_dir=o.cache_dir)

@@ -1,9 +1,10 @@
 """Which segments to merge, and when: the store's merge policy, apart from the store as Lucene keeps it.
 
-Commits write small flat segments (searched exactly); merging them into an HNSW segment is the
-expensive part (the graph build), so the policy merges flat segments once they are many or large,
-rebuilds an HNSW segment whose tombstones pass a ratio, and merges HNSW segments (smallest first)
-only when there are too many of them: a vector is rarely built into a graph twice.
+Commits write small flat segments (searched exactly); merging them into a segment of the index's
+kind (an HNSW graph, float or 8-bit, or IVF-PQ) is the expensive part (the build), so the policy
+merges flat segments once they are many or large, rebuilds a built segment whose tombstones pass a
+ratio, and merges built segments (smallest first) only when there are too many of them: a vector is
+rarely built into an index twice.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class SegmentState:
     """What the policy knows of a segment: its name, kind, size and how many of its docs are live."""
 
     name: str
-    kind: str  # "flat" or "hnsw"
+    kind: str  # "flat", or the kind compaction builds (search.segment.SEGMENT_KINDS)
     count: int
     live: int
 
@@ -39,7 +40,7 @@ class MergePolicy:
     tombstone_ratio: float = 0.3
 
     def plan(self, segments: Sequence[SegmentState]) -> list[str]:
-        """Names of the segments to merge into one new HNSW segment; empty when nothing is due."""
+        """Names of the segments to merge into one new segment; empty when nothing is due."""
         delta = [s for s in segments if s.kind == "flat"]
         graphs = [s for s in segments if s.kind != "flat"]
         plan = []

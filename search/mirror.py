@@ -3,7 +3,8 @@
 Object stores have no SQLite and no atomic rename, but they have atomic object creation. So the
 writer keeps its store on a local disk (a cache) and ships every commit as files that never change:
 
-    REMOTE/shard-000/seg-*.ids.npy, .vectors.npy, .hnsw     segment files, uploaded before the commit
+    REMOTE/shard-000/seg-*.ids.npy, .vectors.npy, .hnsw      segment files (.faiss for the compressed
+                                                             kinds), uploaded before the commit
     REMOTE/shard-000/commits/GENERATION.json                 one per commit: rows changed, segments
                                                              added and removed (the commit point)
     REMOTE/shard-000/snapshots/GENERATION.sqlite             the whole product state, every so often

@@ -55,7 +55,8 @@ class SearchRequest(BaseModel):
     image_url: str | None = Field(None, max_length=4096, description="an image to search by (needs the model)")
     k: int = Field(10, ge=1, le=1000, strict=True, description="results wanted (the page size)")
     ef_search: int = Field(DEFAULT_EF_SEARCH, ge=1, le=20_000, strict=True,
-                           description="HNSW search breadth, independent of k")
+                           description="search breadth, independent of k: HNSW's efSearch; for the "
+                                       "compressed kinds also the candidates re-scored exactly")
     shop_id: str | None = Field(None, max_length=256, description="only this shop's products")
 
     @model_validator(mode="after")
@@ -78,6 +79,9 @@ class SearchHit(BaseModel):
 class SearchResponse(BaseModel):
     results: list[SearchHit]
     took_ms: float
+    partial: bool = Field(False, description="true when some shards did not answer (search.router): the "
+                                             "results are the best of the others")
+    missing_shards: list[int] = Field([], description="the shards whose results are missing")
 
 
 class ErrorResponse(BaseModel):
@@ -91,6 +95,7 @@ class Health(BaseModel):
     live_docs: int
     generation: int = Field(description="the generation served (summed over shards)")
     num_shards: int
+    shards: list[int] = Field(description="the index's shards this service serves")
     queries: list[str] = Field(description="the query kinds this service answers")
     errors: dict[str, str] = Field({}, description="shard → why its newest generation is not served")
 
@@ -258,7 +263,7 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
         errors = {str(shard): error for shard, error in sorted(index.reload_errors.items())}
         return {"status": "degraded" if errors else "ok", "model": index.model, "dim": index.dim,
                 "live_docs": stats["live_docs"], "generation": stats["generation"], "num_shards": index.num_shards,
-                "queries": list(embedder.kinds), "errors": errors}
+                "shards": index.shard_ids, "queries": list(embedder.kinds), "errors": errors}
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     def metrics():
@@ -292,9 +297,11 @@ def _document_errors_as_sent(app: FastAPI) -> None:
 
 
 def open_service(index_dir: str, model: str | None = None, projection: str = "", device: str = "auto",
-                 fetch: FetchConfig = FetchConfig(), cache_dir: str | None = None) -> tuple[ShardedIndex, QueryEmbedder]:
-    """The index and a query embedder that makes vectors of its space; ValueError when they can't match."""
-    index = ShardedIndex.open(index_dir, cache_dir=Path(cache_dir) if cache_dir else None)
+                 fetch: FetchConfig = FetchConfig(), cache_dir: str | None = None,
+                 shards: str | None = None) -> tuple[ShardedIndex, QueryEmbedder]:
+    """The index (or the `shards` of it) and a query embedder that makes vectors of its space;
+    ValueError when they can't match."""
+    index = ShardedIndex.open(index_dir, cache_dir=Path(cache_dir) if cache_dir else None, shards=shards)
     index_spec, index_head = split_model_id(index.model)
     spec = model or index_spec
     query_model = ModelConfig(spec=spec, projection=projection).model_id if runs_here(spec) else model_id(spec)
@@ -317,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--index_dir", required=True, help="A local path, or gs://... (replicated locally).")
     parser.add_argument("--cache_dir", help="Where a remote index is replicated (none: a new temporary dir).")
+    parser.add_argument("--shards", help="Serve only these of the index's shards, e.g. 0-3 or 0,2 (a replica behind "
+                                         "python -m search.router; none: all of them).")
     parser.add_argument("--port", type=_port, default=8080, help="Port to serve on (0: any free port).")
     parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0: every interface).")
     parser.add_argument("--model", help="Query model spec; must be the index's (none: the index's model).")
@@ -364,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
                             read_timeout_s=args.image_timeout_secs,
                             connect_timeout_s=min(5.0, args.image_timeout_secs))
         index, embedder = open_service(args.index_dir, args.model, args.projection or "", args.device, fetch,
-                                       args.cache_dir)
+                                       args.cache_dir, args.shards)
     except (ValueError, FileNotFoundError) as e:
         sock.close()
         parser.exit(1, f"search.server: {e}\n")
@@ -374,7 +383,9 @@ def main(argv: list[str] | None = None) -> None:
     host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     stats = index.stats()
     queries = "" if embedder.backend is not None else "; vector queries only: this service cannot run the model"
-    ready = (f"search page: http://{host}:{port}/ ({stats['live_docs']} products, {index.num_shards} shards, "
+    served = f"{index.num_shards} shards" if len(index.shard_ids) == index.num_shards else \
+        f"shards {','.join(map(str, index.shard_ids))} of {index.num_shards}"
+    ready = (f"search page: http://{host}:{port}/ ({stats['live_docs']} products, {served}, "
              f"model {index.model}{queries})")
 
     class Server(uvicorn.Server):

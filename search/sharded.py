@@ -24,7 +24,7 @@ import storage
 from search.mirror import ShardPublisher, has_snapshot, local_generation, pull, restore
 from search.store import Hit, IndexMismatch, IndexStore, StoreSettings
 
-__all__ = ["ShardedIndex", "shard_of", "writer_cache_dir"]
+__all__ = ["ShardedIndex", "parse_shards", "shard_of", "writer_cache_dir"]
 
 _log = logging.getLogger(__name__)
 
@@ -32,6 +32,21 @@ _log = logging.getLogger(__name__)
 def shard_of(product_id: str, num_shards: int) -> int:
     """Stable across processes and runs (Python's hash() is salted per process)."""
     return zlib.crc32(product_id.encode("utf-8")) % num_shards
+
+
+def parse_shards(text: str, num_shards: int) -> list[int]:
+    """`0-3,6` → [0, 1, 2, 3, 6]; ValueError naming what is wrong."""
+    shards = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise ValueError(f"--shards {text!r}: {part!r} is not a shard number or a range like 0-3") from None
+        if not 0 <= low <= high < num_shards:
+            raise ValueError(f"--shards {text!r}: the index has shards 0-{num_shards - 1}")
+        shards.update(range(low, high + 1))
+    return sorted(shards)
 
 
 def writer_cache_dir(index_dir: str) -> Path:
@@ -42,11 +57,13 @@ def writer_cache_dir(index_dir: str) -> Path:
 
 class ShardedIndex:
     def __init__(self, index_dir: str | Path, shards: list[IndexStore], num_shards: int,
-                 mirrors: list[tuple[str, Path]] | None = None):
-        """`mirrors`: for a remote index opened to read, each shard's (remote dir, local replica)."""
+                 mirrors: list[tuple[str, Path]] | None = None, shard_ids: list[int] | None = None):
+        """`mirrors`: for a remote index opened to read, each shard's (remote dir, local replica).
+        `shard_ids`: which of the index's shards `shards` are (default: all of them, in order)."""
         self.index_dir = index_dir if storage.is_remote(index_dir) else Path(index_dir)
         self.shards = shards
         self.num_shards = num_shards
+        self.shard_ids = shard_ids if shard_ids is not None else list(range(num_shards))
         self.model = shards[0].model
         self.dim = shards[0].dim
         self._mirrors = mirrors
@@ -66,9 +83,9 @@ class ShardedIndex:
     def ensure_layout(cls, index_dir: str | Path, num_shards: int, model: str, dim: int,
                       settings: StoreSettings = StoreSettings()) -> dict:
         """Writes `index.json` if there is none (exactly one of racing writers creates it); refuses a
-        layout that disagrees; makes every shard (new ones with `settings`), so readers can open them
-        all from the start."""
-        wanted = {"num_shards": num_shards, "model": model, "dim": dim}
+        layout that disagrees (the segment kind included); makes every shard (new ones with
+        `settings`), so readers can open them all from the start."""
+        wanted = {"num_shards": num_shards, "model": model, "dim": dim, "segment_kind": settings.segment.kind}
         if not storage.is_remote(index_dir):
             Path(index_dir).mkdir(parents=True, exist_ok=True)
         try:
@@ -76,7 +93,7 @@ class ShardedIndex:
         except storage.AlreadyExists:
             pass
         current = cls.layout(index_dir)
-        if current != wanted:
+        if {"segment_kind": "hnsw", **current} != wanted:  # an index.json from before kinds: hnsw
             raise IndexMismatch(f"{index_dir} holds {current}, not {wanted}")
         for n in range(num_shards):
             if storage.is_remote(index_dir):
@@ -114,28 +131,30 @@ class ShardedIndex:
         return IndexStore(local, model=model, dim=dim, settings=settings, listener=replica)
 
     @classmethod
-    def open(cls, index_dir: str | Path, read_only: bool = True,
-             settings: StoreSettings = StoreSettings(), cache_dir: Path | None = None) -> "ShardedIndex":
+    def open(cls, index_dir: str | Path, read_only: bool = True, settings: StoreSettings = StoreSettings(),
+             cache_dir: Path | None = None, shards: str | None = None) -> "ShardedIndex":
         """A remote index is read from replicas under `cache_dir` (default: a new temporary directory),
-        kept current by `refresh()`; writers go through `open_writer`."""
+        kept current by `refresh()`; writers go through `open_writer`. `shards` (`0-3,6`): only those
+        of the index's shards, for a replica that serves part of it behind `search.router`."""
         layout = cls.layout(index_dir)
         if layout is None:
             raise FileNotFoundError(f"no index at {index_dir} (no index.json)")
+        ids = parse_shards(shards, layout["num_shards"]) if shards else list(range(layout["num_shards"]))
         if storage.is_remote(index_dir):
             if not read_only:
                 raise ValueError("open a remote index's shards for writing with ShardedIndex.open_writer")
             cache = Path(cache_dir or tempfile.mkdtemp(prefix="index-replica-"))
-            mirrors = [(cls.shard_path(index_dir, n), cache / f"shard-{n:03d}") for n in range(layout["num_shards"])]
+            mirrors = [(cls.shard_path(index_dir, n), cache / f"shard-{n:03d}") for n in ids]
             for remote, local in mirrors:
                 restore(remote, local)
-            shards = [IndexStore(local, read_only=True, settings=settings) for _, local in mirrors]
-            return cls(index_dir, shards, layout["num_shards"], mirrors)
-        shards = [
+            stores = [IndexStore(local, read_only=True, settings=settings) for _, local in mirrors]
+            return cls(index_dir, stores, layout["num_shards"], mirrors, ids)
+        stores = [
             IndexStore(cls.shard_dir(index_dir, n), model=None if read_only else layout["model"],
                        dim=None if read_only else layout["dim"], settings=settings, read_only=read_only)
-            for n in range(layout["num_shards"])
+            for n in ids
         ]
-        return cls(index_dir, shards, layout["num_shards"])
+        return cls(index_dir, stores, layout["num_shards"], shard_ids=ids)
 
     def refresh(self) -> bool:
         if self._mirrors:
@@ -147,7 +166,7 @@ class ShardedIndex:
                         _log.warning("could not pull %s (still serving generation %d): %s",
                                      remote, self.shards[0].generation, e)
         changed = False
-        for n, shard in enumerate(self.shards):
+        for n, shard in zip(self.shard_ids, self.shards):
             try:
                 changed |= shard.refresh()
             except Exception as e:  # whatever broke the new generation, the last good one serves on
@@ -174,6 +193,7 @@ class ShardedIndex:
 
     def stats(self) -> dict:
         shards = [shard.stats() for shard in self.shards]
-        return {"model": self.model, "dim": self.dim, "num_shards": self.num_shards,
+        return {"model": self.model, "dim": self.dim, "num_shards": self.num_shards, "served_shards": self.shard_ids,
+                "segment_kind": self.shards[0].settings.segment.kind,
                 "live_docs": sum(s["live_docs"] for s in shards),
                 "generation": sum(s["generation"] for s in shards), "shards": shards}

@@ -7,7 +7,8 @@
   updates the products, adds the segment to the manifest and bumps the generation. That
   transaction is the commit point: a crash before it leaves the previous state (the orphan
   files are removed on the next open), a crash after it leaves the new one.
-- Compaction merges segments into one HNSW segment without holding up commits; docs
+- Compaction merges segments into one segment of the index's kind (search.segment: float HNSW,
+  8-bit HNSW or IVF-PQ) without holding up commits; docs
   tombstoned meanwhile stay tombstoned, because liveness comes from the product table.
 - Readers hold an immutable `_View` (segments + liveness arrays); writers swap in a new one,
   so a search never sees half a commit. Other processes pick up commits through `refresh()`.
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import itertools
 import logging
+import operator
 import os
 import sqlite3
 import threading
@@ -32,14 +35,14 @@ import numpy as np
 from schemas import EmbeddingRecord
 from search import store_sql
 from search.merge_policy import MergePolicy, SegmentState
-from search.segment import HnswParams, Segment, SegmentCorrupted, SegmentInfo, top_k
+from search.segment import Segment, SegmentCorrupted, SegmentInfo, SegmentParams, top_k
 
 __all__ = ["ApplyResult", "CommitDelta", "Hit", "IndexMismatch", "IndexStore", "StoreCorrupted", "StoreSettings"]
 
 _log = logging.getLogger(__name__)
 
 MARKER = "committed"  # the commit marker's file name
-BITMAP_CACHE_SIZE = 64  # large shops' per-generation bitmaps kept
+SHOP_CACHE_SIZE = 64  # shops' per-generation positions or bitmaps kept
 UNIT_TOLERANCE = 1e-3  # float32 vectors from any model land within 1e-6 of length 1
 
 
@@ -53,9 +56,10 @@ class IndexMismatch(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class StoreSettings:
-    hnsw: HnswParams = HnswParams()
+    # The index's segment kind and FAISS parameters: given when a store is created, then its own.
+    segment: SegmentParams = SegmentParams()
     merge: MergePolicy = MergePolicy()
-    # Threads an HNSW build may use; the rest stay free for commits and searches. 0: all cores.
+    # Threads a segment build may use; the rest stay free for commits and searches. 0: all cores.
     build_threads: int = max(1, (os.cpu_count() or 2) - 1)
     # Filters that leave fewer docs than this in a segment are searched exactly.
     exact_below: int = 10_000
@@ -106,6 +110,11 @@ def _unpack(bits: np.ndarray, count: int) -> np.ndarray:
     return np.unpackbits(bits, count=count, bitorder="little").view(bool)
 
 
+def _positions(seg: Segment, docs: np.ndarray) -> np.ndarray:
+    """The positions in the segment of those of the sorted doc ids `docs` it holds."""
+    return seg.locate(docs)[1]
+
+
 def _bitmap(seg: Segment, docs: np.ndarray) -> tuple[np.ndarray, int]:
     """(the packed bitmap of the sorted doc ids `docs` over the segment's positions, how many it holds)."""
     mask = np.zeros(seg.info.count, bool)
@@ -149,7 +158,7 @@ class IndexStore:
         self._compacting = threading.Lock()
         self._compaction_thread: threading.Thread | None = None
         self._cache_lock = threading.Lock()
-        self._bitmap_cache: dict[tuple[int, str], list[tuple[np.ndarray, int]]] = {}  # oldest first
+        self._shop_cache: dict[tuple, list] = {}  # (generation, shop, maker) → per segment; oldest first
         if not read_only:
             self._db().executescript(store_sql.SCHEMA)  # its own transaction: executescript commits
         with self._transaction() as db:
@@ -158,15 +167,19 @@ class IndexStore:
                 if model is None or dim is None:
                     raise FileNotFoundError(f"{self.directory} holds no index; give model and dim to create one")
                 meta = {"model": model, "dim": str(dim), "generation": "0", "next_doc_id": "0",
-                        "hnsw_m": str(settings.hnsw.m), "hnsw_ef_construction": str(settings.hnsw.ef_construction),
+                        "hnsw_m": str(settings.segment.m),
+                        "hnsw_ef_construction": str(settings.segment.ef_construction),
+                        "segment_kind": settings.segment.kind, "ivf_nprobe": str(settings.segment.nprobe),
                         "segment_sums": "crc32"}
                 db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
         self.model = meta["model"]
         self.dim = int(meta["dim"])
         if model is not None and model != self.model or dim is not None and dim != self.dim:
             raise IndexMismatch(f"{self.directory} indexes {self.model} ({self.dim}-d), not {model} ({dim}-d)")
-        self.settings = dataclasses.replace(settings, hnsw=HnswParams(int(meta["hnsw_m"]),
-                                                                      int(meta["hnsw_ef_construction"])))
+        # A store made before segment kinds is an hnsw one.
+        self.settings = dataclasses.replace(settings, segment=dataclasses.replace(
+            settings.segment, kind=meta.get("segment_kind", "hnsw"), m=int(meta["hnsw_m"]),
+            ef_construction=int(meta["hnsw_ef_construction"]), nprobe=int(meta.get("ivf_nprobe", 32))))
         # Stores made before segments carried checksums keep opening; their new segments have them.
         self._require_sums = meta.get("segment_sums") == "crc32"
         self._broken: tuple[int, float, Exception] | None = None  # a generation that failed to load
@@ -240,16 +253,12 @@ class IndexStore:
                                      f"shard from a copy or rebuild it")
             next_doc = int(store_sql.meta(db, "next_doc_id"))
             infos = [SegmentInfo(*row) for row in db.execute("SELECT name, kind, count FROM segments ORDER BY name")]
-            rows = db.execute("SELECT doc_id, shop_id FROM products WHERE doc_id IS NOT NULL").fetchall()
+            # Each shop's doc ids, sorted by SQLite and streamed: millions of rows never sit in a list.
+            rows = db.execute("SELECT shop_id, doc_id FROM products WHERE doc_id IS NOT NULL ORDER BY shop_id, doc_id")
+            postings = {shop: np.fromiter((doc for _, doc in group), np.int64)
+                        for shop, group in itertools.groupby(rows, key=operator.itemgetter(0))}
         segments = tuple(reuse.get(info.name) or Segment(self.directory, info, self._require_sums) for info in infos)
-        docs = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-        postings = {}
-        if len(docs):  # each shop's doc ids, sorted: one sort by (shop, doc), split where the shop changes
-            names, shop_of_doc = np.unique(np.array([r[1] for r in rows], dtype=object), return_inverse=True)
-            order = np.lexsort((docs, shop_of_doc))
-            bounds = np.searchsorted(shop_of_doc[order], np.arange(len(names) + 1))
-            postings = {str(name): docs[order[bounds[n]:bounds[n + 1]]] for n, name in enumerate(names)}
-            docs = np.sort(docs)
+        docs = np.sort(np.concatenate(list(postings.values()))) if postings else np.zeros(0, np.int64)
         live, live_count = {}, {}
         for seg in segments:
             live[seg.info.name], live_count[seg.info.name] = _bitmap(seg, docs)
@@ -422,7 +431,7 @@ class IndexStore:
 
     def compact_in_background(self) -> None:
         """Starts a compaction on a thread of its own when the policy asks for one and none is running,
-        so a commit never waits for an HNSW build."""
+        so a commit never waits for a segment build."""
         with self._write_lock:
             if self._compaction_thread is not None or not self.compaction_plan():
                 return
@@ -438,14 +447,15 @@ class IndexStore:
             self._compaction_thread.start()
 
     def compact(self, force: bool = False) -> bool:
-        """Merges what the plan (or, forced, everything) says into one HNSW segment; True if it did."""
+        """Merges what the plan (or, forced, everything) says into one segment of the index's kind
+        (a small ivf_pq merge stays flat: SegmentParams.kind_for); True if it did."""
         if self.read_only:
             raise PermissionError("store opened read-only")
         with self._compacting:
             view = self._view
             plan = list(view.segments) if force else self.compaction_plan(view)
-            if not plan or force and len(plan) == 1 and plan[0].info.kind == "hnsw" and \
-                    view.live_count[plan[0].info.name] == plan[0].info.count:
+            if not plan or force and len(plan) == 1 and view.live_count[plan[0].info.name] == plan[0].info.count \
+                    and plan[0].info.kind == self.settings.segment.kind_for(plan[0].info.count):
                 return False
             ids = np.concatenate([seg.ids for seg in plan])
             vectors = np.concatenate([seg.vectors for seg in plan])
@@ -454,8 +464,10 @@ class IndexStore:
             if keep.any():
                 # omp_set_num_threads is per calling thread: only this build is limited.
                 faiss.omp_set_num_threads(self.settings.build_threads or os.cpu_count() or 1)
-                info = Segment.write(self.directory, self._segment_name(), ids[keep], vectors[keep], "hnsw",
-                                     self.settings.hnsw)
+                if not keep.all():
+                    ids, vectors = ids[keep], vectors[keep]
+                info = Segment.write(self.directory, self._segment_name(), ids, vectors,
+                                     self.settings.segment.kind_for(len(ids)), self.settings.segment)
                 if self._listener:
                     self._listener.segment_written(self.directory, info)
             merged = Segment(self.directory, info, self._require_sums) if info else None
@@ -484,7 +496,7 @@ class IndexStore:
             for seg in plan:
                 for name in Segment.files(seg.info.name):
                     (self.directory / name).unlink(missing_ok=True)
-            _log.info("compacted %d segments (%d docs) into %d live docs", len(plan), len(ids), int(keep.sum()))
+            _log.info("compacted %d segments (%d docs) into %d live docs", len(plan), len(keep), int(keep.sum()))
             return True
 
     # Reads --------------------------------------------------------------------------------
@@ -511,13 +523,11 @@ class IndexStore:
                 return []
             if exact or len(postings) < self.settings.exact_below:
                 # A small shop is searched exactly over its own docs: cost in proportion to the shop.
-                hits = []
-                for seg in view.segments:
-                    _, positions = seg.locate(postings)
-                    hits.append(seg.search_positions(query, k, positions))
+                hits = [seg.search_positions(query, k, positions)
+                        for seg, positions in zip(view.segments, self._per_shop(view, shop_id, _positions))]
             else:
                 hits = [self._search_segment(seg, query, k, ef_search, False, bits, allowed)
-                        for seg, (bits, allowed) in zip(view.segments, self._shop_bitmaps(view, shop_id))]
+                        for seg, (bits, allowed) in zip(view.segments, self._per_shop(view, shop_id, _bitmap))]
         if not hits:
             return []
         scores, docs = np.concatenate([h[0] for h in hits]), np.concatenate([h[1] for h in hits])
@@ -526,25 +536,26 @@ class IndexStore:
 
     def _search_segment(self, seg: Segment, query: np.ndarray, k: int, ef_search: int, exact: bool,
                         bits: np.ndarray, allowed: int) -> tuple[np.ndarray, np.ndarray]:
-        """Filtered HNSW with the bitmap as it is; exact search when the segment has no graph, or when
-        few docs pass (filtered HNSW loses recall then) or exact is asked."""
+        """The segment's index, filtered by the bitmap as it is; exact search when the segment has no
+        index, or when few docs pass (filtered approximate search loses recall then) or exact is asked."""
         if allowed == 0:
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
         if exact or seg.index is None or allowed < self.settings.exact_below:
             return seg.search_positions(query, k, np.flatnonzero(_unpack(bits, seg.info.count)))
         return seg.search_bitmap(query, k, ef_search, bits, allowed)
 
-    def _shop_bitmaps(self, view: _View, shop_id: str) -> list[tuple[np.ndarray, int]]:
-        """A large shop's live docs as a bitmap per segment, made once per generation and kept."""
-        key = (view.generation, shop_id)
+    def _per_shop(self, view: _View, shop_id: str, make) -> list:
+        """A shop's live docs per segment as `make` puts them (positions for exact search, a bitmap for
+        filtered search), made once per generation and kept: a query then reads them as they are."""
+        key = (view.generation, shop_id, make)
         with self._cache_lock:
-            cached = self._bitmap_cache.get(key)
+            cached = self._shop_cache.get(key)
         if cached is None:
-            cached = [_bitmap(seg, view.postings[shop_id]) for seg in view.segments]
+            cached = [make(seg, view.postings[shop_id]) for seg in view.segments]
             with self._cache_lock:
-                self._bitmap_cache[key] = cached
-                while len(self._bitmap_cache) > BITMAP_CACHE_SIZE:
-                    self._bitmap_cache.pop(next(iter(self._bitmap_cache)))
+                self._shop_cache[key] = cached
+                while len(self._shop_cache) > SHOP_CACHE_SIZE:
+                    self._shop_cache.pop(next(iter(self._shop_cache)))
         return cached
 
     def hits(self, scored: Iterable[tuple[float, int]]) -> list[Hit]:
@@ -583,6 +594,7 @@ class IndexStore:
         return {
             "model": self.model,
             "dim": self.dim,
+            "segment_kind": self.settings.segment.kind,
             "generation": view.generation,
             "live_docs": sum(view.live_count.values()),
             "segments": [{"name": s.info.name, "kind": s.info.kind, "count": s.info.count,

@@ -218,7 +218,7 @@ def custom_index(tmp_path):
                  "--num_shards", "2", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "40 records read (40 upserted, 0 deleted, 0 stale or repeated), 0 dead letters" in result.stdout
-    assert "holds 40 live products in 2 shards (acme:custom-64, 64-d)" in result.stdout
+    assert "holds 40 live products in 2 shards (acme:custom-64, 64-d, hnsw segments)" in result.stdout
     return tmp_path / "index", records
 
 
@@ -332,23 +332,30 @@ def test_a_batch_dry_run_with_object_storage_paths_stays_offline(tmp_path):
     assert "embed: dry run, nothing submitted" in result.stdout
 
 
-def test_the_hnsw_flags_shape_a_new_index_and_non_unit_vectors_are_refused(tmp_path):
+def test_the_segment_flags_shape_a_new_index_and_non_unit_vectors_are_refused(tmp_path):
     records = [record(f"p{n}", 1, dim=16, model="acme:custom-16", seed=n) for n in range(30)]
     bad = dataclasses.replace(record("bad", 1, dim=16, model="acme:custom-16"),
                               embedding=np.array([3.0] + [0.0] * 15, np.float32))  # not unit length
     (tmp_path / "records").mkdir()
     (tmp_path / "records" / "part-0.jsonl").write_text("\n".join(r.to_json() for r in [*records, bad]) + "\n")
     result = cli("pipelines.index", "--input_dir", str(tmp_path / "records"), "--index_dir", str(tmp_path / "index"),
-                 "--hnsw_m", "8", "--hnsw_ef_construction", "40", "--dead_letter_dir", str(tmp_path / "dead"),
+                 "--segment_kind", "hnsw_sq8", "--hnsw_m", "8", "--hnsw_ef_construction", "40",
+                 "--dead_letter_dir", str(tmp_path / "dead"),
                  timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "31 records read (30 upserted, 0 deleted, 0 stale or repeated), 1 dead letters (sink=1)" in result.stdout
+    assert "(acme:custom-16, 16-d, hnsw_sq8 segments)" in result.stdout
     letter = json.loads(next((tmp_path / "dead").glob("*")).read_text().splitlines()[0])
     assert letter["product_id"] == "bad" and "not a finite unit vector" in letter["error"]
     from search.store import IndexStore
 
     store = IndexStore(tmp_path / "index" / "shard-000", read_only=True)
-    assert (store.settings.hnsw.m, store.settings.hnsw.ef_construction) == (8, 40)
+    assert (store.settings.segment.kind, store.settings.segment.m, store.settings.segment.ef_construction) == \
+        ("hnsw_sq8", 8, 40)
+    assert json.loads((tmp_path / "index" / "index.json").read_text())["segment_kind"] == "hnsw_sq8"
+    other_kind = cli("pipelines.index", "--input_dir", str(tmp_path / "records"), "--index_dir",
+                     str(tmp_path / "index"), "--segment_kind", "ivf_pq", timeout=60)
+    _one_line_refusal(other_kind, "is an index of hnsw_sq8 segments (a kind is fixed when the index is made")
     again = cli("pipelines.index", "--input_dir", str(tmp_path / "records"), "--index_dir", str(tmp_path / "index"),
                 "--num_shards", "4", timeout=60)
     _one_line_refusal(again, "has 1 shard(s) (resharding is a new index)")

@@ -14,11 +14,17 @@ from hypothesis import strategies as st
 from search import recall
 from search.sharded import ShardedIndex, shard_of
 from search.merge_policy import MergePolicy
+from search.segment import SEGMENT_KINDS, SegmentParams
 from search.store import IndexMismatch, IndexStore, StoreSettings
 from tests.support.index_helpers import MODEL, last_writer_wins, live_truth, record
 
 SMALL = StoreSettings(merge=MergePolicy(delta_limit=6, max_delta_segments=3, max_hnsw_segments=2, tombstone_ratio=0.3),
                       exact_below=0)
+
+
+def of_kind(settings: StoreSettings, kind: str) -> StoreSettings:
+    """`settings` building `kind` segments; ivf_pq from 2 vectors on, so the tiny tests train it too."""
+    return dataclasses.replace(settings, segment=SegmentParams(kind, m=8, ivf_min=2))
 
 
 def new_store(path, **kwargs) -> IndexStore:
@@ -60,16 +66,18 @@ ops = st.tuples(
 )
 
 
+@pytest.mark.parametrize("kind", SEGMENT_KINDS)
 @pytest.mark.parametrize("exact_below", [0, 1000], ids=["shops-by-bitmap", "shops-exactly"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stream=st.lists(ops, min_size=1, max_size=40), cuts=st.lists(st.integers(0, 40), max_size=6),
        compact_after=st.sets(st.integers(0, 7)), data=st.data())
-def test_random_streams_equal_last_writer_wins(tmp_path_factory, exact_below, stream, cuts, compact_after, data):
-    """Upserts, deletes, duplicates and reordered versions, random commit points and compactions;
-    shops searched through their bitmaps (exact_below 0) or exactly over their postings."""
+def test_random_streams_equal_last_writer_wins(tmp_path_factory, kind, exact_below, stream, cuts, compact_after, data):
+    """Upserts, deletes, duplicates and reordered versions, random commit points and compactions, for
+    every segment kind; shops searched through their bitmaps (exact_below 0) or exactly over their postings."""
     records = [record(pid, version, op, shop_id=shop) for pid, version, op, shop in stream]
     records += data.draw(st.lists(st.sampled_from(records), max_size=5))  # redeliveries
-    store = new_store(tmp_path_factory.mktemp("store"), settings=dataclasses.replace(SMALL, exact_below=exact_below))
+    store = new_store(tmp_path_factory.mktemp("store"),
+                      settings=of_kind(dataclasses.replace(SMALL, exact_below=exact_below), kind))
     bounds = sorted({0, len(records), *(c for c in cuts if c < len(records))})
     for n, (start, end) in enumerate(zip(bounds, bounds[1:])):
         store.apply(records[start:end])
@@ -99,8 +107,9 @@ def test_a_delete_remembers_its_version_so_a_late_older_upsert_stays_out(tmp_pat
     assert store.live_products() == {"p": (8, "shop-a")}
 
 
-def test_a_shop_scoped_query_never_returns_another_shops_product(tmp_path):
-    store = new_store(tmp_path, settings=StoreSettings(merge=MergePolicy(delta_limit=50), exact_below=0))
+@pytest.mark.parametrize("kind", SEGMENT_KINDS)
+def test_a_shop_scoped_query_never_returns_another_shops_product(tmp_path, kind):
+    store = new_store(tmp_path, settings=of_kind(StoreSettings(merge=MergePolicy(delta_limit=50), exact_below=0), kind))
     records = [record(f"p{i}", 1, shop_id=f"shop-{i % 3}", seed=i) for i in range(150)]
     store.apply(records[:100])
     store.compact(force=True)
@@ -128,8 +137,9 @@ def test_records_of_another_model_or_dimension_are_refused_not_mixed(tmp_path):
         IndexStore(tmp_path, model="other-model", dim=8)
 
 
-def test_k_and_ef_search_are_independent(tmp_path):
-    store = new_store(tmp_path, settings=StoreSettings(merge=MergePolicy(delta_limit=10), exact_below=0))
+@pytest.mark.parametrize("kind", SEGMENT_KINDS)
+def test_k_and_ef_search_are_independent(tmp_path, kind):
+    store = new_store(tmp_path, settings=of_kind(StoreSettings(merge=MergePolicy(delta_limit=10), exact_below=0), kind))
     store.apply([record(f"p{i}", 1, seed=i) for i in range(200)])
     store.compact(force=True)
     query = np.array(record("p3", 1, seed=3).embedding)
@@ -137,14 +147,15 @@ def test_k_and_ef_search_are_independent(tmp_path):
     assert len(store.search(query, k=5, ef_search=400)) == 5
 
 
-def test_compaction_drops_tombstones_and_keeps_results(tmp_path):
-    store = new_store(tmp_path, settings=StoreSettings(merge=MergePolicy(delta_limit=10), exact_below=0))
+@pytest.mark.parametrize("kind", SEGMENT_KINDS)
+def test_compaction_drops_tombstones_and_keeps_results(tmp_path, kind):
+    store = new_store(tmp_path, settings=of_kind(StoreSettings(merge=MergePolicy(delta_limit=10), exact_below=0), kind))
     store.apply([record(f"p{i}", 1, seed=i) for i in range(30)])
     store.apply([record(f"p{i}", 2, "delete") for i in range(0, 30, 2)])
     assert store.compaction_plan()
     assert store.compact()
     (segment,) = store.stats()["segments"]
-    assert segment["kind"] == "hnsw" and segment["count"] == segment["live"] == 15
+    assert segment["kind"] == kind and segment["count"] == segment["live"] == 15
     assert not store.compact()
     files = {p.name.split(".")[0] for p in tmp_path.glob("seg-*")}
     assert files == {segment["name"]}
@@ -187,23 +198,52 @@ def test_recall_cli_reports_the_distribution_and_writes_json_and_a_plot(tmp_path
     assert (tmp_path / "recall.png").stat().st_size > 10_000
 
 
-def test_segment_vectors_are_held_once_memory_mapped_after_their_checksum(tmp_path):
+@pytest.mark.parametrize("kind", ("flat",) + SEGMENT_KINDS)
+def test_segment_vectors_are_held_once_memory_mapped_after_their_checksum(tmp_path, kind):
     """The float vectors are a read-only memory map of the verified file (page cache, not the
-    process's own memory); an HNSW segment's graph owns the only in-memory copy."""
-    from search.segment import HnswParams, Segment, SegmentCorrupted
+    process's own memory); a segment's FAISS index holds the only in-memory copy, its own."""
+    from search.segment import Segment, SegmentCorrupted
 
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(50, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    for kind in ("flat", "hnsw"):
-        info = Segment.write(tmp_path, f"seg-{kind}", np.arange(50), vectors, kind, HnswParams(m=8))
+    info = Segment.write(tmp_path, "seg", np.arange(50), vectors, kind, SegmentParams(m=8, ivf_min=2))
+    segment = Segment(tmp_path, info)
+    assert isinstance(segment.vectors, np.memmap) and not segment.vectors.flags.writeable
+    np.testing.assert_array_equal(segment.vectors, vectors)
+    assert (segment.index is not None) == (kind != "flat")
+    for path in sorted(tmp_path.glob("seg.*[!n]")):  # every file but the checksums (.json)
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 1
+        path.write_bytes(bytes(data))
+        with pytest.raises(SegmentCorrupted):
+            Segment(tmp_path, info)
+        data[-5] ^= 1
+        path.write_bytes(bytes(data))
+
+
+def test_compressed_segments_are_smaller_and_rank_their_candidates_by_the_float_scores(tmp_path):
+    """hnsw_sq8 and ivf_pq hold a fraction of the float index's bytes, and what they return is
+    re-scored with the float vectors: each score is the exact inner product, recall stays high."""
+    from bench.index import embedding_like
+    from search.segment import Segment
+
+    data = embedding_like(10_050, 128, clusters=40)
+    vectors, queries = data[:10_000], data[10_000:]
+    ids = np.arange(10_000) * 7 + 3  # doc ids are not positions
+    every = np.packbits(np.ones(10_000, bool), bitorder="little")
+    truth = [set(np.argsort(-(vectors @ q))[:10]) for q in queries]
+    sizes = {}
+    for kind in SEGMENT_KINDS:
+        info = Segment.write(tmp_path, f"seg-{kind}", ids, vectors, kind, SegmentParams(kind))
         segment = Segment(tmp_path, info)
-        assert isinstance(segment.vectors, np.memmap) and not segment.vectors.flags.writeable
-        np.testing.assert_array_equal(segment.vectors, vectors)
-        assert (segment.index is not None) == (kind == "hnsw")
-    path = tmp_path / "seg-flat.vectors.npy"
-    data = bytearray(path.read_bytes())
-    data[-5] ^= 1
-    path.write_bytes(bytes(data))
-    with pytest.raises(SegmentCorrupted):
-        Segment(tmp_path, info.__class__("seg-flat", "flat", 50))
+        sizes[kind] = sum(p.stat().st_size for p in tmp_path.glob(f"seg-{kind}.*") if p.suffix in (".hnsw", ".faiss"))
+        found = []
+        for q in queries:
+            scores, docs = segment.search_bitmap(q, 10, 128, every, 10_000)
+            np.testing.assert_allclose(scores, vectors[(docs - 3) // 7] @ q, rtol=1e-5)
+            assert list(scores) == sorted(scores, reverse=True)
+            found.append(set((docs - 3) // 7))
+        recall = np.mean([len(t & f) / 10 for t, f in zip(truth, found)])
+        assert recall >= 0.95, (kind, recall)
+    assert sizes["hnsw_sq8"] < 0.5 * sizes["hnsw"] and sizes["ivf_pq"] < 0.15 * sizes["hnsw"], sizes

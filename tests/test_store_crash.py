@@ -13,18 +13,20 @@ import subprocess
 import sys
 import time
 
+import pytest
 
+from search.segment import SEGMENT_KINDS
 from tests.support.crash_writer import batches, open_store
 from tests.support.index_helpers import live_truth
 
 RUNS = 25
 
 
-def kill_at_random(directory, seed: int, rng: random.Random) -> None:
+def kill_at_random(directory, seed: int, kind: str, rng: random.Random) -> None:
     """Kills the writer a random few milliseconds after a random commit: inside the next commit,
     a compaction, or between them, wherever that time lands. Counting commits (not seconds) keeps
     the kill points spread over the run however fast or loaded the machine is."""
-    child = subprocess.Popen([sys.executable, "-m", "tests.support.crash_writer", str(directory), str(seed)],
+    child = subprocess.Popen([sys.executable, "-m", "tests.support.crash_writer", str(directory), str(seed), kind],
                              stdout=subprocess.PIPE, cwd=os.getcwd())
     assert child.stdout.readline().strip() == b"ready"
     after = rng.randrange(-1, 28)  # -1: during the first commit
@@ -45,15 +47,16 @@ def assert_consistent(store, records) -> None:
         assert hits and hits[0].score > 0.999
 
 
-def test_every_reopen_is_a_committed_prefix_and_replay_restores_the_rest(tmp_path):
+@pytest.mark.parametrize("kind", SEGMENT_KINDS)
+def test_every_reopen_is_a_committed_prefix_and_replay_restores_the_rest(tmp_path, kind):
     rng = random.Random(20261121)
     interrupted = 0
     for run in range(RUNS):
         directory = tmp_path / f"run-{run}"
         stream = batches(seed=run)
-        kill_at_random(directory, run, rng)
+        kill_at_random(directory, run, kind, rng)
 
-        store = open_store(str(directory))
+        store = open_store(str(directory), kind)
         live = store.live_products()
         prefixes = [n for n in range(len(stream) + 1)
                     if live_truth([r for batch in stream[:n] for r in batch]) == live]

@@ -1,6 +1,6 @@
 """Child process of the crash test: applies a seeded stream of batches, compacting now and then.
 
-    python -m tests.crash_writer INDEX_DIR SEED
+    python -m tests.support.crash_writer INDEX_DIR SEED KIND
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import random
 import sys
 
 from search.merge_policy import MergePolicy
+from search.segment import SegmentParams
 from search.store import IndexStore, StoreSettings
 from tests.support.index_helpers import MODEL, record
 
@@ -27,14 +28,15 @@ def batches(seed: int, count: int = 30, size: int = 60) -> list[list]:
     return out
 
 
-def open_store(directory: str) -> IndexStore:
+def open_store(directory: str, kind: str) -> IndexStore:
     return IndexStore(directory, model=MODEL, dim=DIM,
-                      settings=StoreSettings(merge=MergePolicy(delta_limit=400, max_delta_segments=6), exact_below=0))
+                      settings=StoreSettings(segment=SegmentParams(kind, m=8, ef_construction=64, ivf_min=2),
+                                             merge=MergePolicy(delta_limit=400, max_delta_segments=6), exact_below=0))
 
 
 def main() -> None:
-    directory, seed = sys.argv[1], int(sys.argv[2])
-    store = open_store(directory)
+    directory, seed, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    store = open_store(directory, kind)
     print("ready", flush=True)
     for n, batch in enumerate(batches(seed)):
         store.apply(batch)

@@ -1,0 +1,30 @@
+"""bench.scale as `make bench` runs it, at a size a test can afford: every figure the README cites."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_the_scale_benchmark_measures_every_kind_and_scope_and_writes_json_and_a_plot(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.scale", "--sizes", "12000", "--large", "0",
+                             "--kinds", "hnsw,ivf_pq", "--queries", "20", "--ef_construction", "40",
+                             "--output", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "scale.json").read_text())
+    assert set(report["cells"]) == {"hnsw/12000", "ivf_pq/12000"}
+    for kind in ("hnsw", "ivf_pq"):
+        cell = report["cells"][f"{kind}/12000"]
+        assert cell["segments"] == [[kind, 12000]]  # one built segment of the kind, nothing left flat
+        assert set(cell["scopes"]) == {"all", "shop-500", "shop-5000", "shop-50000"}
+        for scope in cell["scopes"].values():
+            assert scope["k10"]["recall@10"]["mean"] >= 0.9 and scope["k100"]["p50_ms"] > 0
+        memory = cell["memory"]
+        assert memory["file_bytes_per_vector"] > 1000  # the float vectors, memory-mapped: 2 KB a vector
+        assert cell["ingest"]["searchable_s_max"] < 5 and cell["build_per_s"] > 0
+    hnsw, pq = report["cells"]["hnsw/12000"]["memory"], report["cells"]["ivf_pq/12000"]["memory"]
+    assert pq["index_file_bytes_per_vector"] < 0.15 * hnsw["index_file_bytes_per_vector"]
+    assert hnsw["index_file_bytes_per_vector"] > 2048  # the floats are in the graph
+    assert (tmp_path / "scale.png").stat().st_size > 10_000
+    assert "memory per vector" in result.stdout
