@@ -14,27 +14,27 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class ServerProcess:
-    """`python -m search.server` on a free loopback port; waits for its ready line."""
+    """`python -m search.server` (or `module`) on a free loopback port; waits for its ready line."""
 
-    def __init__(self, index_dir: Path, *extra: str):
+    def __init__(self, index_dir: Path | None, *extra: str, module: str = "search.server"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "search.server", "--index_dir", str(index_dir),
-                                         "--port", str(self.port), *extra], cwd=ROOT, stderr=subprocess.PIPE,
-                                        text=True)
+        where = ["--index_dir", str(index_dir)] if index_dir is not None else []
+        self.process = subprocess.Popen([sys.executable, "-m", module, *where, "--port", str(self.port), *extra],
+                                        cwd=ROOT, stderr=subprocess.PIPE, text=True)
         self.ready_line = ""
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             line = self.process.stderr.readline()
             if not line and self.process.poll() is not None:
-                raise RuntimeError(f"search.server exited with {self.process.returncode}")
+                raise RuntimeError(f"{module} exited with {self.process.returncode}")
             if "search page: " in line:
                 self.ready_line = line.strip()
                 # Keep reading what it logs, so a full pipe never blocks it.
                 self.log: list[str] = []
                 threading.Thread(target=lambda: self.log.extend(self.process.stderr), daemon=True).start()
                 return
-        raise RuntimeError("search.server did not log its ready line")
+        raise RuntimeError(f"{module} did not log its ready line")
 
     def stop(self) -> None:
         self.process.terminate()

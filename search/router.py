@@ -1,0 +1,223 @@
+"""A router in front of search replicas that each serve some of an index's shards.
+
+    python -m search.server --index_dir index/ --shards 0-1 --port 8081     # one replica per shard group
+    python -m search.server --index_dir index/ --shards 2-3 --port 8082
+    python -m search.router --backends http://127.0.0.1:8081,http://127.0.0.1:8082 --port 8080
+
+It answers the search service's API and page. Each search goes to every backend at once, as it came
+(the same k, ef_search and shop: each backend returns its shards' best k), and the hits are merged by
+score, so the answer equals one service's over all the shards. A backend that fails or does not
+answer within `--timeout_secs` costs its shards' hits, not the query: the answer says
+`partial: true` and which shards are missing. `/healthz` shows each backend. Which shards a backend
+serves comes from its `/healthz`, asked at start and every few seconds after; two backends may not
+serve the same shard (their hits would be counted twice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from search.server import MAX_BODY_BYTES, PAGE, _JsonBody, _listen, _port
+
+__all__ = ["Backends", "create_app", "main"]
+
+_log = logging.getLogger("search.router")
+HEALTH_EVERY_SECS = 5.0
+
+
+class Backends:
+    """The backends, the shards each serves (from its /healthz), and the index they share."""
+
+    def __init__(self, urls: list[str], timeout_secs: float):
+        self.urls = [url.rstrip("/") for url in urls]
+        self.timeout = timeout_secs
+        self.health: dict[str, dict | None] = {url: None for url in self.urls}
+        self.errors: dict[str, str] = {}
+        self.checked = 0.0
+        self._client: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient] | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """One connection pool per event loop (the start-up check runs in its own loop)."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client[0] is not loop:
+            self._client = (loop, httpx.AsyncClient(timeout=self.timeout, limits=httpx.Limits(max_connections=256)))
+        return self._client[1]
+
+    async def check(self) -> None:
+        """Asks every backend's /healthz; refuses backends of different indexes or overlapping shards."""
+        answers = await asyncio.gather(*(self._get(url + "/healthz") for url in self.urls))
+        for url, (status, body, error) in zip(self.urls, answers):
+            if status == 200:
+                self.health[url] = body
+                self.errors.pop(url, None)
+            else:
+                self.errors[url] = error or f"HTTP {status}"
+        self.checked = time.monotonic()
+        known = {url: h for url, h in self.health.items() if h}
+        models = {(h["model"], h["dim"], h["num_shards"]) for h in known.values()}
+        if len(models) > 1:
+            raise ValueError(f"the backends serve different indexes: {sorted(models)}")
+        seen: dict[int, str] = {}
+        for url, h in known.items():
+            for shard in h.get("shards", ()):
+                if shard in seen:
+                    raise ValueError(f"shard {shard} is served by both {seen[shard]} and {url}")
+                seen[shard] = url
+
+    def shards_of(self, url: str) -> list[int]:
+        return list((self.health.get(url) or {}).get("shards", ()))
+
+    @property
+    def num_shards(self) -> int | None:
+        return next((h["num_shards"] for h in self.health.values() if h), None)
+
+    def missing(self) -> list[int]:
+        """Shards no backend has said it serves (a backend never reached)."""
+        total = self.num_shards
+        served = {s for url in self.urls for s in self.shards_of(url)}
+        return sorted(set(range(total)) - served) if total is not None else []
+
+    async def _get(self, url: str):
+        try:
+            response = await self.client.get(url)
+            return response.status_code, response.json(), None
+        except (httpx.HTTPError, ValueError) as e:
+            return 0, None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+    async def post(self, url: str, body: bytes):
+        try:
+            response = await self.client.post(url + "/v1/search", content=body,
+                                              headers={"Content-Type": "application/json"})
+            return response.status_code, response.json(), None
+        except (httpx.HTTPError, ValueError) as e:
+            return 0, None, f"{type(e).__name__}: {e}" if str(e) else f"{type(e).__name__} after {self.timeout:g} s"
+
+
+def create_app(backends: Backends) -> FastAPI:
+    app = FastAPI(title="product search (router)", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_JsonBody, limit=MAX_BODY_BYTES)
+
+    async def fresh_health():
+        if time.monotonic() - backends.checked >= HEALTH_EVERY_SECS:
+            try:
+                await backends.check()
+            except ValueError as e:  # a misconfiguration appeared since start: say so, keep answering
+                _log.error("%s", e)
+
+    @app.post("/v1/search")
+    async def search(request: Request):
+        started = time.perf_counter()
+        await fresh_health()
+        body = await request.body()
+        answers = await asyncio.gather(*(backends.post(url, body) for url in backends.urls))
+        hits, missing, errors = [], set(backends.missing()), {}
+        for url, (status, answer, error) in zip(backends.urls, answers):
+            if status == 200:
+                hits += answer["results"]
+                missing.update(answer.get("missing_shards", ()))
+            elif status in (400, 413):  # the request itself is bad: every backend would say so
+                return JSONResponse(answer, status_code=status)
+            else:
+                errors[url] = error or (answer or {}).get("error") or f"HTTP {status}"
+                missing.update(backends.shards_of(url))
+        if len(errors) == len(backends.urls):
+            return JSONResponse({"error": f"no backend answered: {errors}"}, status_code=503)
+        k = _k_of(body)
+        hits.sort(key=lambda hit: -hit["score"])
+        took = round((time.perf_counter() - started) * 1000, 3)
+        return {"results": hits[:k], "took_ms": took, "partial": bool(missing or errors),
+                "missing_shards": sorted(missing), **({"errors": errors} if errors else {})}
+
+    @app.get("/healthz")
+    async def healthz():
+        try:
+            await backends.check()
+        except ValueError as e:
+            return JSONResponse({"status": "misconfigured", "error": str(e)}, status_code=503)
+        each = {url: {"status": (backends.health[url] or {}).get("status", "unknown") if url not in backends.errors
+                      else "down", "shards": backends.shards_of(url),
+                      **({"error": backends.errors[url]} if url in backends.errors else {})}
+                for url in backends.urls}
+        missing = backends.missing() + [s for url in backends.errors for s in backends.shards_of(url)]
+        up = [h for url, h in backends.health.items() if h and url not in backends.errors]
+        status = "ok" if not missing and all(h["status"] == "ok" for h in up) else "degraded"
+        first = up[0] if up else {}
+        return JSONResponse({"status": status if up else "down", "model": first.get("model"), "dim": first.get("dim"),
+                             "num_shards": backends.num_shards, "missing_shards": sorted(set(missing)),
+                             "live_docs": sum(h.get("live_docs", 0) for h in up),
+                             "queries": first.get("queries", []), "backends": each},
+                            status_code=200 if up else 503)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        return PAGE
+
+    return app
+
+
+def _k_of(body: bytes) -> int:
+    try:
+        k = json.loads(body).get("k", 10)
+    except (ValueError, AttributeError):
+        return 10
+    return k if isinstance(k, int) and k > 0 else 10
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m search.router", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--backends", required=True,
+                        help="Comma-separated URLs of search.server replicas, each serving some shards (--shards).")
+    parser.add_argument("--port", type=_port, default=8080, help="Port to serve on (0: any free port).")
+    parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0: every interface).")
+    parser.add_argument("--timeout_secs", type=float, default=2.0,
+                        help="A backend that has not answered a search within this is left out (partial: true).")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    urls = [url.strip() for url in args.backends.split(",") if url.strip()]
+    if not urls or not all(url.startswith(("http://", "https://")) for url in urls):
+        parser.error("--backends: give one or more http(s):// URLs, comma-separated")
+    if args.timeout_secs <= 0:
+        parser.error("--timeout_secs must be positive")
+    try:
+        sock = _listen(args.host, args.port)
+    except OSError as e:
+        parser.exit(1, f"search.router: {e}\n")
+    backends = Backends(urls, args.timeout_secs)
+    try:
+        asyncio.run(backends.check())
+    except ValueError as e:
+        sock.close()
+        parser.exit(1, f"search.router: {e}\n")
+    host, port = sock.getsockname()[:2]
+    down = f"; not answering: {', '.join(backends.errors)}" if backends.errors else ""
+    ready = (f"search page: http://{host}:{port}/ (router over {len(urls)} backends, "
+             f"{backends.num_shards or '?'} shards{down})")
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                _log.info(ready)
+
+    Server(uvicorn.Config(create_app(backends), log_level="warning")).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Search replicas that split the shards, and the router in front of them, run as users start them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from search.sharded import ShardedIndex, shard_of
+from tests.support.index_helpers import record
+from tests.support.server_process import ROOT, ServerProcess
+
+MODEL = "acme:custom-16"  # served for vector queries only: the replicas start without loading a model
+SHOPS = [None, "shop-0", "shop-1", "shop-2", "shop-3", "no-such-shop"]
+
+
+@pytest.fixture
+def index_dir(tmp_path):
+    directory = tmp_path / "index"
+    ShardedIndex.ensure_layout(directory, 3, MODEL, 16)
+    writer = ShardedIndex.open(directory, read_only=False)
+    records = [record(f"p{n}", 1, dim=16, model=MODEL, shop_id=f"shop-{n % 4}", seed=n) for n in range(400)]
+    for n, shard in enumerate(writer.shards):
+        shard.apply([r for r in records if shard_of(r.product_id, 3) == n])
+    writer.shards[0].compact(force=True)  # one shard searched through its graph, the others exactly
+    for shard in writer.shards:
+        shard.close()
+    return directory
+
+
+def search(url: str, body: dict) -> dict:
+    response = httpx.post(url + "/v1/search", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_the_router_answers_as_one_server_over_all_shards_and_partially_when_a_replica_is_down(index_dir):
+    whole = ServerProcess(index_dir)
+    first, second = ServerProcess(index_dir, "--shards", "0,2"), ServerProcess(index_dir, "--shards", "1")
+    router = ServerProcess(None, "--backends", f"{first.url},{second.url}", "--timeout_secs", "1",
+                           module="search.router")
+    try:
+        assert "shards 0,2 of 3, model acme:custom-16" in first.ready_line
+        assert "router over 2 backends, 3 shards" in router.ready_line
+        rng = np.random.default_rng(7)
+        for _ in range(200):
+            vector = rng.normal(size=16)
+            body = {"vector": (vector / np.linalg.norm(vector)).tolist(), "k": int(rng.integers(1, 40)),
+                    "ef_search": int(rng.choice([16, 64, 256]))}
+            shop = SHOPS[rng.integers(len(SHOPS))]
+            if shop:
+                body["shop_id"] = shop
+            expected, routed = search(whole.url, body), search(router.url, body)
+            assert [h["product_id"] for h in routed["results"]] == [h["product_id"] for h in expected["results"]]
+            assert [h["score"] for h in routed["results"]] == pytest.approx([h["score"] for h in expected["results"]])
+            assert routed["partial"] is False and routed["missing_shards"] == []
+        health = httpx.get(router.url + "/healthz", timeout=10).json()
+        assert health["status"] == "ok" and health["live_docs"] == 400
+        assert {url: b["shards"] for url, b in health["backends"].items()} == {first.url: [0, 2], second.url: [1]}
+        bad = httpx.post(router.url + "/v1/search", json={"vector": [1.0], "k": 5}, timeout=10)
+        assert bad.status_code == 400 and "the index holds 16-d vectors" in bad.json()["error"]
+
+        os.kill(second.process.pid, signal.SIGSTOP)  # hung: answers nothing
+        started = time.monotonic()
+        body = {"vector": [1.0] + [0.0] * 15, "k": 30}
+        answer = search(router.url, body)
+        assert time.monotonic() - started < 3.0
+        assert answer["partial"] is True and answer["missing_shards"] == [1]
+        assert answer["results"] and all(shard_of(h["product_id"], 3) in (0, 2) for h in answer["results"])
+        os.kill(second.process.pid, signal.SIGCONT)
+        second.stop()  # gone: refused at once
+        answer = search(router.url, body)
+        assert answer["partial"] is True and answer["missing_shards"] == [1] and second.url in answer["errors"]
+        health = httpx.get(router.url + "/healthz", timeout=10).json()
+        assert health["status"] == "degraded" and health["missing_shards"] == [1]
+        assert health["backends"][second.url]["status"] == "down"
+    finally:
+        for server in (router, first, second, whole):
+            if server.process.poll() is None:
+                os.kill(server.process.pid, signal.SIGCONT)
+                server.stop()
+
+
+def test_replicas_may_not_overlap_and_shards_must_exist(index_dir):
+    first, whole = ServerProcess(index_dir, "--shards", "0-1"), ServerProcess(index_dir)
+    try:
+        result = subprocess.run([sys.executable, "-m", "search.router", "--backends", f"{first.url},{whole.url}",
+                                 "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1
+        assert "shard 0 is served by both" in result.stderr.strip().splitlines()[-1]
+    finally:
+        first.stop()
+        whole.stop()
+    result = subprocess.run([sys.executable, "-m", "search.server", "--index_dir", str(index_dir), "--shards", "2-5",
+                             "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "the index has shards 0-2" in result.stderr.strip().splitlines()[-1]
+
+
+def test_the_router_refuses_a_bad_backend_list():
+    result = subprocess.run([sys.executable, "-m", "search.router", "--backends", "localhost:8081"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "http(s):// URLs" in result.stderr
