@@ -72,17 +72,25 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def create_only(path: str | Path, data: bytes) -> None:
-    """Writes `data` at `path` unless something is there already (AlreadyExists): atomic locally
-    (a hard link, which like O_EXCL fails on an existing name) and on Cloud Storage
-    (if_generation_match=0). Other object stores have no such
-    precondition through Beam: there it is a check before the write."""
+    """Writes `data` at `path` unless something is there already (AlreadyExists), atomically: locally
+    a hard link (which like O_EXCL fails on an existing name), on Cloud Storage `if_generation_match=0`,
+    on another Beam filesystem its own `create_only(path, data)` when it has one. One that has none
+    offers no precondition through Beam: it is refused rather than checked-then-written, which two
+    writers could both pass."""
     text = str(path)
     if text.startswith("gs://"):
         _gcs_create_only(text, data)
     elif is_remote(path):
-        if _fs().exists(text):
-            raise AlreadyExists(text)
-        write_bytes(text, data)
+        filesystem = _fs().get_filesystem(text)
+        if not hasattr(filesystem, "create_only"):
+            raise NotImplementedError(f"{text}: {type(filesystem).__name__} has no create-only write, so two "
+                                      f"writers could both commit; keep the index on gs:// or a local disk")
+        try:
+            filesystem.create_only(text, data)
+        except AlreadyExists:
+            raise
+        except Exception as e:  # see Unreachable
+            raise Unreachable(f"cannot reach {text}: {e}") from e
     else:
         # Written whole under a temporary name, then linked into place: link() fails if the name
         # exists (like O_EXCL), and a reader never sees a half-written file.

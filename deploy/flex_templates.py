@@ -62,6 +62,8 @@ REGEXES = {
     "hnsw_ef_construction": _POSITIVE_INT,
     "segment_kind": "^(" + "|".join(SEGMENT_KINDS) + ")$",
     "ivf_nprobe": _POSITIVE_INT,
+    "commit_batching": "^(auto|bundle|stateful)$",
+    "commit_max_delay_secs": _NON_NEGATIVE_NUMBER,
 }
 
 # Beam's own flag, passed through to Dataflow (the Shopify memory lesson): a template parameter too.
@@ -80,8 +82,9 @@ TEMPLATES = {
     },
     "index": {
         "name": "product-embeddings-index",
-        "description": "Streaming: embedding records on Pub/Sub → the sharded FAISS HNSW index (DESIGN §8). "
-                       "index_dir must be a mounted path on the worker.",
+        "description": "Streaming: embedding records on Pub/Sub → the sharded FAISS index (DESIGN §8), batched "
+                       "per shard by a stateful step, each commit fenced. index_dir: gs://... (each shard's "
+                       "writer restored on the worker that owns it), or a path mounted on the workers.",
         "options": (SharedOptions, IndexOptions),
         "required": ("input_subscription", "index_dir"),
         "excluded": ("input_dir", "dead_letter_dir"),

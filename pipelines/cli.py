@@ -153,6 +153,9 @@ def _describe_job(result: PipelineResult, options: PipelineOptions) -> str:
         parts.append(f"{len(proto.steps)} steps")
     elif job is not None and getattr(job, "proto_pipeline", None) is not None:
         parts.append(f"{len(job.proto_pipeline.components.transforms)} transforms")
+    stateful = _stateful_steps(getattr(job, "proto_pipeline", None))
+    if stateful:
+        parts.append(f"stateful: {', '.join(stateful)}")
     job_id = _job_id(result)
     if job_id:
         parts.append(f"id {job_id}")
@@ -160,6 +163,22 @@ def _describe_job(result: PipelineResult, options: PipelineOptions) -> str:
             parts.append(f"console https://console.cloud.google.com/dataflow/jobs/{cloud.region}/{job_id}"
                          f"?project={cloud.project}")
     return ", ".join(parts)
+
+
+def _stateful_steps(pipeline) -> list[str]:
+    """The steps that keep per-key state or timers (what Dataflow checkpoints before it acks)."""
+    if pipeline is None:
+        return []
+    from apache_beam.portability import common_urns
+    from apache_beam.portability.api import beam_runner_api_pb2
+
+    steps = []
+    for transform in pipeline.components.transforms.values():
+        if transform.spec.urn == common_urns.primitives.PAR_DO.urn:
+            payload = beam_runner_api_pb2.ParDoPayload.FromString(transform.spec.payload)
+            if payload.state_specs or payload.timer_family_specs:
+                steps.append(transform.unique_name)
+    return sorted(steps)
 
 
 def _job_id(result: PipelineResult) -> str:

@@ -135,6 +135,12 @@ class IndexOptions(PipelineOptions):
                             help="Stores the index is split into (none: index.json's count, or 1 for a new index).")
         parser.add_argument("--commit_batch_size", type=int, default=1000,
                             help="Records per commit at most (a shard's records of a bundle are one commit).")
+        parser.add_argument("--commit_batching", choices=("auto", "bundle", "stateful"), default="auto",
+                            help="How a shard's records become commits: per bundle (no timers: the local "
+                                 "runners), or stateful, keyed by shard through GroupIntoBatches, acked by "
+                                 "Dataflow only once checkpointed (auto: stateful on a remote runner).")
+        parser.add_argument("--commit_max_delay_secs", type=float, default=1.0,
+                            help="Stateful batching: the longest a record waits for its shard's batch to fill.")
         parser.add_argument("--segment_kind", choices=SEGMENT_KINDS,
                             help="What compaction builds, fixed when the index is made (none: the index's, or "
                                  "hnsw for a new one): hnsw (float vectors in the graph), hnsw_sq8 (8-bit "
@@ -297,6 +303,8 @@ class IndexJobConfig:
     dead_letter_topic: str | None = None
     commit_batch_size: int = 1000
     cache_dir: str | None = None
+    stateful_commits: bool = False
+    commit_max_delay_secs: float = 1.0
 
     @classmethod
     def from_options(cls, options: PipelineOptions, preflight: bool = True) -> "IndexJobConfig":
@@ -314,6 +322,8 @@ class IndexJobConfig:
             problems.append("--input_dir is required (or pass --streaming with --input_subscription)")
         if (o.num_shards is not None and o.num_shards < 1) or o.commit_batch_size < 1:
             problems.append("--num_shards and --commit_batch_size must be >= 1")
+        if not o.commit_max_delay_secs > 0:
+            problems.append("--commit_max_delay_secs must be > 0")
         if o.hnsw_m < 2 or o.hnsw_m > 256 or o.hnsw_ef_construction < 1 or o.ivf_nprobe < 1:
             problems.append("--hnsw_m must be 2..256, --hnsw_ef_construction and --ivf_nprobe >= 1")
         if shared.projection and not shared.model:
@@ -350,7 +360,10 @@ class IndexJobConfig:
                      settings=StoreSettings(segment=SegmentParams(kind, o.hnsw_m, o.hnsw_ef_construction, o.ivf_nprobe)), model=model, dim=dim,
                      streaming=streaming, input_dir=o.input_dir, input_subscription=shared.input_subscription,
                      dead_letter_dir=o.dead_letter_dir, dead_letter_topic=shared.dead_letter_topic,
-                     commit_batch_size=o.commit_batch_size, cache_dir=o.cache_dir)
+                     commit_batch_size=o.commit_batch_size, cache_dir=o.cache_dir,
+                     stateful_commits=o.commit_batching == "stateful" or o.commit_batching == "auto" and (
+                         options.view_as(StandardOptions).runner or "DirectRunner") not in LOCAL_RUNNERS,
+                     commit_max_delay_secs=o.commit_max_delay_secs)
         if preflight:
             config.preflight(remote=not dry_run)
         return config

@@ -23,6 +23,7 @@ import logging
 import sqlite3
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import storage
@@ -30,10 +31,18 @@ from search import store_sql
 from search.segment import Segment, SegmentInfo
 from search.store import MARKER, CommitDelta
 
-__all__ = ["ShardPublisher", "has_snapshot", "local_generation", "pull", "restore"]
+__all__ = ["CommitConflict", "ShardPublisher", "has_snapshot", "local_generation", "pull", "restore"]
 
 _log = logging.getLogger(__name__)
 _WIDTH = 20  # generation digits: names sort in commit order
+# Segment files younger than this are never pruned: another writer of the shard (a rebalanced key, a
+# zombie bundle) may have uploaded them for a commit it has not created yet.
+SEGMENT_GRACE_SECS = 900
+
+
+class CommitConflict(RuntimeError):
+    """Another writer created this generation's commit object first: this writer's local store has
+    diverged from the shard and must be restored from the remote before it commits again."""
 
 
 def _generations(pattern: str) -> dict[int, str]:
@@ -198,7 +207,7 @@ class ShardPublisher:
                 "added": [[i.name, i.kind, i.count] for i in delta.added],
                 "removed": list(delta.removed)}).encode("utf-8"))
         except storage.AlreadyExists as e:
-            raise RuntimeError(f"{path} exists: another process is writing to {self.remote.root}") from e
+            raise CommitConflict(f"{path} exists: another process is writing to {self.remote.root}") from e
 
     def snapshot(self, generation: int) -> None:
         """Uploads the whole local state (the caller holds the store's write lock), then prunes."""
@@ -223,9 +232,18 @@ class ShardPublisher:
         old = [p for g, p in self.remote.commits().items() if g <= generation]
         snapshots = sorted(self.remote.snapshots().items())
         old += [p for _, p in snapshots[:-2]]
-        old += [path for path in storage.match(self.remote.path("seg-*")) if Path(path).name.split(".", 1)[0] not in live]
+        old += [path for path in storage.match(self.remote.path("seg-*"))
+                if Path(path).name.split(".", 1)[0] not in live and _age_secs(Path(path).name) > SEGMENT_GRACE_SECS]
         if old:
             try:
                 storage.delete(old)
             except Exception as e:  # pruning is housekeeping: the next snapshot tries again
                 _log.warning("could not prune %d old objects under %s: %s", len(old), self.remote.root, e)
+
+
+def _age_secs(segment_file: str) -> float:
+    """How long ago the segment was named (`seg-<time_ns>-...`, IndexStore._segment_name)."""
+    try:
+        return time.time() - int(segment_file.split("-")[1]) / 1e9
+    except (IndexError, ValueError):
+        return float("inf")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import zlib
@@ -21,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 import storage
-from search.mirror import ShardPublisher, has_snapshot, local_generation, pull, restore
-from search.store import Hit, IndexMismatch, IndexStore, StoreSettings
+from search.mirror import CommitConflict, ShardPublisher, has_snapshot, local_generation, pull, restore
+from search.store import ApplyResult, Hit, IndexMismatch, IndexStore, StoreSettings
 
-__all__ = ["ShardedIndex", "parse_shards", "shard_of", "writer_cache_dir"]
+__all__ = ["ShardWriter", "ShardedIndex", "parse_shards", "shard_of", "writer_cache_dir"]
 
 _log = logging.getLogger(__name__)
 
@@ -197,3 +198,39 @@ class ShardedIndex:
                 "segment_kind": self.shards[0].settings.segment.kind,
                 "live_docs": sum(s["live_docs"] for s in shards),
                 "generation": sum(s["generation"] for s in shards), "shards": shards}
+
+
+class ShardWriter:
+    """The writer of one shard as the index pipeline holds it, fenced for a remote index.
+
+    Two workers can hold one shard for a while (Dataflow moving a key, a zombie bundle). Exactly one
+    of them creates each generation's commit object (`storage.create_only`); the other gets
+    `CommitConflict`, drops its local copy (it has diverged), restores the shard as the winner left
+    it and applies its batch again on top. Last writer wins by version, so the batch lands once,
+    whoever wins. A local index needs none of this: its store's file lock admits one writer."""
+
+    def __init__(self, index_dir: str | Path, shard: int, model: str, dim: int,
+                 settings: StoreSettings = StoreSettings(), cache_dir: Path | None = None, attempts: int = 5):
+        self._open = lambda: ShardedIndex.open_writer(index_dir, shard, model, dim, settings, cache_dir)
+        self.shard = shard
+        self.attempts = attempts
+        self.conflicts = 0
+        self.store = self._open()
+
+    def apply(self, records) -> ApplyResult:
+        for attempt in range(self.attempts):
+            try:
+                return self.store.apply(records)
+            except CommitConflict as e:
+                self.conflicts += 1
+                if attempt == self.attempts - 1:
+                    raise
+                _log.warning("shard %d: %s; restoring it and applying the batch again", self.shard, e)
+                self._restore()
+        raise AssertionError("unreachable")
+
+    def _restore(self) -> None:
+        local = self.store.directory
+        self.store.close()
+        shutil.rmtree(local, ignore_errors=True)
+        self.store = self._open()  # restores from the remote: the local copy is gone

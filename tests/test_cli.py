@@ -145,7 +145,26 @@ def test_the_index_job_dry_runs_on_dataflow_from_the_cli_offline(tmp_path):
                  env={"PUBSUB_EMULATOR_HOST": ""}, offline_dir=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "index: dry run, nothing submitted: DataflowRunner job" in result.stdout
+    # Batched per shard by a stateful step on Dataflow: what it checkpoints before Pub/Sub is acked.
+    assert "stateful: UpdateIndex/BatchPerShard/" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_the_stateful_per_shard_batching_builds_the_same_index_locally(tmp_path):
+    records = [record(f"p{n}", 1 + n % 3, dim=16, model="acme:custom-16", shop_id=f"shop-{n % 2}", seed=n)
+               for n in range(60)]
+    records += [record(f"p{n}", 9, "delete", dim=16, model="acme:custom-16") for n in range(0, 60, 7)]
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "part-0.jsonl").write_text("\n".join(r.to_json() for r in records) + "\n")
+    result = cli("pipelines.index", "--input_dir", str(tmp_path / "records"), "--index_dir", str(tmp_path / "index"),
+                 "--num_shards", "3", "--commit_batching", "stateful", "--commit_batch_size", "7", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "69 records read (" in result.stdout and "holds 51 live products in 3 shards" in result.stdout
+    from search.sharded import ShardedIndex
+
+    index = ShardedIndex.open(tmp_path / "index")
+    live = {pid: version for shard in index.shards for pid, (version, _) in shard.live_products().items()}
+    assert live == {f"p{n}": 1 + n % 3 for n in range(60) if n % 7}
 
 
 def _one_line_refusal(result, message: str) -> None:

@@ -1,10 +1,18 @@
 """`UpdateIndex`: embedding records → micro-batches per shard → commits to the index store.
 
-Records are routed to their shard (a hash of product_id) and committed per bundle: a shard's
-records of a bundle are one commit, or several of at most `batch_size`. Bundle-driven batching
-needs no timers, so a commit follows its records as closely as the runner delivers them (a
-timer-driven `GroupIntoBatches` waits on the DirectRunner's 30-second Pub/Sub pull). Records the
-store refuses (another model, another dimension) become dead letters with stage `sink`.
+Records are routed to their shard (a hash of product_id), then batched one of two ways:
+
+- per bundle (local runners): a shard's records of a bundle are one commit, or several of at most
+  `batch_size`. It needs no timers, so a commit follows its records as closely as the runner
+  delivers them (a timer-driven `GroupIntoBatches` waits on the DirectRunner's 30-second Pub/Sub
+  pull).
+- stateful (`stateful=True`, what a Dataflow launch uses): records keyed by shard go through
+  `GroupIntoBatches` (at most `batch_size`, held at most `max_delay_secs`), so each shard's batches
+  are committed on the worker that owns the key, and Dataflow acks the Pub/Sub messages only once
+  that step has checkpointed them: a worker lost mid-batch loses nothing. Two workers can still
+  hold a shard briefly; `ShardWriter` fences their commits.
+
+Records the store refuses (another model, another dimension) become dead letters with stage `sink`.
 Compaction runs on a background thread when the store's plan asks for it, so commits never wait
 for an HNSW build. A failed commit raises: Beam retries the bundle, and replaying it is harmless
 (last writer wins by version).
@@ -15,6 +23,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import typing
 from pathlib import Path
 
 import apache_beam as beam
@@ -23,28 +32,27 @@ from apache_beam.utils.shared import Shared
 from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import DeadLetter, EmbeddingRecord, Stage
-from search.sharded import ShardedIndex, shard_of
-from search.store import IndexMismatch, IndexStore, StoreSettings
+from search.sharded import ShardedIndex, ShardWriter, shard_of
+from search.store import IndexMismatch, StoreSettings
 
 __all__ = ["UpdateIndex", "parse_record"]
 
 
 class _ShardWriters:
-    """The writer `IndexStore` of each shard: one per process (Beam's `Shared`), used by the DoFn's threads."""
+    """The `ShardWriter` of each shard: one per process (Beam's `Shared`), used by the DoFn's threads."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._stores: dict[str, tuple[IndexStore, threading.Lock]] = {}
+        self._writers: dict[str, tuple[ShardWriter, threading.Lock]] = {}
 
     def get(self, index_dir: str, shard: int, model: str, dim: int, settings: StoreSettings,
-            cache_dir: str | None) -> tuple[IndexStore, threading.Lock]:
+            cache_dir: str | None) -> tuple[ShardWriter, threading.Lock]:
         key = ShardedIndex.shard_path(index_dir, shard)
         with self._lock:
-            if key not in self._stores:
-                store = ShardedIndex.open_writer(index_dir, shard, model, dim, settings,
-                                                 Path(cache_dir) if cache_dir else None)
-                self._stores[key] = (store, threading.Lock())
-            return self._stores[key]
+            if key not in self._writers:
+                writer = ShardWriter(index_dir, shard, model, dim, settings, Path(cache_dir) if cache_dir else None)
+                self._writers[key] = (writer, threading.Lock())
+            return self._writers[key]
 
 
 class _CommitFn(beam.DoFn):
@@ -105,10 +113,11 @@ class _CommitFn(beam.DoFn):
         if self._layout is None:
             self._layout = self._settle_layout(records[0].model, int(records[0].embedding.size))
         model, dim = self._layout
-        store, lock = self._writers.get(self._index_dir, shard, model, dim, self._settings, self._cache_dir)
+        writer, lock = self._writers.get(self._index_dir, shard, model, dim, self._settings, self._cache_dir)
         started = time.perf_counter()
         with lock:
-            result = store.apply(records)
+            result = writer.apply(records)
+            store = writer.store
             generation = store.generation
         took = (time.perf_counter() - started) * 1000
         self._commit_ms.update(int(took))
@@ -129,6 +138,20 @@ class _CommitFn(beam.DoFn):
                    commit_ms=round(took, 2), committed_at=time.time())
 
 
+class _CommitBatchFn(_CommitFn):
+    """Commits the batches `GroupIntoBatches` made per shard: (shard, records) → one commit each."""
+
+    def start_bundle(self):
+        pass
+
+    def process(self, batch):
+        shard, records = batch
+        yield from self._commit(shard, list(records))
+
+    def finish_bundle(self):
+        pass
+
+
 class UpdateIndex(beam.PTransform):
     """`EmbeddingRecord`s → commits (dicts of what each did) and dead letters of refused records."""
 
@@ -136,14 +159,25 @@ class UpdateIndex(beam.PTransform):
 
     def __init__(self, index_dir: str, model: str | None, dim: int, num_shards: int = 1, batch_size: int = 1000,
                  settings: StoreSettings = StoreSettings(), background_compaction: bool = True,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, stateful: bool = False, max_delay_secs: float = 1.0):
         """`index_dir` local or remote (gs://); for a remote one, `cache_dir` holds the local stores.
-        `model` None: the index's model, or for a new index the first record's (and its dimension)."""
+        `model` None: the index's model, or for a new index the first record's (and its dimension).
+        `stateful`: batch per shard with `GroupIntoBatches` (see the module docstring)."""
         super().__init__()
-        self._fn = _CommitFn(index_dir, model, dim, num_shards, batch_size, settings, background_compaction,
-                             cache_dir)
+        args = (index_dir, model, dim, num_shards, batch_size, settings, background_compaction, cache_dir)
+        self._fn = _CommitBatchFn(*args) if stateful else _CommitFn(*args)
+        self._stateful = stateful
+        self._num_shards = num_shards
+        self._batch_size = batch_size
+        self._max_delay_secs = max_delay_secs
 
     def expand(self, records):
+        if self._stateful:
+            records = (records
+                       | "KeyByShard" >> beam.Map(lambda r, n: (shard_of(r.product_id, n), r), self._num_shards)
+                       .with_output_types(typing.Tuple[int, typing.Any])  # an int key: a deterministic coder
+                       | "BatchPerShard" >> beam.GroupIntoBatches(
+                           self._batch_size, max_buffering_duration_secs=self._max_delay_secs))
         return records | "Commit" >> beam.ParDo(self._fn).with_outputs(self.DEAD_LETTER, main="commits")
 
 

@@ -14,6 +14,8 @@ import time
 
 from apache_beam.io.filesystem import BeamIOError, CompressionTypes, FileMetadata, FileSystem
 
+import storage
+
 SCHEME = "memgs"
 
 
@@ -66,6 +68,14 @@ class MemoryObjectStore(FileSystem):
                 super().close()
 
         return _Writer()
+
+    def create_only(self, path, data: bytes):
+        """GCS's `if_generation_match=0`: the object is written only if there is none, atomically."""
+        self.calls["create_only"] += 1
+        with self._lock:
+            if path in self.objects:
+                raise storage.AlreadyExists(path)
+            self.objects[path] = bytes(data)
 
     def open(self, path, mime_type="application/octet-stream", compression_type=CompressionTypes.AUTO):
         self.calls["open"] += 1
