@@ -15,7 +15,7 @@ PUBSUB_EMULATOR_BIN ?= /usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cl
 export PUBSUB_EMULATOR_BIN
 
 .DEFAULT_GOAL := help
-.PHONY: help setup apt-deps pubsub-emulator test demo bench eval lint clean deploy-infra build-image build-templates launch-embed launch-index
+.PHONY: help setup apt-deps pubsub-emulator test demo bench eval lint clean deploy-infra build-image build-templates launch-embed launch-index launch-search
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -76,8 +76,11 @@ build-templates: setup ## Regenerate the Flex Template metadata and build both t
 launch-embed: ## Launch the streaming embed job on Dataflow with GPU workers
 	$(DEPLOY) launch-embed
 
-launch-index: ## Launch the index updater + search service on a VM with a persistent disk
+launch-index: ## Launch the streaming index job on Dataflow (Flex Template; commits per shard to gs://BUCKET/index)
 	$(DEPLOY) launch-index
+
+launch-search: ## Create search replicas per shard group (managed instance groups, internal load balancers) and the router
+	$(DEPLOY) launch-search
 
 lint: setup ## ruff: undefined names, unused imports, syntax errors
 	$(VENV)/bin/ruff check --select F,E9 --exclude $(VENV) .

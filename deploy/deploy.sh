@@ -9,7 +9,9 @@
 #   deploy/deploy.sh build-templates  Flex Template specs for the embed and index pipelines
 #   deploy/deploy.sh stage-model      copy model weights to the bucket (MODEL_FILE=...)
 #   deploy/deploy.sh launch-embed     the streaming embed job on Dataflow, GPU workers
-#   deploy/deploy.sh launch-index     the index updater + search service on a VM with a persistent disk
+#   deploy/deploy.sh launch-index     the streaming index job on Dataflow: commits per shard to gs://BUCKET/index
+#   deploy/deploy.sh launch-search    search replicas, a managed instance group per shard group behind an
+#                                     internal load balancer, and the router in front of them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -f .env ]]; then set -a; source .env; set +a; fi
@@ -37,9 +39,19 @@ HARNESS_THREADS="${HARNESS_THREADS:-4}"
 MAX_WORKERS="${MAX_WORKERS:-10}"
 MAX_CONCURRENT_DOWNLOADS="${MAX_CONCURRENT_DOWNLOADS:-16}"
 NUM_SHARDS="${NUM_SHARDS:-4}"
-INDEX_VM="${INDEX_VM:-product-index}"
-INDEX_MACHINE_TYPE="${INDEX_MACHINE_TYPE:-n2-highmem-8}"
+SEGMENT_KIND="${SEGMENT_KIND:-hnsw}"  # a new index's kind: hnsw, hnsw_sq8 or ivf_pq (docs/DEPLOY.md §7)
+INDEX_DIR="${INDEX_DIR:-gs://${BUCKET}/index}"
+INDEX_MACHINE_TYPE="${INDEX_MACHINE_TYPE:-n2-highmem-8}"  # index workers: the shards they own are held in memory
+INDEX_MAX_WORKERS="${INDEX_MAX_WORKERS:-${NUM_SHARDS}}"
 INDEX_DISK_GB="${INDEX_DISK_GB:-200}"
+SHARDS_PER_REPLICA="${SHARDS_PER_REPLICA:-2}"
+SEARCH_MACHINE_TYPE="${SEARCH_MACHINE_TYPE:-n2-highmem-8}"
+SEARCH_REPLICAS="${SEARCH_REPLICAS:-2}"  # instances per shard group
+ROUTER_MACHINE_TYPE="${ROUTER_MACHINE_TYPE:-n2-standard-4}"
+ROUTER_REPLICAS="${ROUTER_REPLICAS:-2}"
+SEARCH_DISK_GB="${SEARCH_DISK_GB:-200}"
+NETWORK="${NETWORK:-default}"
+SUBNET="${SUBNET:-default}"
 JOB_SUFFIX="${JOB_SUFFIX:-$(date -u +%Y%m%d-%H%M%S)}"
 TEMPLATES="gs://${BUCKET}/templates"
 
@@ -142,20 +154,64 @@ launch_embed() {
 }
 
 launch_index() {
-  # The index keeps SQLite state and segment files on a persistent disk (DESIGN §8): the updater
-  # (one writer per shard) and the query service run next to it, on one VM.
-  local args="--streaming --runner=DirectRunner"
-  args+=" --input_subscription=projects/${PROJECT}/subscriptions/${INDEX_SUBSCRIPTION}"
-  args+=" --dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC} --index_dir=/index"
-  args+=" --model=${MODEL} --num_shards=${NUM_SHARDS}${PROJECTION:+ --projection=${PROJECTION}}"
-  run gcloud compute instances create-with-container "$INDEX_VM" --project="$PROJECT" --zone="$ZONE" \
-    --machine-type="$INDEX_MACHINE_TYPE" --service-account="$SERVICE_ACCOUNT" --scopes=cloud-platform \
-    --create-disk="name=${INDEX_VM}-data,size=${INDEX_DISK_GB}GB,type=pd-ssd,auto-delete=no" \
-    --container-mount-disk="mount-path=/index,name=${INDEX_VM}-data" \
+  # Records keyed by shard and batched by a stateful step: Dataflow acks Pub/Sub only once a batch
+  # is checkpointed; each shard's writer is restored from INDEX_DIR on the worker that owns it, and
+  # its commits are fenced there (DESIGN §8, docs/DEPLOY.md §4).
+  run gcloud dataflow flex-template run "index-${JOB_SUFFIX}" --project="$PROJECT" --region="$REGION" \
+    --template-file-gcs-location="${TEMPLATES}/index.json" \
+    --service-account-email="$SERVICE_ACCOUNT" \
+    --temp-location="gs://${BUCKET}/tmp" --staging-location="gs://${BUCKET}/staging" \
+    --worker-machine-type="$INDEX_MACHINE_TYPE" --max-workers="$INDEX_MAX_WORKERS" --enable-streaming-engine \
+    --additional-experiments="use_runner_v2" \
+    --additional-pipeline-options="disk_size_gb=${INDEX_DISK_GB}" \
+    --additional-user-labels="app=product-embeddings" \
+    --parameters="^~^input_subscription=projects/${PROJECT}/subscriptions/${INDEX_SUBSCRIPTION}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~index_dir=${INDEX_DIR}~num_shards=${NUM_SHARDS}~segment_kind=${SEGMENT_KIND}~commit_batching=stateful~model=${MODEL}~sdk_container_image=${IMAGE}~sdk_location=container${PROJECTION:+~projection=${PROJECTION}}"
+}
+
+# The endpoint of shard group N inside the VPC: an internal load balancer's service label makes it
+# a DNS name known before the load balancer exists, so the router can be told it up front.
+group_host() { echo "search-g${1}.search-g${1}.il4.${REGION}.lb.${PROJECT}.internal"; }
+
+# One regional managed instance group of identical containers behind an internal TCP load balancer.
+serve_group() {
+  local name="$1" machine="$2" size="$3" command="$4"
+  run gcloud compute instance-templates create-with-container "${name}-${IMAGE_TAG}" --project="$PROJECT" \
+    --machine-type="$machine" --service-account="$SERVICE_ACCOUNT" --scopes=cloud-platform \
+    --network="$NETWORK" --subnet="projects/${PROJECT}/regions/${REGION}/subnetworks/${SUBNET}" --region="$REGION" \
+    --boot-disk-size="${SEARCH_DISK_GB}GB" --boot-disk-type=pd-ssd --no-address \
     --container-image="$IMAGE" --container-env=EMBED_REQUIRE_GPU=0,LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
-    --container-command=bash \
-    --container-arg=-c \
-    --container-arg="python -m search.server --index_dir /index --host 0.0.0.0 --port 8080 --device cpu${PROJECTION:+ --projection ${PROJECTION}} & exec python -m pipelines.index ${args}"
+    --container-command=bash --container-arg=-c --container-arg="$command"
+  run gcloud compute instance-groups managed create "$name" --project="$PROJECT" --region="$REGION" \
+    --template="${name}-${IMAGE_TAG}" --size="$size" --health-check=search-healthz --initial-delay=600
+  run gcloud compute backend-services create "$name" --project="$PROJECT" --region="$REGION" \
+    --load-balancing-scheme=INTERNAL --protocol=TCP --health-checks=search-healthz
+  run gcloud compute backend-services add-backend "$name" --project="$PROJECT" --region="$REGION" \
+    --instance-group="$name" --instance-group-region="$REGION"
+  run gcloud compute forwarding-rules create "$name" --project="$PROJECT" --region="$REGION" \
+    --load-balancing-scheme=INTERNAL --backend-service="$name" --ports=8080 --network="$NETWORK" \
+    --subnet="$SUBNET" --service-label="$name"
+}
+
+launch_search() {
+  # Each shard group's replicas read INDEX_DIR (a local replica of their shards, kept current by
+  # polling); the router asks one replica of every group and merges (docs/DEPLOY.md §4).
+  ensure gcloud compute health-checks describe search-healthz --project="$PROJECT" --global -- \
+    gcloud compute health-checks create http search-healthz --project="$PROJECT" --global --port=8080 \
+      --request-path=/healthz --check-interval=10s --unhealthy-threshold=3
+  ensure gcloud compute firewall-rules describe search-allow-internal --project="$PROJECT" -- \
+    gcloud compute firewall-rules create search-allow-internal --project="$PROJECT" --network="$NETWORK" \
+      --allow=tcp:8080 --source-ranges=10.0.0.0/8,35.191.0.0/16,130.211.0.0/22 \
+      --description="search replicas and router: the VPC and Google's health checkers"
+  local group=0 first backends=""
+  for ((first = 0; first < NUM_SHARDS; first += SHARDS_PER_REPLICA, group++)); do
+    local last=$((first + SHARDS_PER_REPLICA - 1 < NUM_SHARDS - 1 ? first + SHARDS_PER_REPLICA - 1 : NUM_SHARDS - 1))
+    serve_group "search-g${group}" "$SEARCH_MACHINE_TYPE" "$SEARCH_REPLICAS" \
+      "exec python -m search.server --index_dir ${INDEX_DIR} --shards ${first}-${last} --cache_dir /var/cache/index --host 0.0.0.0 --port 8080 --device cpu${PROJECTION:+ --projection ${PROJECTION}}"
+    backends+="${backends:+,}http://$(group_host "$group"):8080"
+  done
+  serve_group search-router "$ROUTER_MACHINE_TYPE" "$ROUTER_REPLICAS" \
+    "exec python -m search.router --backends ${backends} --host 0.0.0.0 --port 8080"
+  echo "storefront endpoint: http://search-router.search-router.il4.${REGION}.lb.${PROJECT}.internal:8080/v1/search"
 }
 
 case "${1:-}" in
@@ -165,5 +221,6 @@ case "${1:-}" in
   stage-model) stage_model ;;
   launch-embed) launch_embed ;;
   launch-index) launch_index ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  launch-search) launch_search ;;
+  *) sed -n '2,18p' "$0"; exit 2 ;;
 esac

@@ -112,6 +112,7 @@ def make_dry_run(target: str, **env) -> subprocess.CompletedProcess:
     ("build-templates", {"gcloud"}),
     ("launch-embed", {"gcloud"}),
     ("launch-index", {"gcloud"}),
+    ("launch-search", {"gcloud"}),
 ])
 def test_every_deploy_target_dry_runs_to_complete_commands(target, tools):
     result = make_dry_run(target, PROJECT="my-project")
@@ -122,6 +123,22 @@ def test_every_deploy_target_dry_runs_to_complete_commands(target, tools):
         assert "my-project" in command or "deploy." in command, command
         # An unset variable shows as an empty value (`--x=`, `a//b`) or a literal `$NAME`.
         assert not re.search(r"=(\s|$|\\,)|(?<!:)//|\$\{|\$[A-Z]", command), f"unset or empty value in: {command}"
+    if target == "launch-index":  # on Dataflow, batched per shard, the index on the bucket
+        (run,) = commands
+        for wanted in ("gcloud dataflow flex-template run index-", "index_dir=gs://my-project-product-embeddings/index",
+                       "commit_batching=stateful", "segment_kind=hnsw", "--enable-streaming-engine"):
+            assert wanted in run.replace("\\", ""), wanted
+    if target == "launch-search":  # 4 shards, 2 per replica: two groups behind load balancers, a router
+        flat = [c.replace("\\", "") for c in commands]
+        servers = [c for c in flat if "search.server" in c]
+        assert [re.search(r"--shards (\S+)", c).group(1) for c in servers] == ["0-1", "2-3"]
+        (router,) = [c for c in flat if "search.router" in c]
+        assert "--backends http://search-g0.search-g0.il4.us-central1.lb.my-project.internal:8080," in router
+        for name in ("search-g0", "search-g1", "search-router"):
+            assert any(c.startswith(f"gcloud compute instance-groups managed create {name} ") and
+                       "--health-check=search-healthz" in c for c in flat), name
+            assert any(c.startswith(f"gcloud compute forwarding-rules create {name} ") and
+                       "--load-balancing-scheme=INTERNAL" in c for c in flat), name
     if target == "launch-embed":
         (run,) = commands
         for wanted in ("sdk_container_image=us-central1-docker.pkg.dev/my-project/product-embeddings/worker:",
@@ -135,9 +152,12 @@ def test_a_top_tuned_head_reaches_the_embed_job_the_index_updater_and_the_search
     (embed,) = [c for c in make_dry_run("launch-embed", PROJECT="my-project", PROJECTION=head).stdout.splitlines()
                 if c.startswith("+ ")]
     assert f"~projection={head}" in embed.replace("\\", "")
-    (vm,) = [c for c in make_dry_run("launch-index", PROJECT="my-project", PROJECTION=head).stdout.splitlines()
-             if c.startswith("+ ")]
-    assert vm.replace("\\", "").count(head) == 2  # the updater and the query service
+    (job,) = [c for c in make_dry_run("launch-index", PROJECT="my-project", PROJECTION=head).stdout.splitlines()
+              if c.startswith("+ ")]
+    assert f"~projection={head}" in job.replace("\\", "")
+    replicas = [c for c in make_dry_run("launch-search", PROJECT="my-project", PROJECTION=head).stdout.splitlines()
+                if "search.server" in c]
+    assert len(replicas) == 2 and all(f"--projection {head}" in c.replace("\\", "") for c in replicas)
     assert "projection" not in make_dry_run("launch-index", PROJECT="my-project").stdout
 
 
