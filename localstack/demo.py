@@ -59,6 +59,7 @@ class DemoReport:
     seconds: float
     batch_sizes: dict = dataclasses.field(default_factory=dict)  # RunInference batches: count, mean, max
     indexed: int = 0
+    searchable_ms: list[float] = dataclasses.field(default_factory=list)  # publish → found through the router
     queries: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
     page_url: str = ""
 
@@ -110,6 +111,48 @@ def _freshness(message, received_ms: float) -> float:
     return received_ms - dt.datetime.fromisoformat(event_time.replace("Z", "+00:00")).timestamp() * 1000.0
 
 
+class _SearchableProbe(threading.Thread):
+    """Asks the router, every `every_s`, for each record seen on the output topic and not yet found
+    (its own vector, k=1) until the product comes back at that version: publish → searchable."""
+
+    def __init__(self, records: _Collector, url: str, every_s: float = 0.1):
+        super().__init__(daemon=True, name="searchable-probe")
+        self.records, self.url, self.every_s = records, url, every_s
+        self.found_ms: dict[str, float] = {}
+        self.pending: dict[str, tuple] = {}
+        self._stop_event = threading.Event()
+
+    def run(self):
+        import requests
+
+        seen = 0
+        with requests.Session() as http:
+            while not self._stop_event.is_set():
+                for message in self.records.messages[seen:]:
+                    record = json.loads(message.data)
+                    if record["product_id"] != "warm-up" and record["op"] == "upsert":
+                        published = dt.datetime.fromisoformat(record["event_time"].replace("Z", "+00:00"))
+                        self.pending[record["product_id"]] = (record["version"], record["embedding"],
+                                                              published.timestamp() * 1000.0)
+                seen = len(self.records.messages)
+                for product, (version, vector, published_ms) in list(self.pending.items()):
+                    hits = http.post(f"{self.url}/v1/search", json={"vector": vector, "k": 1}, timeout=10).json()
+                    top = (hits.get("results") or [{}])[0]
+                    if top.get("product_id") == product and top.get("version", -1) >= version:
+                        self.found_ms[product] = time.time() * 1000.0 - published_ms
+                        del self.pending[product]
+                self._stop_event.wait(self.every_s)
+
+    def wait_for(self, count: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.found_ms) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def stop(self):
+        self._stop_event.set()
+        self.join(timeout=15)
+
+
 def _transport_floor(ps: PubSubEmulator, publisher, samples: int = 50) -> list[float]:
     """The baseline: publish → a consumer has it, through the emulator with no pipeline between."""
     ps.create_topic("transport-floor")
@@ -156,8 +199,11 @@ def _wait_indexed(index_dir: Path, model: str, dim: int, count: int, timeout_s: 
 
 def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say=print,
                        search: bool = True, serve: bool = False, burst: int = 1,
-                       max_batch_duration_secs: float = 0.0, dataset: str = "embeddings") -> DemoReport:
+                       max_batch_duration_secs: float = 0.0, dataset: str = "embeddings",
+                       router: bool = False) -> DemoReport:
     """`burst` events are published together every `burst / rate` seconds (1: a steady stream).
+    `router`: also serve the index as a deployment does (a replica per shard, `search.router` in
+    front) and measure publish → searchable through it for every product.
 
     Give each run in one process its own `dataset`: Beam's BigQuery sink remembers the tables it
     created per process, and a fresh emulator does not have them.
@@ -204,8 +250,20 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
         for collector in (records, letters):
             collector.start()
             stack.callback(collector.stop)
+        probe = None
         if search:
             stack.enter_context(_index_job(ps, out / "index", model))
+        if search and router:
+            from localstack.search_stack import SearchStack
+            from model_handlers.backends import embedding_dim
+            from search.sharded import ShardedIndex
+
+            ShardedIndex.ensure_layout(out / "index", 2, model, embedding_dim(model))
+            replicas = stack.enter_context(SearchStack(out / "index", 2, out / "logs"))
+            say(f"search:     a replica per shard and search.router at {replicas.url}")
+            probe = _SearchableProbe(records, replicas.url)
+            probe.start()
+            stack.callback(probe.stop)
         job = stack.enter_context(StreamingJob(pipeline, wake_topic=ps.topic("product-events")))
         say(f"pipelines:  pipelines.embed --streaming with {model}"
             + (" and pipelines.index --streaming" if search else "") + " on the BundleBasedDirectRunner")
@@ -234,6 +292,8 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
             publisher.publish(ps.topic("product-events"), message, event_id="broken-tail")
         records.wait_for(warmed + len(catalogue), 120)
         letters.wait_for(10 + 3, 30)
+        if probe:
+            probe.wait_for(len(catalogue), 60)
         seconds = time.monotonic() - started
         count_rows = (f"SELECT COUNT(*) AS n FROM `{ps.project}.{dataset}.product_embeddings` "
                       "WHERE event_id != 'warm-up'")
@@ -271,6 +331,7 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
             seconds=seconds,
             batch_sizes=_batch_sizes([json.loads(m.data) for m, _ in out_records]),
             indexed=indexed,
+            searchable_ms=sorted(probe.found_ms.values()) if probe else [],
             queries=queries,
             page_url=page_url,
         )
@@ -328,6 +389,9 @@ def print_report(report: DemoReport, say=print) -> None:
     say(f"freshness:  publish -> output topic p50 {p(report.freshness_ms, 50):.0f} ms, "
         f"p99 {p(report.freshness_ms, 99):.0f} ms at {report.rate:g} events/s "
         f"(Pub/Sub alone, publish -> consumer: p50 {p(report.transport_ms, 50):.0f} ms)")
+    if report.searchable_ms:
+        say(f"searchable: publish -> found through the router p50 {p(report.searchable_ms, 50):.0f} ms, "
+            f"p99 {p(report.searchable_ms, 99):.0f} ms ({len(report.searchable_ms)} of {report.published} products)")
     if report.queries:
         say(f"index:      {report.indexed} live products in 2 shards (the catalogue + the warm-up product); "
             "through the query service:")

@@ -87,20 +87,22 @@ def _parsers():
     from evaluation.run import build_parser as evaluation_parser
     from localstack.demo import build_parser as demo_parser
     from search.recall import build_parser as recall_parser
+    from search.router import build_parser as router_parser
     from search.server import build_parser as server_parser
 
     return {
         "pipelines.embed": beam_options_parser(SharedOptions, EmbedOptions, LaunchOptions),
         "pipelines.index": beam_options_parser(SharedOptions, IndexOptions, LaunchOptions),
         "search.server": server_parser(),
+        "search.router": router_parser(),
         "search.recall": recall_parser(),
         "evaluation.run": evaluation_parser(),
         "localstack.demo": demo_parser(),
     }
 
 
-@pytest.mark.parametrize("module", ["pipelines.embed", "pipelines.index", "search.server", "search.recall",
-                                    "evaluation.run", "localstack.demo"])
+@pytest.mark.parametrize("module", ["pipelines.embed", "pipelines.index", "search.server", "search.router",
+                                    "search.recall", "evaluation.run", "localstack.demo"])
 def test_help_lists_every_option_with_its_default(module):
     result = cli(module, "--help", timeout=60)
     assert result.returncode == 0, result.stderr
