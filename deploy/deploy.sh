@@ -50,10 +50,16 @@ SEARCH_REPLICAS="${SEARCH_REPLICAS:-2}"  # instances per shard group
 ROUTER_MACHINE_TYPE="${ROUTER_MACHINE_TYPE:-n2-standard-4}"
 ROUTER_REPLICAS="${ROUTER_REPLICAS:-2}"
 SEARCH_DISK_GB="${SEARCH_DISK_GB:-200}"
+ROUTER_DISK_GB="${ROUTER_DISK_GB:-20}"
 NETWORK="${NETWORK:-default}"
 SUBNET="${SUBNET:-default}"
+VPC_RANGES="${VPC_RANGES:-10.0.0.0/8}"  # who may call the replicas and the router (the subnets' ranges)
 JOB_SUFFIX="${JOB_SUFFIX:-$(date -u +%Y%m%d-%H%M%S)}"
 TEMPLATES="gs://${BUCKET}/templates"
+
+positive() {  # refuses a setting that is not a whole number >= 1, before anything is created
+  [[ "${!1}" =~ ^[1-9][0-9]*$ ]] || { echo "deploy.sh: $1 must be a whole number >= 1, not '${!1}'" >&2; exit 2; }
+}
 
 run() {
   printf '+'; printf ' %q' "$@"; printf '\n'
@@ -154,6 +160,7 @@ launch_embed() {
 }
 
 launch_index() {
+  positive NUM_SHARDS; positive INDEX_MAX_WORKERS
   # Records keyed by shard and batched by a stateful step: Dataflow acks Pub/Sub only once a batch
   # is checkpointed; each shard's writer is restored from INDEX_DIR on the worker that owns it, and
   # its commits are fenced there (DESIGN §8, docs/DEPLOY.md §4).
@@ -173,43 +180,63 @@ launch_index() {
 group_host() { echo "search-g${1}.search-g${1}.il4.${REGION}.lb.${PROJECT}.internal"; }
 
 # One regional managed instance group of identical containers behind an internal TCP load balancer.
+# Re-running it with a new IMAGE_TAG rolls the group onto the new template (one instance at a time);
+# what exists already is left alone. Autohealing asks /livez (the process is up: a replica still
+# restoring its shards is not broken), the load balancer /healthz (it can serve).
 serve_group() {
-  local name="$1" machine="$2" size="$3" command="$4"
-  run gcloud compute instance-templates create-with-container "${name}-${IMAGE_TAG}" --project="$PROJECT" \
-    --machine-type="$machine" --service-account="$SERVICE_ACCOUNT" --scopes=cloud-platform \
-    --network="$NETWORK" --subnet="projects/${PROJECT}/regions/${REGION}/subnetworks/${SUBNET}" --region="$REGION" \
-    --boot-disk-size="${SEARCH_DISK_GB}GB" --boot-disk-type=pd-ssd --no-address \
-    --container-image="$IMAGE" --container-env=EMBED_REQUIRE_GPU=0,LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
-    --container-command=bash --container-arg=-c --container-arg="$command"
+  local name="$1" machine="$2" size="$3" disk_gb="$4" command="$5"
+  ensure gcloud compute instance-templates describe "${name}-${IMAGE_TAG}" --project="$PROJECT" -- \
+    gcloud compute instance-templates create-with-container "${name}-${IMAGE_TAG}" --project="$PROJECT" \
+      --machine-type="$machine" --service-account="$SERVICE_ACCOUNT" --scopes=cloud-platform \
+      --network="$NETWORK" --subnet="projects/${PROJECT}/regions/${REGION}/subnetworks/${SUBNET}" --region="$REGION" \
+      --boot-disk-size="${disk_gb}GB" --boot-disk-type=pd-ssd --no-address \
+      --container-image="$IMAGE" --container-env=EMBED_REQUIRE_GPU=0,LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
+      --container-command=bash --container-arg=-c --container-arg="$command"
+  if [[ "${DRY_RUN:-0}" != "1" ]] && gcloud compute instance-groups managed describe "$name" --project="$PROJECT" \
+      --region="$REGION" >/dev/null 2>&1; then
+    run gcloud compute instance-groups managed rolling-action start-update "$name" --project="$PROJECT" \
+      --region="$REGION" --version="template=${name}-${IMAGE_TAG}" --max-unavailable=0 --max-surge=3
+    return
+  fi
   run gcloud compute instance-groups managed create "$name" --project="$PROJECT" --region="$REGION" \
-    --template="${name}-${IMAGE_TAG}" --size="$size" --health-check=search-healthz --initial-delay=600
-  run gcloud compute backend-services create "$name" --project="$PROJECT" --region="$REGION" \
-    --load-balancing-scheme=INTERNAL --protocol=TCP --health-checks=search-healthz
+    --template="${name}-${IMAGE_TAG}" --size="$size" --health-check=search-livez --initial-delay=600
+  ensure gcloud compute backend-services describe "$name" --project="$PROJECT" --region="$REGION" -- \
+    gcloud compute backend-services create "$name" --project="$PROJECT" --region="$REGION" \
+      --load-balancing-scheme=INTERNAL --protocol=TCP --health-checks=search-healthz
   run gcloud compute backend-services add-backend "$name" --project="$PROJECT" --region="$REGION" \
     --instance-group="$name" --instance-group-region="$REGION"
-  run gcloud compute forwarding-rules create "$name" --project="$PROJECT" --region="$REGION" \
-    --load-balancing-scheme=INTERNAL --backend-service="$name" --ports=8080 --network="$NETWORK" \
-    --subnet="$SUBNET" --service-label="$name"
+  ensure gcloud compute forwarding-rules describe "$name" --project="$PROJECT" --region="$REGION" -- \
+    gcloud compute forwarding-rules create "$name" --project="$PROJECT" --region="$REGION" \
+      --load-balancing-scheme=INTERNAL --backend-service="$name" --ports=8080 --network="$NETWORK" \
+      --subnet="$SUBNET" --service-label="$name"
 }
 
 launch_search() {
   # Each shard group's replicas read INDEX_DIR (a local replica of their shards, kept current by
-  # polling); the router asks one replica of every group and merges (docs/DEPLOY.md §4).
-  ensure gcloud compute health-checks describe search-healthz --project="$PROJECT" --global -- \
-    gcloud compute health-checks create http search-healthz --project="$PROJECT" --global --port=8080 \
-      --request-path=/healthz --check-interval=10s --unhealthy-threshold=3
+  # polling); the router asks one replica of every group and merges (docs/DEPLOY.md §4). Run it
+  # once the index job has made the index (INDEX_DIR/index.json): a replica refuses to start without.
+  positive NUM_SHARDS; positive SHARDS_PER_REPLICA; positive SEARCH_REPLICAS; positive ROUTER_REPLICAS
+  # The VMs have no external address: they reach the image registry and the bucket through
+  # Private Google Access on their subnet.
+  run gcloud compute networks subnets update "$SUBNET" --project="$PROJECT" --region="$REGION" \
+    --enable-private-ip-google-access
+  for check in healthz livez; do
+    ensure gcloud compute health-checks describe "search-${check}" --project="$PROJECT" --global -- \
+      gcloud compute health-checks create http "search-${check}" --project="$PROJECT" --global --port=8080 \
+        --request-path="/${check}" --check-interval=10s --unhealthy-threshold=3
+  done
   ensure gcloud compute firewall-rules describe search-allow-internal --project="$PROJECT" -- \
     gcloud compute firewall-rules create search-allow-internal --project="$PROJECT" --network="$NETWORK" \
-      --allow=tcp:8080 --source-ranges=10.0.0.0/8,35.191.0.0/16,130.211.0.0/22 \
+      --allow=tcp:8080 --source-ranges="${VPC_RANGES},35.191.0.0/16,130.211.0.0/22" \
       --description="search replicas and router: the VPC and Google's health checkers"
   local group=0 first backends=""
   for ((first = 0; first < NUM_SHARDS; first += SHARDS_PER_REPLICA, group++)); do
     local last=$((first + SHARDS_PER_REPLICA - 1 < NUM_SHARDS - 1 ? first + SHARDS_PER_REPLICA - 1 : NUM_SHARDS - 1))
-    serve_group "search-g${group}" "$SEARCH_MACHINE_TYPE" "$SEARCH_REPLICAS" \
+    serve_group "search-g${group}" "$SEARCH_MACHINE_TYPE" "$SEARCH_REPLICAS" "$SEARCH_DISK_GB" \
       "exec python -m search.server --index_dir ${INDEX_DIR} --shards ${first}-${last} --cache_dir /var/cache/index --host 0.0.0.0 --port 8080 --device cpu${PROJECTION:+ --projection ${PROJECTION}}"
     backends+="${backends:+,}http://$(group_host "$group"):8080"
   done
-  serve_group search-router "$ROUTER_MACHINE_TYPE" "$ROUTER_REPLICAS" \
+  serve_group search-router "$ROUTER_MACHINE_TYPE" "$ROUTER_REPLICAS" "$ROUTER_DISK_GB" \
     "exec python -m search.router --backends ${backends} --host 0.0.0.0 --port 8080"
   echo "storefront endpoint: http://search-router.search-router.il4.${REGION}.lb.${PROJECT}.internal:8080/v1/search"
 }

@@ -61,8 +61,14 @@ def summarize(result, config: IndexJobConfig) -> str:
     for counter in result.metrics().query(MetricsFilter().with_namespace("index"))["counters"]:
         if counter.key.metric.name in applied:
             applied[counter.key.metric.name] += counter.committed or 0
-    line = describe_outcomes(read_outcomes(result), records="records read ({upserted} upserted, {deleted} deleted, "
-                             "{ignored} stale or repeated)".format(**applied))
+    if config.stateful_commits:
+        # A local runner reports no metrics from the batches GroupIntoBatches flushes when the input
+        # ends: the counts would be short, so they are not given (the index's own count follows).
+        applied_text = "records read (committed in stateful per-shard batches)"
+    else:
+        applied_text = "records read ({upserted} upserted, {deleted} deleted, {ignored} stale or repeated)".format(
+            **applied)
+    line = describe_outcomes(read_outcomes(result), records=applied_text)
     try:
         stats = ShardedIndex.open(config.index_dir).stats()
     except (OSError, ValueError) as e:

@@ -150,7 +150,7 @@ class IndexOptions(PipelineOptions):
         parser.add_argument("--hnsw_ef_construction", type=int, default=512,
                             help="HNSW build breadth (efConstruction) of new segments.")
         parser.add_argument("--ivf_nprobe", type=int, default=32,
-                            help="ivf_pq: inverted lists probed per search, fixed when the index is made.")
+                            help="ivf_pq only: inverted lists probed per search, fixed when the index is made.")
 
 
 LOCAL_RUNNERS = ("DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner", "FnApiRunner", "PrismRunner")
@@ -324,8 +324,17 @@ class IndexJobConfig:
             problems.append("--num_shards and --commit_batch_size must be >= 1")
         if not o.commit_max_delay_secs > 0:
             problems.append("--commit_max_delay_secs must be > 0")
-        if o.hnsw_m < 2 or o.hnsw_m > 256 or o.hnsw_ef_construction < 1 or o.ivf_nprobe < 1:
-            problems.append("--hnsw_m must be 2..256, --hnsw_ef_construction and --ivf_nprobe >= 1")
+        if o.hnsw_m < 2 or o.hnsw_m > 256 or o.hnsw_ef_construction < 1:
+            problems.append("--hnsw_m must be 2..256 and --hnsw_ef_construction >= 1")
+        if o.ivf_nprobe < 1:
+            problems.append("--ivf_nprobe must be >= 1")
+        remote_runner = (options.view_as(StandardOptions).runner or "DirectRunner") not in LOCAL_RUNNERS
+        if remote_runner and o.index_dir and not storage.is_remote(o.index_dir):
+            problems.append(f"--index_dir {o.index_dir} is a path on each worker's own disk: on a remote runner "
+                            f"the index must be on object storage (gs://...), where search replicas read it")
+        if remote_runner and o.commit_batching == "bundle":
+            problems.append("--commit_batching bundle on a remote runner: commits would follow bundles, not the "
+                            "per-shard state Dataflow checkpoints before it acks; use stateful (or auto)")
         if shared.projection and not shared.model:
             problems.append("--projection needs --model (the model the head was trained on)")
         model, dim = None, 0
@@ -361,8 +370,7 @@ class IndexJobConfig:
                      streaming=streaming, input_dir=o.input_dir, input_subscription=shared.input_subscription,
                      dead_letter_dir=o.dead_letter_dir, dead_letter_topic=shared.dead_letter_topic,
                      commit_batch_size=o.commit_batch_size, cache_dir=o.cache_dir,
-                     stateful_commits=o.commit_batching == "stateful" or o.commit_batching == "auto" and (
-                         options.view_as(StandardOptions).runner or "DirectRunner") not in LOCAL_RUNNERS,
+                     stateful_commits=o.commit_batching == "stateful" or o.commit_batching == "auto" and remote_runner,
                      commit_max_delay_secs=o.commit_max_delay_secs)
         if preflight:
             config.preflight(remote=not dry_run)

@@ -10,7 +10,9 @@ score, so the answer equals one service's over all the shards. A backend that fa
 answer within `--timeout_secs` costs its shards' hits, not the query: the answer says
 `partial: true` and which shards are missing. `/healthz` shows each backend. Which shards a backend
 serves comes from its `/healthz`, asked at start and every few seconds after; two backends may not
-serve the same shard (their hits would be counted twice).
+serve the same shard (their hits would be counted twice): a replica group's redundancy comes from
+the load balancer in front of it, one URL per group. `/livez` answers while the process runs (for
+autohealing, which must not recreate a router whose backends are still starting).
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import time
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException
 
-from search.server import MAX_BODY_BYTES, PAGE, _JsonBody, _listen, _port
+from search.server import MAX_BODY_BYTES, PAGE, _JsonBody, _error, _listen, _port
 
 __all__ = ["Backends", "create_app", "main"]
 
@@ -41,7 +45,9 @@ class Backends:
         self.timeout = timeout_secs
         self.health: dict[str, dict | None] = {url: None for url in self.urls}
         self.errors: dict[str, str] = {}
+        self.misconfigured = ""  # why the backends cannot be merged (searches are refused meanwhile)
         self.checked = 0.0
+        self._checking: asyncio.Task | None = None
         self._client: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient] | None = None
 
     @property
@@ -64,14 +70,29 @@ class Backends:
         self.checked = time.monotonic()
         known = {url: h for url, h in self.health.items() if h}
         models = {(h["model"], h["dim"], h["num_shards"]) for h in known.values()}
+        self.misconfigured = ""
         if len(models) > 1:
-            raise ValueError(f"the backends serve different indexes: {sorted(models)}")
+            self.misconfigured = f"the backends serve different indexes: {sorted(models)}"
         seen: dict[int, str] = {}
         for url, h in known.items():
             for shard in h.get("shards", ()):
-                if shard in seen:
-                    raise ValueError(f"shard {shard} is served by both {seen[shard]} and {url}")
+                if shard in seen and not self.misconfigured:
+                    self.misconfigured = f"shard {shard} is served by both {seen[shard]} and {url}"
                 seen[shard] = url
+        if self.misconfigured:
+            raise ValueError(self.misconfigured)
+
+    def refresh_in_background(self) -> None:
+        """Starts a health check when one is due, without waiting for it: a hung backend's /healthz
+        must not add its timeout to a search's."""
+        if time.monotonic() - self.checked >= HEALTH_EVERY_SECS and (self._checking is None or self._checking.done()):
+            self._checking = asyncio.get_running_loop().create_task(self._check_logged())
+
+    async def _check_logged(self) -> None:
+        try:
+            await self.check()
+        except ValueError as e:
+            _log.error("%s; searches are refused until it is fixed", e)
 
     def shards_of(self, url: str) -> list[int]:
         return list((self.health.get(url) or {}).get("shards", ()))
@@ -106,17 +127,16 @@ def create_app(backends: Backends) -> FastAPI:
     app = FastAPI(title="product search (router)", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_JsonBody, limit=MAX_BODY_BYTES)
 
-    async def fresh_health():
-        if time.monotonic() - backends.checked >= HEALTH_EVERY_SECS:
-            try:
-                await backends.check()
-            except ValueError as e:  # a misconfiguration appeared since start: say so, keep answering
-                _log.error("%s", e)
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, error: HTTPException):
+        return _error(error.status_code, str(error.detail))
 
     @app.post("/v1/search")
     async def search(request: Request):
         started = time.perf_counter()
-        await fresh_health()
+        backends.refresh_in_background()
+        if backends.misconfigured:
+            return _error(503, f"the router's backends cannot be merged: {backends.misconfigured}")
         body = await request.body()
         answers = await asyncio.gather(*(backends.post(url, body) for url in backends.urls))
         hits, missing, errors = [], set(backends.missing()), {}
@@ -133,6 +153,10 @@ def create_app(backends: Backends) -> FastAPI:
             return JSONResponse({"error": f"no backend answered: {errors}"}, status_code=503)
         k = _k_of(body)
         hits.sort(key=lambda hit: -hit["score"])
+        unique = {}
+        for hit in hits:  # a shard that moved between backends mid-query must not count twice
+            unique.setdefault(hit["product_id"], hit)
+        hits = list(unique.values())
         took = round((time.perf_counter() - started) * 1000, 3)
         return {"results": hits[:k], "took_ms": took, "partial": bool(missing or errors),
                 "missing_shards": sorted(missing), **({"errors": errors} if errors else {})}
@@ -156,6 +180,10 @@ def create_app(backends: Backends) -> FastAPI:
                              "live_docs": sum(h.get("live_docs", 0) for h in up),
                              "queries": first.get("queries", []), "backends": each},
                             status_code=200 if up else 503)
+
+    @app.get("/livez")
+    def livez():
+        return {"status": "alive"}
 
     @app.get("/", response_class=HTMLResponse)
     def page():
@@ -188,13 +216,16 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per backend request otherwise
     parser = build_parser()
     args = parser.parse_args(argv)
-    urls = [url.strip() for url in args.backends.split(",") if url.strip()]
+    urls = [url.strip().rstrip("/") for url in args.backends.split(",") if url.strip()]
     if not urls or not all(url.startswith(("http://", "https://")) for url in urls):
         parser.error("--backends: give one or more http(s):// URLs, comma-separated")
-    if args.timeout_secs <= 0:
-        parser.error("--timeout_secs must be positive")
+    if len(set(urls)) != len(urls):
+        parser.error("--backends: a URL is listed twice (its shards would be counted twice)")
+    if not (math.isfinite(args.timeout_secs) and args.timeout_secs > 0):
+        parser.error("--timeout_secs must be a positive number")
     try:
         sock = _listen(args.host, args.port)
     except OSError as e:

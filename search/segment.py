@@ -8,7 +8,7 @@ compaction merges segments into one of the index's kind (`SegmentParams.kind`, f
 
 - `hnsw`: FAISS `IndexHNSWFlat`, inner product; the graph owns the float vectors.
 - `hnsw_sq8`: FAISS `IndexHNSWSQ`, 8-bit scalar quantisation (a quarter of the floats' bytes).
-- `ivf_pq`: FAISS IVF-PQ from `index_factory` (`d/8` bytes a vector, in inverted lists).
+- `ivf_pq`: FAISS IVF-PQ from `index_factory` (max(d/8, 16) bytes a vector, in inverted lists).
 
 The compressed kinds ask their index for a pool of candidates and re-score it exactly with the
 float vectors of the memory-mapped file, so their ranking is the float ranking of that pool.
@@ -115,10 +115,11 @@ def _build(vectors: np.ndarray, params: SegmentParams, kind: str) -> faiss.Index
     elif kind == "hnsw_sq8":
         index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_8bit, params.m, faiss.METRIC_INNER_PRODUCT)
     else:
-        # √n lists; d/8 sub-quantizers (8 dims each) of 8 bits, fewer bits for a tiny segment.
-        # "np": no polysemous training, which is for Hamming filtering we do not use and is 30× slower.
+        # √n lists; d/8 sub-quantizers (8 dims each) of 8 bits, at least 16 (a low-dimensional vector
+        # in d/8 bytes loses too much), fewer bits for a tiny segment. "np": no polysemous training,
+        # which is for Hamming filtering we do not use and is 30× slower.
         nlist = max(1, min(65_536, int(np.sqrt(n))))
-        sub = next(m for m in range(max(1, dim // 8), 0, -1) if dim % m == 0)
+        sub = next(m for m in range(max(dim // 8, min(dim, 16)), 0, -1) if dim % m == 0)
         bits = min(8, int(np.log2(n)))
         index = faiss.index_factory(dim, f"IVF{nlist},PQ{sub}x{bits}np", faiss.METRIC_INNER_PRODUCT)
         faiss.extract_index_ivf(index).nprobe = params.nprobe

@@ -265,6 +265,12 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
                 "live_docs": stats["live_docs"], "generation": stats["generation"], "num_shards": index.num_shards,
                 "shards": index.shard_ids, "queries": list(embedder.kinds), "errors": errors}
 
+    @app.get("/livez")
+    def livez():
+        """Answers while the process runs, whatever the index's state: for autohealing (a replica still
+        restoring its shards is not broken), where /healthz is for load balancing."""
+        return {"status": "alive"}
+
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     def metrics():
         refresh()

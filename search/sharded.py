@@ -44,6 +44,8 @@ def parse_shards(text: str, num_shards: int) -> list[int]:
             low, high = int(first), int(last or first)
         except ValueError:
             raise ValueError(f"--shards {text!r}: {part!r} is not a shard number or a range like 0-3") from None
+        if low > high:
+            raise ValueError(f"--shards {text!r}: {part!r} is a reversed range (write {high}-{low})")
         if not 0 <= low <= high < num_shards:
             raise ValueError(f"--shards {text!r}: the index has shards 0-{num_shards - 1}")
         shards.update(range(low, high + 1))
@@ -140,7 +142,7 @@ class ShardedIndex:
         layout = cls.layout(index_dir)
         if layout is None:
             raise FileNotFoundError(f"no index at {index_dir} (no index.json)")
-        ids = parse_shards(shards, layout["num_shards"]) if shards else list(range(layout["num_shards"]))
+        ids = parse_shards(shards, layout["num_shards"]) if shards is not None else list(range(layout["num_shards"]))
         if storage.is_remote(index_dir):
             if not read_only:
                 raise ValueError("open a remote index's shards for writing with ShardedIndex.open_writer")

@@ -152,6 +152,17 @@ def test_the_index_job_dry_runs_on_dataflow_from_the_cli_offline(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--index_dir", "/mnt/index"], "is a path on each worker's own disk: on a remote runner"),
+    (["--index_dir", "gs://my-bucket/index", "--commit_batching", "bundle"], "--commit_batching bundle on a remote"),
+])
+def test_the_index_job_on_dataflow_refuses_a_local_index_or_bundle_commits(tmp_path, extra, message):
+    result = cli("pipelines.index", *DATAFLOW, "--input_subscription",
+                 "projects/my-project/subscriptions/product-embeddings-index", *extra,
+                 env={"PUBSUB_EMULATOR_HOST": ""}, offline_dir=tmp_path)
+    _one_line_refusal(result, message)
+
+
 def test_the_stateful_per_shard_batching_builds_the_same_index_locally(tmp_path):
     records = [record(f"p{n}", 1 + n % 3, dim=16, model="acme:custom-16", shop_id=f"shop-{n % 2}", seed=n)
                for n in range(60)]
@@ -161,7 +172,8 @@ def test_the_stateful_per_shard_batching_builds_the_same_index_locally(tmp_path)
     result = cli("pipelines.index", "--input_dir", str(tmp_path / "records"), "--index_dir", str(tmp_path / "index"),
                  "--num_shards", "3", "--commit_batching", "stateful", "--commit_batch_size", "7", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "69 records read (" in result.stdout and "holds 51 live products in 3 shards" in result.stdout
+    assert "69 records read (committed in stateful per-shard batches), 0 dead letters" in result.stdout
+    assert "holds 51 live products in 3 shards" in result.stdout
     from search.sharded import ShardedIndex
 
     index = ShardedIndex.open(tmp_path / "index")

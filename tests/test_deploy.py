@@ -94,7 +94,7 @@ def test_the_auto_write_method_on_dataflow_is_the_storage_write_api(monkeypatch)
 
 def test_the_index_job_builds_offline_for_dataflow(no_network, tmp_path):
     argv = DATAFLOW + ["--input_subscription", "projects/my-project/subscriptions/product-embeddings-index",
-                       "--index_dir", str(tmp_path / "index"), "--num_shards", "4",
+                       "--index_dir", "gs://my-bucket/index", "--num_shards", "4",
                        "--dead_letter_topic", "projects/my-project/topics/product-events-dlq"]
     job = dry_run(lambda p, o: index.build_pipeline(p, index.IndexJobConfig.from_options(o)), argv)
     assert_dataflow_job(job, {"beam:transform:pubsub_read:v1", "beam:transform:pubsub_write:v1"})
@@ -136,7 +136,7 @@ def test_every_deploy_target_dry_runs_to_complete_commands(target, tools):
         assert "--backends http://search-g0.search-g0.il4.us-central1.lb.my-project.internal:8080," in router
         for name in ("search-g0", "search-g1", "search-router"):
             assert any(c.startswith(f"gcloud compute instance-groups managed create {name} ") and
-                       "--health-check=search-healthz" in c for c in flat), name
+                       "--health-check=search-livez" in c for c in flat), name
             assert any(c.startswith(f"gcloud compute forwarding-rules create {name} ") and
                        "--load-balancing-scheme=INTERNAL" in c for c in flat), name
     if target == "launch-embed":
@@ -159,6 +159,14 @@ def test_a_top_tuned_head_reaches_the_embed_job_the_index_updater_and_the_search
                 if "search.server" in c]
     assert len(replicas) == 2 and all(f"--projection {head}" in c.replace("\\", "") for c in replicas)
     assert "projection" not in make_dry_run("launch-index", PROJECT="my-project").stdout
+
+
+@pytest.mark.parametrize("setting", [{"SHARDS_PER_REPLICA": "0"}, {"NUM_SHARDS": "-1"}, {"SEARCH_REPLICAS": "two"}])
+def test_launch_search_refuses_a_setting_that_is_not_a_positive_count(setting):
+    result = make_dry_run("launch-search", PROJECT="my-project", **setting)
+    name, value = next(iter(setting.items()))
+    assert result.returncode != 0 and not result.stdout.strip()  # nothing printed, nothing created
+    assert f"{name} must be a whole number >= 1, not '{value}'" in result.stderr
 
 
 def test_deploy_targets_refuse_to_run_without_a_project():
