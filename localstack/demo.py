@@ -115,7 +115,7 @@ class _SearchableProbe(threading.Thread):
     """Asks the router, every `every_s`, for each record seen on the output topic and not yet found
     (its own vector, k=1) until the product comes back at that version: publish → searchable."""
 
-    def __init__(self, records: _Collector, url: str, every_s: float = 0.1):
+    def __init__(self, records: _Collector, url: str, every_s: float = 0.25):
         super().__init__(daemon=True, name="searchable-probe")
         self.records, self.url, self.every_s = records, url, every_s
         self.found_ms: dict[str, float] = {}
