@@ -56,10 +56,12 @@ def test_trickling_image_queries_never_starve_health_text_or_vector_queries(inde
                                                              timeout=30)) for _ in range(45)]
             time.sleep(1.0)  # all 45 are in: 8 fetching, 37 waiting for a slot
             for _ in range(3):
+                # Starved, they would wait out the image queries' 3 s deadline (or minutes, as a thread
+                # held by a trickling body once did); 2 s leaves room for a loaded 2-core machine.
                 health, took = timed(lambda: requests.get(f"{server.url}/healthz", timeout=10))
-                assert health.status_code == 200 and took < 1.0, took
+                assert health.status_code == 200 and took < 2.0, took
                 text, took = timed(lambda: requests.post(url, json={"text": "linen shirt"}, timeout=10))
-                assert text.status_code == 200 and took < 1.0, took
+                assert text.status_code == 200 and took < 2.0, took
             outcomes = [future.result(timeout=60) for future in slow]
         for response, took in outcomes:
             assert response.status_code in (400, 503), response.text
