@@ -40,6 +40,7 @@ MAX_WORKERS="${MAX_WORKERS:-10}"
 MAX_CONCURRENT_DOWNLOADS="${MAX_CONCURRENT_DOWNLOADS:-16}"
 NUM_SHARDS="${NUM_SHARDS:-4}"
 SEGMENT_KIND="${SEGMENT_KIND:-hnsw}"  # a new index's kind: hnsw, hnsw_sq8 or ivf_pq (docs/DEPLOY.md §7)
+IVF_NPROBE="${IVF_NPROBE:-32}"  # ivf_pq only: lists probed per search, fixed when the index is made
 INDEX_DIR="${INDEX_DIR:-gs://${BUCKET}/index}"
 INDEX_MACHINE_TYPE="${INDEX_MACHINE_TYPE:-n2-highmem-8}"  # index workers: the shards they own are held in memory
 INDEX_MAX_WORKERS="${INDEX_MAX_WORKERS:-${NUM_SHARDS}}"
@@ -172,7 +173,7 @@ launch_index() {
     --additional-experiments="use_runner_v2" \
     --additional-pipeline-options="disk_size_gb=${INDEX_DISK_GB}" \
     --additional-user-labels="app=product-embeddings" \
-    --parameters="^~^input_subscription=projects/${PROJECT}/subscriptions/${INDEX_SUBSCRIPTION}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~index_dir=${INDEX_DIR}~num_shards=${NUM_SHARDS}~segment_kind=${SEGMENT_KIND}~commit_batching=stateful~model=${MODEL}~sdk_container_image=${IMAGE}~sdk_location=container${PROJECTION:+~projection=${PROJECTION}}"
+    --parameters="^~^input_subscription=projects/${PROJECT}/subscriptions/${INDEX_SUBSCRIPTION}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~index_dir=${INDEX_DIR}~num_shards=${NUM_SHARDS}~segment_kind=${SEGMENT_KIND}~ivf_nprobe=${IVF_NPROBE}~commit_batching=stateful~model=${MODEL}~sdk_container_image=${IMAGE}~sdk_location=container${PROJECTION:+~projection=${PROJECTION}}"
 }
 
 # The endpoint of shard group N inside the VPC: an internal load balancer's service label makes it
