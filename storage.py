@@ -41,6 +41,8 @@ def _fs():
 def _asking(path: str, call):
     try:
         return call()
+    except AlreadyExists:  # the store answered: another writer was first
+        raise
     except Exception as e:  # see Unreachable
         raise Unreachable(f"cannot reach {path}: {e}") from e
 
@@ -85,12 +87,7 @@ def create_only(path: str | Path, data: bytes) -> None:
         if not hasattr(filesystem, "create_only"):
             raise NotImplementedError(f"{text}: {type(filesystem).__name__} has no create-only write, so two "
                                       f"writers could both commit; keep the index on gs:// or a local disk")
-        try:
-            filesystem.create_only(text, data)
-        except AlreadyExists:
-            raise
-        except Exception as e:  # see Unreachable
-            raise Unreachable(f"cannot reach {text}: {e}") from e
+        _asking(text, lambda: filesystem.create_only(text, data))
     else:
         # Written whole under a temporary name, then linked into place: link() fails if the name
         # exists (like O_EXCL), and a reader never sees a half-written file.

@@ -149,15 +149,23 @@ stage_model() {
   echo "then launch with MODEL=open_clip:ARCH/gs://${BUCKET}/models/$(basename "$MODEL_FILE")"
 }
 
-launch_embed() {
-  run gcloud dataflow flex-template run "embed-${JOB_SUFFIX}" --project="$PROJECT" --region="$REGION" \
-    --template-file-gcs-location="${TEMPLATES}/embed.json" \
+# A streaming job from a Flex Template: KIND, worker machine, max workers, the template's
+# parameters (`~`-separated), then any extra gcloud flags. Both jobs run the worker image.
+flex_run() {
+  local kind="$1" machine="$2" max_workers="$3" parameters="$4"; shift 4
+  run gcloud dataflow flex-template run "${kind}-${JOB_SUFFIX}" --project="$PROJECT" --region="$REGION" \
+    --template-file-gcs-location="${TEMPLATES}/${kind}.json" \
     --service-account-email="$SERVICE_ACCOUNT" \
     --temp-location="gs://${BUCKET}/tmp" --staging-location="gs://${BUCKET}/staging" \
-    --worker-machine-type="$MACHINE_TYPE" --max-workers="$MAX_WORKERS" --enable-streaming-engine \
-    --additional-experiments="use_runner_v2" \
+    --worker-machine-type="$machine" --max-workers="$max_workers" --enable-streaming-engine \
+    --additional-experiments="use_runner_v2" "$@" \
     --additional-user-labels="app=product-embeddings" \
-    --parameters="^~^input_subscription=projects/${PROJECT}/subscriptions/${EMBED_SUBSCRIPTION}~output_topic=projects/${PROJECT}/topics/${EMBEDDINGS_TOPIC}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~bigquery_table=${PROJECT}:${DATASET}.product_embeddings~bigquery_dead_letter_table=${PROJECT}:${DATASET}.dead_letter~model=${MODEL}~device=cuda~id_label=event_id~max_concurrent_downloads=${MAX_CONCURRENT_DOWNLOADS}~number_of_worker_harness_threads=${HARNESS_THREADS}~sdk_container_image=${IMAGE}~sdk_location=container~dataflow_service_options=worker_accelerator=type:${GPU_TYPE};count:1;install-nvidia-driver${PROJECTION:+~projection=${PROJECTION}}"
+    --parameters="^~^${parameters}~sdk_container_image=${IMAGE}~sdk_location=container${PROJECTION:+~projection=${PROJECTION}}"
+}
+
+launch_embed() {
+  flex_run embed "$MACHINE_TYPE" "$MAX_WORKERS" \
+    "input_subscription=projects/${PROJECT}/subscriptions/${EMBED_SUBSCRIPTION}~output_topic=projects/${PROJECT}/topics/${EMBEDDINGS_TOPIC}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~bigquery_table=${PROJECT}:${DATASET}.product_embeddings~bigquery_dead_letter_table=${PROJECT}:${DATASET}.dead_letter~model=${MODEL}~device=cuda~id_label=event_id~max_concurrent_downloads=${MAX_CONCURRENT_DOWNLOADS}~number_of_worker_harness_threads=${HARNESS_THREADS}~dataflow_service_options=worker_accelerator=type:${GPU_TYPE};count:1;install-nvidia-driver"
 }
 
 launch_index() {
@@ -165,15 +173,9 @@ launch_index() {
   # Records keyed by shard and batched by a stateful step: Dataflow acks Pub/Sub only once a batch
   # is checkpointed; each shard's writer is restored from INDEX_DIR on the worker that owns it, and
   # its commits are fenced there (DESIGN §8, docs/DEPLOY.md §4).
-  run gcloud dataflow flex-template run "index-${JOB_SUFFIX}" --project="$PROJECT" --region="$REGION" \
-    --template-file-gcs-location="${TEMPLATES}/index.json" \
-    --service-account-email="$SERVICE_ACCOUNT" \
-    --temp-location="gs://${BUCKET}/tmp" --staging-location="gs://${BUCKET}/staging" \
-    --worker-machine-type="$INDEX_MACHINE_TYPE" --max-workers="$INDEX_MAX_WORKERS" --enable-streaming-engine \
-    --additional-experiments="use_runner_v2" \
-    --additional-pipeline-options="disk_size_gb=${INDEX_DISK_GB}" \
-    --additional-user-labels="app=product-embeddings" \
-    --parameters="^~^input_subscription=projects/${PROJECT}/subscriptions/${INDEX_SUBSCRIPTION}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~index_dir=${INDEX_DIR}~num_shards=${NUM_SHARDS}~segment_kind=${SEGMENT_KIND}~ivf_nprobe=${IVF_NPROBE}~commit_batching=stateful~model=${MODEL}~sdk_container_image=${IMAGE}~sdk_location=container${PROJECTION:+~projection=${PROJECTION}}"
+  flex_run index "$INDEX_MACHINE_TYPE" "$INDEX_MAX_WORKERS" \
+    "input_subscription=projects/${PROJECT}/subscriptions/${INDEX_SUBSCRIPTION}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~index_dir=${INDEX_DIR}~num_shards=${NUM_SHARDS}~segment_kind=${SEGMENT_KIND}~ivf_nprobe=${IVF_NPROBE}~commit_batching=stateful~model=${MODEL}" \
+    --additional-pipeline-options="disk_size_gb=${INDEX_DISK_GB}"
 }
 
 # The endpoint of shard group N inside the VPC: an internal load balancer's service label makes it

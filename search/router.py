@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
-from search.server import MAX_BODY_BYTES, PAGE, _JsonBody, _error, _listen, _port
+from search.server import MAX_BODY_BYTES, PAGE, _JsonBody, _error, _listen, _port, serve
 
 __all__ = ["Backends", "create_app", "main"]
 
@@ -213,8 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per backend request otherwise
     parser = build_parser()
@@ -240,14 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     down = f"; not answering: {', '.join(backends.errors)}" if backends.errors else ""
     ready = (f"search page: http://{host}:{port}/ (router over {len(urls)} backends, "
              f"{backends.num_shards or '?'} shards{down})")
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None):
-            await super().startup(sockets)
-            if self.started:
-                _log.info(ready)
-
-    Server(uvicorn.Config(create_app(backends), log_level="warning")).run(sockets=[sock])
+    serve(create_app(backends), sock, ready, _log)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from search.store import IndexMismatch
 from media.download import FetchConfig
 
 __all__ = ["DEFAULT_EF_SEARCH", "SearchRequest", "SearchResponse", "build_parser", "create_app", "main",
-           "open_service"]
+           "open_service", "serve"]
 
 _log = logging.getLogger("search.server")
 DEFAULT_EF_SEARCH = 256
@@ -365,8 +365,6 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -393,17 +391,23 @@ def main(argv: list[str] | None = None) -> None:
         f"shards {','.join(map(str, index.shard_ids))} of {index.num_shards}"
     ready = (f"search page: http://{host}:{port}/ ({stats['live_docs']} products, {served}, "
              f"model {index.model}{queries})")
+    app = create_app(index, embedder, refresh_secs, args.image_timeout_secs, args.image_query_slots)
+    protocol = type("Protocol", (HeaderTimeoutProtocol,), {"header_timeout": args.header_timeout_secs})
+    serve(app, sock, ready, _log, http=protocol)
+
+
+def serve(app, sock: socket.socket, ready: str, log: logging.Logger, **config) -> None:
+    """Runs `app` with uvicorn on the bound `sock`, logging `ready` once it accepts connections
+    (what a user, a test or a deployment waits for); search.router serves the same way."""
+    import uvicorn
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
             await super().startup(sockets)
             if self.started:
-                _log.info(ready)
+                log.info(ready)
 
-    app = create_app(index, embedder, refresh_secs, args.image_timeout_secs, args.image_query_slots)
-    protocol = type("Protocol", (HeaderTimeoutProtocol,), {"header_timeout": args.header_timeout_secs})
-    config = uvicorn.Config(app, log_level="warning", http=protocol)
-    Server(config).run(sockets=[sock])
+    Server(uvicorn.Config(app, log_level="warning", **config)).run(sockets=[sock])
 
 
 if __name__ == "__main__":
