@@ -69,11 +69,13 @@ def exact_truth(vectors: np.ndarray, queries: np.ndarray, shops: np.ndarray) -> 
 
 
 def _rss() -> dict[str, int]:
+    """The process's own and page-cache resident bytes, and how much of its own is on huge pages."""
     fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("RssAnon", "RssFile"):
-            fields[name] = int(value.split()[0]) * 1024
+    for path in ("/proc/self/status", "/proc/self/smaps_rollup"):
+        for line in Path(path).read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("RssAnon", "RssFile", "AnonHugePages"):
+                fields[name] = int(value.split()[0]) * 1024
     return fields
 
 
@@ -117,6 +119,7 @@ def query_cell(directory: str, truth_file: str, ef_search: int) -> dict:
         "anon_bytes_per_vector": round((after["RssAnon"] - before["RssAnon"]) / n, 1),
         "anon_bytes_per_vector_after_open": round((opened["RssAnon"] - before["RssAnon"]) / n, 1),
         "file_bytes_per_vector": round((after["RssFile"] - before["RssFile"]) / n, 1),
+        "anon_huge_page_share": round(after["AnonHugePages"] / max(after["RssAnon"], 1), 3),
     }
     out["segments"] = [(s["kind"], s["count"]) for s in stats["segments"]]
     return out

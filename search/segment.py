@@ -29,6 +29,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from search import hugepages
+
 __all__ = ["SEGMENT_KINDS", "Segment", "SegmentCorrupted", "SegmentInfo", "SegmentParams", "top_k"]
 
 SEGMENT_KINDS = ("hnsw", "hnsw_sq8", "ivf_pq")  # what compaction builds; a commit writes "flat"
@@ -162,6 +164,7 @@ class Segment:
             self.index = None
             if info.kind != "flat":
                 self.index = faiss.read_index(str(_verified(directory, _index_file(info.name, info.kind), sums)))
+                hugepages.advise_index(self.index)
         except (OSError, ValueError, EOFError, RuntimeError) as e:  # unreadable, or removed since verified
             if isinstance(e, SegmentCorrupted):
                 raise

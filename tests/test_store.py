@@ -247,3 +247,50 @@ def test_compressed_segments_are_smaller_and_rank_their_candidates_by_the_float_
         recall = np.mean([len(t & f) / 10 for t, f in zip(truth, found)])
         assert recall >= 0.95, (kind, recall)
     assert sizes["hnsw_sq8"] < 0.5 * sizes["hnsw"] and sizes["ivf_pq"] < 0.15 * sizes["hnsw"], sizes
+
+
+HUGE_PAGES_PROBE = """
+import json, sys
+from pathlib import Path
+
+import faiss
+
+from search import hugepages
+from search.segment import Segment, SegmentInfo
+
+advise_index, calls = hugepages.advise_index, []
+hugepages.advise_index = lambda index: calls.append(index) or 0
+segment = Segment(Path(sys.argv[1]), SegmentInfo("seg", sys.argv[2], 20_000))
+codes = faiss.downcast_index(segment.index.storage).codes
+before = hugepages.huge_bytes(int(codes.data()), codes.size())
+advised = advise_index(segment.index)
+print(json.dumps({"calls": len(calls), "codes": codes.size(), "before": before, "advised": advised,
+                  "after": hugepages.huge_bytes(int(codes.data()), codes.size())}))
+"""
+
+
+@pytest.mark.parametrize("kind", ("hnsw", "hnsw_sq8"))
+def test_a_loaded_hnsw_segment_puts_its_graph_and_codes_on_huge_pages(tmp_path, kind):
+    """Loading an HNSW segment advises its codes and graph onto 2 MB pages (search.hugepages): in a
+    fresh process on this machine (THP mode madvise) they are on small pages before and huge ones
+    after; search results are what they were."""
+    import subprocess
+    import sys
+
+    from search import hugepages
+    from search.segment import Segment
+
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(20_000, 128)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    info = Segment.write(tmp_path, "seg", np.arange(20_000), vectors, kind, SegmentParams(kind, m=8, ef_construction=40))
+    probe = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE, str(tmp_path), kind], capture_output=True,
+                           text=True, check=True)
+    found = json.loads(probe.stdout)
+    assert found["calls"] == 1 and found["before"] == 0, found
+    if "[never]" not in open("/sys/kernel/mm/transparent_hugepage/enabled").read():
+        assert found["after"] >= found["codes"] - 2 * hugepages.HUGE <= found["advised"], found
+    segment = Segment(tmp_path, info)
+    every = np.packbits(np.ones(20_000, bool), bitorder="little")
+    scores, docs = segment.search_bitmap(vectors[7], 5, 64, every, 20_000)
+    assert docs[0] == 7 and scores[0] == pytest.approx(1.0, abs=1e-2)
