@@ -126,6 +126,10 @@ class EmbeddingRecord:
     embedded_at: dt.datetime
     # Characters of title and description the model read (at most MAX_MODEL_TEXT_CHARS).
     text_chars: int = 0
+    # What a storefront filters, facets and matches keywords on (DESIGN §4): the event's description
+    # (up to MAX_MODEL_TEXT_CHARS) and attributes as sent (brand, category, price, ...).
+    description: str = ""
+    attributes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in _VECTORS:
@@ -158,6 +162,7 @@ class EmbeddingRecord:
     def _encode(self) -> bytes:
         # Shallow on purpose: dataclasses.asdict deep-copies.
         out = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        out["attributes"] = dict(self.attributes)
         out["event_time"] = format_timestamp(self.event_time)
         out["embedded_at"] = format_timestamp(self.embedded_at)
         return orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY)

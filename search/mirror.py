@@ -130,6 +130,9 @@ def restore(remote_dir: str, local_dir: Path) -> int:
         for table in ("meta", "products", "segments"):
             db.execute(f"DELETE FROM main.{table}")
             db.execute(f"INSERT INTO main.{table} SELECT * FROM snapshot.{table}")
+        db.execute("DELETE FROM main.lexical")
+        db.execute("INSERT INTO main.lexical(rowid, title, description, attributes) "
+                   "SELECT rowid, title, description, attributes FROM snapshot.lexical")
         db.execute("COMMIT")
         db.execute("DETACH DATABASE snapshot")
     finally:

@@ -1,11 +1,14 @@
-"""The query service: `POST /v1/search`, `GET /healthz`, `GET /metrics`, and a search page at `/`.
+"""The query service: `POST /v1/search`, `GET /v1/products/{id}/similar`, `GET /healthz`, `GET /metrics`,
+and a search page at `/`.
 
     python -m search.server --index_dir index/ --port 8080 [--model SPEC]
 
 Built on FastAPI (validation, the OpenAPI document at /docs) served by uvicorn, with
 prometheus_client for metrics. It embeds text and image queries with the index's own model, asks
 every shard for k results and merges, and picks up new commits without a restart (it refreshes
-its view of the index at most every `refresh_secs`). The request body is JSON whatever its
+its view of the index at most every `refresh_secs`). Text queries are matched by keywords too
+(BM25 over title, description and the declared keyword attributes) and fused with the vector
+results by rank (search.hybrid); attribute filters and facets use the index's declared fields. The request body is JSON whatever its
 Content-Type says (`curl -d` sends a form type); every error is `{"error": "..."}`. It never
 imports Beam.
 """
@@ -13,14 +16,16 @@ imports Beam.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any, Literal
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -31,6 +36,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 import storage
 from model_handlers.config import ModelConfig, model_id, split_model_id
+from search.filters import FilterError, parse_filter
 from search.query import QueryEmbedder, QueryError, runs_here
 from search.sharded import ShardedIndex
 from search.store import IndexMismatch
@@ -44,6 +50,8 @@ DEFAULT_EF_SEARCH = 256
 MAX_BODY_BYTES = 1024 * 1024  # a 20,000-d vector as JSON is ~0.5 MB; anything larger is refused unread
 IMAGE_QUERY_SLOTS = 8  # image queries fetching at once; the rest wait without holding a thread
 HEADER_TIMEOUT_SECS = 10.0
+MAX_DEPTH = 1000  # offset + k: deeper pages than a shopper reads cost every shard that many results
+MAX_FACET_VALUES = 100  # values per facet returned, the most frequent
 PAGE = (Path(__file__).resolve().parent / "static" / "index.html").read_text(encoding="utf-8")
 
 
@@ -58,26 +66,59 @@ class SearchRequest(BaseModel):
                            description="search breadth, independent of k: HNSW's efSearch; for the "
                                        "compressed kinds also the candidates re-scored exactly")
     shop_id: str | None = Field(None, max_length=256, description="only this shop's products")
+    offset: int = Field(0, ge=0, strict=True, description="results to skip (a page is offset..offset+k; "
+                                                          "offset + k at most 1000)")
+    filter: dict | None = Field(None, description="attribute conditions the results meet (search.filters): "
+                                                  '{"brand": "acme", "price": {"gte": 10, "lt": 50}, '
+                                                  '"or": [...]}, on the index\'s filterable fields')
+    facets: list[str] = Field([], max_length=16, description="fields to count the filtered matches by")
+    facet_buckets: dict[str, list[float]] = Field({}, description="numeric facets: bucket edges per field, "
+                                                                   "e.g. {\"price\": [0, 25, 50, 100]}")
+    mode: Literal["vector", "lexical", "hybrid"] | None = Field(
+        None, description="vector: by embedding; lexical: by keywords (BM25); hybrid: both, fused by "
+                          "reciprocal rank (default for text queries; vector for the others)")
+    lexical_weight: float = Field(1.0, ge=0, le=10, description="hybrid: the keyword list's weight in the "
+                                                               "fusion (the vector list's is 1)")
 
     @model_validator(mode="after")
     def one_query(self):
         given = [name for name in ("text", "vector", "image_url") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of text, vector, image_url (got {', '.join(given) or 'none'})")
+        if self.mode in ("lexical", "hybrid") and self.text is None:
+            raise ValueError(f"mode {self.mode} needs a text query")
+        if self.offset + self.k > MAX_DEPTH:
+            raise ValueError(f"offset + k is {self.offset + self.k}, over {MAX_DEPTH}")
         return self
+
+    @property
+    def search_mode(self) -> str:
+        return self.mode or ("hybrid" if self.text is not None else "vector")
 
 
 class SearchHit(BaseModel):
     product_id: str
     shop_id: str
-    score: float = Field(description="cosine similarity to the query")
+    score: float = Field(description="vector mode: cosine similarity to the query; lexical: BM25; hybrid: the "
+                                     "reciprocal-rank-fusion score")
     version: int
     title: str
     image_url: str
+    attributes: dict = Field({}, description="the product's attributes, as its event sent them")
+    embedded_at: str = Field("", description="when the model embedded this version (RFC 3339)")
+    generation: int = Field(0, description="the commit generation of the shard that served it")
+
+
+class FacetCount(BaseModel):
+    value: Any = Field(description="a field value, or for a numeric facet the bucket [from, to)")
+    count: int
 
 
 class SearchResponse(BaseModel):
     results: list[SearchHit]
+    facets: dict[str, list[FacetCount]] = Field({}, description="per facet field, exact counts of the matches "
+                                                                "(values by count; buckets in order)")
+    mode: str = Field("vector", description="how the results were ranked")
     took_ms: float
     partial: bool = Field(False, description="true when some shards did not answer (search.router): the "
                                              "results are the best of the others")
@@ -204,6 +245,8 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
     def vector_of(request: SearchRequest):
         if request.vector is not None:
             return embedder.vector(request.vector)
+        if request.search_mode == "lexical":
+            return None  # keywords only: no model needed
         return embedder.text(request.text)
 
     async def image_vector(url: str):
@@ -217,9 +260,13 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
             raise ImageQueriesBusy(f"image query did not finish within {image_timeout:g} s: "
                                    f"{image_slots} image queries were already fetching") from None
 
-    def search_index(vector, request: SearchRequest):
+    def search_index(vector, request: SearchRequest, filter):
         refresh()
-        return index.search(vector, k=request.k, ef_search=request.ef_search, shop_id=request.shop_id)
+        hits = index.search(vector, k=request.k, ef_search=request.ef_search, shop_id=request.shop_id, filter=filter,
+                            text=request.text, mode=request.search_mode, lexical_weight=request.lexical_weight,
+                            offset=request.offset)
+        counts = index.facets(request.facets, request.shop_id, filter, request.facet_buckets) if request.facets else {}
+        return hits, _facet_lists(counts, request.facet_buckets)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request: Request, error: RequestValidationError):
@@ -240,21 +287,47 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
         started = time.perf_counter()
         kind = "text" if request.text is not None else "vector" if request.vector is not None else "image"
         try:
+            filter = _checked_scope(request.filter, request.facets, request.facet_buckets, index.filterable)
             if kind == "image":
                 vector = await image_vector(request.image_url)
             else:
                 vector = await run_in_threadpool(vector_of, request)
-            hits = await run_in_threadpool(search_index, vector, request)
+            hits, facets = await run_in_threadpool(search_index, vector, request, filter)
         except ImageQueriesBusy as e:
             requests_total.labels("busy").inc()
             return _error(503, str(e))
-        except (QueryError, IndexMismatch) as e:
+        except (QueryError, IndexMismatch, FilterError) as e:
             requests_total.labels("bad_request").inc()
             return _error(400, str(e))
         took = time.perf_counter() - started
         latency.labels(kind).observe(took)
         requests_total.labels("ok").inc()
-        return {"results": [hit.__dict__ for hit in hits], "took_ms": round(took * 1000, 3)}
+        return {"results": [hit.__dict__ for hit in hits], "facets": facets, "mode": request.search_mode,
+                "took_ms": round(took * 1000, 3)}
+
+    @app.get("/v1/products/{product_id}/similar", response_model=SearchResponse,
+             responses={400: {"model": ErrorResponse, "description": "a bad filter or parameter"},
+                        404: {"model": ErrorResponse, "description": "no live product of that id here"}})
+    def similar(product_id: str, k: int = Query(10, ge=1, le=100), shop_id: str | None = Query(None, max_length=256),
+                filter: str | None = Query(None, max_length=10_000, description="a filter, as JSON"),
+                ef_search: int = Query(DEFAULT_EF_SEARCH, ge=1, le=20_000)):
+        """Products like this one, by its stored vector: the product itself left out and near-duplicates
+        (cosine ≥ search.sharded.DUPLICATE_COSINE with one already listed) collapsed."""
+        started = time.perf_counter()
+        try:
+            parsed = _checked_scope(_json_param("filter", filter), [], {}, index.filterable)
+        except FilterError as e:
+            requests_total.labels("bad_request").inc()
+            return _error(400, str(e))
+        refresh()
+        vector = index.product_vector(product_id)
+        if vector is None:
+            return _error(404, f"no live product {product_id!r} in the shards this service serves")
+        hits = index.similar(vector, k, ef_search, shop_id, parsed, exclude=product_id)
+        took = time.perf_counter() - started
+        latency.labels("similar").observe(took)
+        requests_total.labels("ok").inc()
+        return {"results": [hit.__dict__ for hit in hits], "mode": "vector", "took_ms": round(took * 1000, 3)}
 
     @app.get("/healthz", response_model=Health)
     def healthz():
@@ -282,6 +355,45 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
 
     _document_errors_as_sent(app)
     return app
+
+
+def _json_param(name: str, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except ValueError as e:
+        raise FilterError(f"{name}: not valid JSON ({e})") from None
+
+
+def _checked_scope(filter_data: Any, facets: list[str], buckets: dict[str, list[float]], fields) -> Any:
+    """The parsed filter (None without one); FilterError naming what does not fit the index's fields."""
+    by_name = {f.name: f for f in fields}
+    for name in facets:
+        if name not in by_name:
+            raise FilterError(f"facets: {name!r} is not a filterable field of this index (filterable: "
+                              f"{', '.join(sorted(by_name)) or 'none: the index declares no --filterable'})")
+        if by_name[name].type == "float" and name not in buckets:
+            raise FilterError(f"facets: {name} is a float field: give its bucket edges in facet_buckets")
+    for name, edges in buckets.items():
+        if name not in facets or not by_name[name].numeric:
+            raise FilterError(f"facet_buckets.{name}: buckets are for numeric fields listed in facets")
+        if not 2 <= len(edges) <= 51 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise FilterError(f"facet_buckets.{name}: give 2 to 51 increasing edges")
+    return None if filter_data is None else parse_filter(filter_data, tuple(fields))
+
+
+def _facet_lists(counts: dict[str, dict], buckets: dict[str, list[float]]) -> dict[str, list[dict]]:
+    """Store counts → the response's lists: values by count (the MAX_FACET_VALUES most), buckets in order."""
+    out = {}
+    for name, part in counts.items():
+        if "buckets" in part:
+            edges = buckets[name]
+            out[name] = [{"value": [a, b], "count": c} for a, b, c in zip(edges, edges[1:], part["buckets"])]
+        else:
+            ranked = sorted(part["values"].items(), key=lambda item: (-item[1], str(item[0])))
+            out[name] = [{"value": value, "count": count} for value, count in ranked[:MAX_FACET_VALUES]]
+    return out
 
 
 def _document_errors_as_sent(app: FastAPI) -> None:

@@ -23,11 +23,14 @@ import numpy as np
 
 import storage
 from search.mirror import CommitConflict, ShardPublisher, has_snapshot, local_generation, pull, restore
+from search.filters import Filter
 from search.store import ApplyResult, Hit, IndexMismatch, IndexStore, StoreSettings
 
 __all__ = ["ShardWriter", "ShardedIndex", "parse_shards", "shard_of", "writer_cache_dir"]
 
 _log = logging.getLogger(__name__)
+DUPLICATE_COSINE = 0.98  # similar products: a candidate this close to one already shown is a copy of it
+SIMILAR_POOL = 4  # candidates per result wanted, before near-duplicates are collapsed
 
 
 def shard_of(product_id: str, num_shards: int) -> int:
@@ -184,11 +187,71 @@ class ShardedIndex:
                 self._last_failure.pop(n, None)
         return changed
 
-    def search(self, query: np.ndarray, k: int = 10, ef_search: int = 128, shop_id: str | None = None,
-               exact: bool = False) -> list[Hit]:
-        per_shard = self._pool.map(lambda shard: shard.search(query, k, ef_search, shop_id, exact), self.shards)
+    def search(self, query: np.ndarray | None, k: int = 10, ef_search: int = 128, shop_id: str | None = None,
+               exact: bool = False, filter: Filter | None = None, text: str | None = None, mode: str = "vector",
+               lexical_weight: float = 1.0, offset: int = 0) -> list[Hit]:
+        """Results offset..offset+k: every shard is asked for its top offset+k (IndexStore.search), so a
+        deep page is the same as that page of one big search. Hybrid lists are fused per shard and
+        merged by fused score."""
+        wanted = offset + k
+        per_shard = self._pool.map(lambda shard: shard.search(query, wanted, ef_search, shop_id, exact, filter, text,
+                                                              mode, lexical_weight), self.shards)
         hits = [hit for shard_hits in per_shard for hit in shard_hits]
-        return sorted(hits, key=lambda hit: -hit.score)[:k]
+        return sorted(hits, key=lambda hit: (-hit.score, hit.product_id))[offset:wanted]
+
+    def facets(self, names: list[str], shop_id: str | None = None, filter: Filter | None = None,
+               buckets: dict[str, list[float]] | None = None) -> dict[str, dict]:
+        """Exact counts summed over the shards (IndexStore.facets)."""
+        out: dict[str, dict] = {}
+        for part in self._pool.map(lambda shard: shard.facets(names, shop_id, filter, buckets), self.shards):
+            for name, counts in part.items():
+                merged = out.setdefault(name, {key: {} if key == "values" else [0] * len(value)
+                                               for key, value in counts.items()})
+                if "values" in counts:
+                    for value, count in counts["values"].items():
+                        merged["values"][value] = merged["values"].get(value, 0) + count
+                else:
+                    merged["buckets"] = [a + b for a, b in zip(merged["buckets"], counts["buckets"])]
+        return out
+
+    def product_vector(self, product_id: str) -> np.ndarray | None:
+        """The product's stored vector, from its shard when this service serves it."""
+        shard = shard_of(product_id, self.num_shards)
+        if shard not in self.shard_ids:
+            return None
+        return self.shards[self.shard_ids.index(shard)].product_vector(product_id)
+
+    def similar(self, vector: np.ndarray, k: int = 10, ef_search: int = 128, shop_id: str | None = None,
+                filter: Filter | None = None, exclude: str = "", duplicate_cosine: float = DUPLICATE_COSINE
+                ) -> list[Hit]:
+        """Products like `vector` (a product's own, see `product_vector`), without the product `exclude`
+        and with near-duplicates collapsed: a candidate whose cosine with the product or with a result
+        already kept is at least `duplicate_cosine` is skipped, so a page is not ten copies of one item."""
+        wanted = SIMILAR_POOL * k + 1
+
+        def shard_candidates(shard: IndexStore):
+            scored = shard.search_ids(vector, wanted, ef_search, shop_id, False, filter)
+            hits = shard.hits_by_doc(scored)
+            vectors = shard.vectors_of([doc for _, doc in scored])
+            return [(hits[doc], row) for (_, doc), row in zip(scored, vectors) if doc in hits]
+
+        candidates = [c for part in self._pool.map(shard_candidates, self.shards) for c in part]
+        candidates.sort(key=lambda c: (-c[0].score, c[0].product_id))
+        kept, kept_vectors = [], [np.asarray(vector, np.float32)]
+        for hit, candidate in candidates:
+            if hit.product_id == exclude:
+                continue
+            if max(float(v @ candidate) for v in kept_vectors) >= duplicate_cosine:
+                continue
+            kept.append(hit)
+            kept_vectors.append(candidate)
+            if len(kept) == k:
+                break
+        return kept
+
+    @property
+    def filterable(self):
+        return self.shards[0].settings.filterable
 
     def live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         parts = [shard.live_vectors() for shard in self.shards]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import itertools
+import json
 import logging
 import operator
 import os
@@ -32,8 +33,11 @@ from typing import Iterable, Protocol, Sequence
 import faiss
 import numpy as np
 
-from schemas import EmbeddingRecord
+from schemas import EmbeddingRecord, format_timestamp
 from search import store_sql
+from search.fields import Field, FieldIndex, parse_filterable, typed
+from search.filters import Filter
+from search.hybrid import BM25_WEIGHTS, FUSION_WINDOW, fts_query, fuse
 from search.merge_policy import MergePolicy, SegmentState
 from search.segment import Segment, SegmentCorrupted, SegmentInfo, SegmentParams, top_k
 
@@ -43,6 +47,7 @@ _log = logging.getLogger(__name__)
 
 MARKER = "committed"  # the commit marker's file name
 SHOP_CACHE_SIZE = 64  # shops' per-generation positions or bitmaps kept
+LEXICAL_IN_LIST = 20_000  # a keyword search's scope up to this many docs is passed to SQLite as a list
 UNIT_TOLERANCE = 1e-3  # float32 vectors from any model land within 1e-6 of length 1
 
 
@@ -63,6 +68,8 @@ class StoreSettings:
     build_threads: int = max(1, (os.cpu_count() or 2) - 1)
     # Filters that leave fewer docs than this in a segment are searched exactly.
     exact_below: int = 10_000
+    # The attributes a query may filter and facet on (search.fields): given when a store is created.
+    filterable: tuple[Field, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +80,9 @@ class Hit:
     version: int
     title: str
     image_url: str
+    attributes: dict = dataclasses.field(default_factory=dict)
+    embedded_at: str = ""
+    generation: int = 0  # the generation of the shard it was served from
 
 
 @dataclasses.dataclass
@@ -89,7 +99,7 @@ class CommitDelta:
 
     generation: int
     next_doc_id: int
-    products: tuple[tuple, ...]  # (product_id, version, doc_id, shop_id, title, image_url)
+    products: tuple[tuple, ...]  # store_sql.PRODUCT_COLUMNS + (description,)
     added: tuple[SegmentInfo, ...] = ()
     removed: tuple[str, ...] = ()
 
@@ -134,6 +144,7 @@ class _View:
     live: dict[str, np.ndarray]  # segment name → packed liveness bitmap over its positions (little bit order)
     live_count: dict[str, int]
     postings: dict[str, np.ndarray]  # shop → its live doc ids, sorted
+    fields: dict[str, FieldIndex]  # filterable attribute → its index (search.fields)
 
 
 class IndexStore:
@@ -161,6 +172,8 @@ class IndexStore:
         self._shop_cache: dict[tuple, list] = {}  # (generation, shop, maker) → per segment; oldest first
         if not read_only:
             self._db().executescript(store_sql.SCHEMA)  # its own transaction: executescript commits
+            with self._transaction() as db:
+                store_sql.migrate(db)
         with self._transaction() as db:
             meta = dict(db.execute("SELECT key, value FROM meta"))
             if not meta:
@@ -170,16 +183,22 @@ class IndexStore:
                         "hnsw_m": str(settings.segment.m),
                         "hnsw_ef_construction": str(settings.segment.ef_construction),
                         "segment_kind": settings.segment.kind, "ivf_nprobe": str(settings.segment.nprobe),
-                        "segment_sums": "crc32"}
+                        "segment_sums": "crc32", "filterable": json.dumps([str(f) for f in settings.filterable]),
+                        "lexical_fields": json.dumps([f.name for f in settings.filterable if f.type == "keyword"])}
                 db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
         self.model = meta["model"]
         self.dim = int(meta["dim"])
         if model is not None and model != self.model or dim is not None and dim != self.dim:
             raise IndexMismatch(f"{self.directory} indexes {self.model} ({self.dim}-d), not {model} ({dim}-d)")
+        filterable = parse_filterable(json.loads(meta.get("filterable", "[]")))
+        if settings.filterable and settings.filterable != filterable:
+            raise IndexMismatch(f"{self.directory} filters on {','.join(map(str, filterable)) or 'no attributes'}, "
+                                f"not {','.join(map(str, settings.filterable))}")
         # A store made before segment kinds is an hnsw one.
         self.settings = dataclasses.replace(settings, segment=dataclasses.replace(
             settings.segment, kind=meta.get("segment_kind", "hnsw"), m=int(meta["hnsw_m"]),
-            ef_construction=int(meta["hnsw_ef_construction"]), nprobe=int(meta.get("ivf_nprobe", 32))))
+            ef_construction=int(meta["hnsw_ef_construction"]), nprobe=int(meta.get("ivf_nprobe", 32))),
+            filterable=filterable)
         # Stores made before segments carried checksums keep opening; their new segments have them.
         self._require_sums = meta.get("segment_sums") == "crc32"
         self._broken: tuple[int, float, Exception] | None = None  # a generation that failed to load
@@ -257,12 +276,13 @@ class IndexStore:
             rows = db.execute("SELECT shop_id, doc_id FROM products WHERE doc_id IS NOT NULL ORDER BY shop_id, doc_id")
             postings = {shop: np.fromiter((doc for _, doc in group), np.int64)
                         for shop, group in itertools.groupby(rows, key=operator.itemgetter(0))}
+            fields = {field.name: _field_index(db, field, next_doc) for field in self.settings.filterable}
         segments = tuple(reuse.get(info.name) or Segment(self.directory, info, self._require_sums) for info in infos)
         docs = np.sort(np.concatenate(list(postings.values()))) if postings else np.zeros(0, np.int64)
         live, live_count = {}, {}
         for seg in segments:
             live[seg.info.name], live_count[seg.info.name] = _bitmap(seg, docs)
-        return _View(generation, next_doc, segments, live, live_count, postings)
+        return _View(generation, next_doc, segments, live, live_count, postings, fields)
 
     def refresh(self, retry_secs: float = 5.0) -> bool:
         """Picks up commits made by another process; True if there was one. When the new generation
@@ -347,14 +367,17 @@ class IndexStore:
                     if record.version <= version:
                         result.ignored += 1
                         continue
+                    embedded_at = format_timestamp(record.embedded_at)
                     if record.op == "upsert":
                         changed[record.product_id] = (record.version, next_doc, record.shop_id, record.title,
-                                                      record.image_url)
+                                                      record.image_url, _attributes_json(record), embedded_at,
+                                                      record.description)
                         vectors[record.product_id] = row
                         next_doc += 1
                         result.upserted += 1
                     else:
-                        changed[record.product_id] = (record.version, None, record.shop_id, record.title, "")
+                        changed[record.product_id] = (record.version, None, record.shop_id, record.title, "", "{}",
+                                                      embedded_at, "")
                         vectors.pop(record.product_id, None)
                         result.deleted += 1
                 info = segment = None
@@ -411,7 +434,13 @@ class IndexStore:
             else:
                 postings.pop(shop, None)
         segments = view.segments + ((segment,) if segment else ())
-        return _View(view.generation + 1, next_doc, segments, live, live_count, postings)
+        fields = {}
+        if view.fields:
+            new = {state[1]: json.loads(state[5]) for state in changed.values() if state[1] is not None}
+            for name, index in view.fields.items():
+                fields[name] = index.changed(dead, {doc: typed(index.field, attributes.get(name))
+                                                    for doc, attributes in new.items()}, next_doc)
+        return _View(view.generation + 1, next_doc, segments, live, live_count, postings, fields)
 
     def _committed(self, generation: int) -> None:
         self._checkpoint_wal()
@@ -500,34 +529,76 @@ class IndexStore:
             return True
 
     # Reads --------------------------------------------------------------------------------
-    def search(self, query: np.ndarray, k: int = 10, ef_search: int = 128, shop_id: str | None = None,
-               exact: bool = False) -> list[Hit]:
-        """Top-k live products by inner product; `k` and `ef_search` are independent (DESIGN §8)."""
-        scored = self.search_ids(query, k, ef_search, shop_id, exact)
-        return self.hits(scored)
+    def search(self, query: np.ndarray | None, k: int = 10, ef_search: int = 128, shop_id: str | None = None,
+               exact: bool = False, filter: Filter | None = None, text: str | None = None, mode: str = "vector",
+               lexical_weight: float = 1.0) -> list[Hit]:
+        """Top-k live products: by inner product with `query` (mode vector; `k` and `ef_search` are
+        independent, DESIGN §8), by BM25 on `text` (lexical), or both fused by rank (hybrid)."""
+        view = self._view
+        if mode == "vector":
+            scored = self.search_ids(query, k, ef_search, shop_id, exact, filter, view)
+        elif mode == "lexical":
+            scored = self.lexical_ids(text, k, shop_id, filter, view)
+        else:
+            window = max(k, FUSION_WINDOW)
+            scored = fuse([self.search_ids(query, window, ef_search, shop_id, exact, filter, view),
+                           self.lexical_ids(text, window, shop_id, filter, view)], (1.0, lexical_weight))[:k]
+        return self.hits(scored, view.generation)
+
+    def lexical_ids(self, text: str, k: int, shop_id: str | None = None, filter: Filter | None = None,
+                    view: "_View | None" = None) -> list[tuple[float, int]]:
+        """Top-k (BM25 score, doc id) for `text` among the scope's docs. A scope of a few thousand docs
+        is handed to SQLite; a larger one filters a deepening list of the best matches."""
+        match = fts_query(text or "")
+        if match is None:
+            return []
+        view = view or self._view
+        scope = self._scope(view, shop_id, filter)
+        rank = f"bm25(lexical, {', '.join(map(str, BM25_WEIGHTS))})"
+        sql = f"SELECT rowid, {rank} FROM lexical WHERE lexical MATCH ?"
+        with self._transaction(immediate=False) as db:
+            if scope is None or len(scope[1]) <= LEXICAL_IN_LIST:
+                inside = "" if scope is None else " AND rowid IN (SELECT value FROM json_each(?))"
+                args = (match,) if scope is None else (match, json.dumps(scope[1].tolist()))
+                rows = db.execute(f"{sql}{inside} ORDER BY {rank} LIMIT ?", (*args, k)).fetchall()
+            else:
+                limit = 4 * k
+                while True:
+                    rows = db.execute(f"{sql} ORDER BY {rank} LIMIT ?", (match, limit)).fetchall()
+                    docs = np.array([doc for doc, _ in rows], np.int64)
+                    inside = np.isin(docs, scope[1], assume_unique=True) if len(docs) else np.zeros(0, bool)
+                    if inside.sum() >= k or len(rows) < limit:
+                        rows = [row for row, keep in zip(rows, inside) if keep][:k]
+                        break
+                    limit *= 4
+        # The lexical table is at the newest commit, the view may be one behind: a doc of the newer
+        # commit is as live as the rest; one tombstoned since is dropped by `hits`.
+        return [(-float(score), int(doc)) for doc, score in rows]  # FTS5's bm25 is lower-is-better
 
     def search_ids(self, query: np.ndarray, k: int = 10, ef_search: int = 128, shop_id: str | None = None,
-                   exact: bool = False) -> list[tuple[float, int]]:
+                   exact: bool = False, filter: Filter | None = None, view: "_View | None" = None
+                   ) -> list[tuple[float, int]]:
+        """Top-k (score, doc id) among the live docs of `shop_id` that pass `filter` (each optional)."""
         if k < 1 or ef_search < 1:
             raise ValueError("k and ef_search must be at least 1")
         query = np.asarray(query, np.float32).reshape(-1)
         if query.shape[0] != self.dim:
             raise IndexMismatch(f"{query.shape[0]}-d query for a {self.dim}-d index")
-        view = self._view
-        if shop_id is None:
+        view = view or self._view
+        scope = self._scope(view, shop_id, filter)
+        if scope is None:
             hits = [self._search_segment(seg, query, k, ef_search, exact, view.live[seg.info.name],
                                          view.live_count[seg.info.name]) for seg in view.segments]
+        elif not len(scope[1]):
+            return []
+        elif exact or len(scope[1]) < self.settings.exact_below:
+            # A small scope is searched exactly over its own docs: cost in proportion to the scope.
+            hits = [seg.search_positions(query, k, positions)
+                    for seg, positions in zip(view.segments, self._per_scope(view, scope, _positions))]
         else:
-            postings = view.postings.get(shop_id)
-            if postings is None:
-                return []
-            if exact or len(postings) < self.settings.exact_below:
-                # A small shop is searched exactly over its own docs: cost in proportion to the shop.
-                hits = [seg.search_positions(query, k, positions)
-                        for seg, positions in zip(view.segments, self._per_shop(view, shop_id, _positions))]
-            else:
-                hits = [self._search_segment(seg, query, k, ef_search, False, bits, allowed)
-                        for seg, (bits, allowed) in zip(view.segments, self._per_shop(view, shop_id, _bitmap))]
+            # A large one by each segment's index, filtered by the scope's bitmap (kept per generation).
+            hits = [self._search_segment(seg, query, k, ef_search, False, bits, allowed)
+                    for seg, (bits, allowed) in zip(view.segments, self._per_scope(view, scope, _bitmap))]
         if not hits:
             return []
         scores, docs = np.concatenate([h[0] for h in hits]), np.concatenate([h[1] for h in hits])
@@ -544,32 +615,91 @@ class IndexStore:
             return seg.search_positions(query, k, np.flatnonzero(_unpack(bits, seg.info.count)))
         return seg.search_bitmap(query, k, ef_search, bits, allowed)
 
-    def _per_shop(self, view: _View, shop_id: str, make) -> list:
-        """A shop's live docs per segment as `make` puts them (positions for exact search, a bitmap for
+    def _scope(self, view: _View, shop_id: str | None, filter: Filter | None) -> tuple[tuple, np.ndarray] | None:
+        """(a cache key, the sorted live docs) a query may return; None when it may return any. A shop's
+        docs are its postings; a filter's are evaluated once per generation (search.filters)."""
+        if filter is None:
+            return None if shop_id is None else ((shop_id, None), view.postings.get(shop_id, _NONE))
+        key = (shop_id, filter.key)
+
+        def evaluate():
+            docs = filter.evaluate(view.fields, lambda shop: view.postings.get(shop, _NONE))
+            if shop_id is not None:
+                docs = np.intersect1d(docs, view.postings.get(shop_id, _NONE), assume_unique=True)
+            return docs
+        return key, self._cached(view, key, "docs", evaluate)
+
+    def _per_scope(self, view: _View, scope: tuple[tuple, np.ndarray], make) -> list:
+        """A scope's docs per segment as `make` puts them (positions for exact search, a bitmap for
         filtered search), made once per generation and kept: a query then reads them as they are."""
-        key = (view.generation, shop_id, make)
+        key, docs = scope
+        return self._cached(view, key, make, lambda: [make(seg, docs) for seg in view.segments])
+
+    def _cached(self, view: _View, key: tuple, kind, make):
+        key = (view.generation, key, kind)
         with self._cache_lock:
             cached = self._shop_cache.get(key)
         if cached is None:
-            cached = [make(seg, view.postings[shop_id]) for seg in view.segments]
+            cached = make()
             with self._cache_lock:
                 self._shop_cache[key] = cached
                 while len(self._shop_cache) > SHOP_CACHE_SIZE:
                     self._shop_cache.pop(next(iter(self._shop_cache)))
         return cached
 
-    def hits(self, scored: Iterable[tuple[float, int]]) -> list[Hit]:
+    def facets(self, names: Iterable[str], shop_id: str | None = None, filter: Filter | None = None,
+               buckets: dict[str, list[float]] | None = None) -> dict[str, dict]:
+        """Per field, exact counts over the live docs of the scope: {"values": {value: count}}, or for a
+        field given bucket edges {"buckets": [count per bucket]}. Costs in proportion to the scope."""
+        view = self._view
+        scope = self._scope(view, shop_id, filter)
+        docs = None if scope is None else scope[1]
+        out = {}
+        for name in names:
+            index = view.fields[name]
+            edges = (buckets or {}).get(name)
+            out[name] = {"buckets": index.histogram(docs, edges)} if edges else {"values": index.counts(docs)}
+        return out
+
+    def hits(self, scored: Iterable[tuple[float, int]], generation: int | None = None) -> list[Hit]:
+        """The products of (score, doc) pairs, in their order. A doc may have been tombstoned since the
+        search: it is dropped, never returned stale."""
         scored = list(scored)
+        found = self.hits_by_doc(scored, generation)
+        return [found[doc] for _, doc in scored if doc in found]
+
+    def hits_by_doc(self, scored: Sequence[tuple[float, int]], generation: int | None = None) -> dict[int, Hit]:
         if not scored:
-            return []
+            return {}
         with self._transaction(immediate=False) as db:
             marks = ",".join("?" * len(scored))
             rows = {row[0]: row[1:] for row in db.execute(
-                f"SELECT doc_id, product_id, shop_id, version, title, image_url FROM products WHERE doc_id IN ({marks})",
-                [doc for _, doc in scored])}
-        # A doc may have been tombstoned since the search: it is dropped, never returned stale.
-        return [Hit(row[0], row[1], score, row[2], row[3], row[4]) for score, doc in scored
-                if (row := rows.get(doc)) is not None]
+                f"SELECT doc_id, product_id, shop_id, version, title, image_url, attributes, embedded_at "
+                f"FROM products WHERE doc_id IN ({marks})", [doc for _, doc in scored])}
+        generation = self._view.generation if generation is None else generation
+        return {doc: Hit(row[0], row[1], score, row[2], row[3], row[4], json.loads(row[5]), row[6], generation)
+                for score, doc in scored if (row := rows.get(doc)) is not None}
+
+    def vectors_of(self, docs: Sequence[int], view: "_View | None" = None) -> np.ndarray:
+        """The stored vectors of `docs` (rows of zeros for docs the view does not hold)."""
+        view = view or self._view
+        docs = np.asarray(docs, np.int64)
+        out = np.zeros((len(docs), self.dim), np.float32)
+        for seg in view.segments:
+            found, positions = seg.locate(docs)
+            if len(positions):
+                out[found] = seg.vectors[positions]
+        return out
+
+    def product_vector(self, product_id: str) -> np.ndarray | None:
+        """A live product's stored vector, or None when this store holds no live doc of it."""
+        view = self._view
+        with self._transaction(immediate=False) as db:
+            row = db.execute("SELECT doc_id FROM products WHERE product_id = ?", (product_id,)).fetchone()
+        if row is None or row[0] is None or row[0] >= view.next_doc:
+            return None
+        vector = self.vectors_of([row[0]], view)[0]
+        return vector if vector.any() else None
 
     def live_products(self) -> dict[str, tuple[int, str]]:
         """product_id → (version, shop_id) of every product with a live vector."""
@@ -609,6 +739,26 @@ class IndexStore:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+
+
+_NONE = np.zeros(0, np.int64)
+
+
+def _attributes_json(record: EmbeddingRecord) -> str:
+    return json.dumps(dict(record.attributes), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def _field_index(db, field: Field, next_doc: int) -> FieldIndex:
+    """A field's index from the live products' attributes (SQLite's JSON functions pick the value)."""
+    path = '$."' + field.name + '"'
+    docs, values = [], []
+    for doc, kind, value in db.execute(
+            "SELECT doc_id, json_type(attributes, ?), json_extract(attributes, ?) FROM products "
+            "WHERE doc_id IS NOT NULL AND json_type(attributes, ?) IN ('true', 'false', 'integer', 'real', 'text')",
+            (path, path, path)):
+        docs.append(doc)
+        values.append(typed(field, kind == "true" if kind in ("true", "false") else value))
+    return FieldIndex.build(field, docs, values, next_doc)
 
 
 def _current_states(db, product_ids: set[str]) -> dict[str, tuple]:

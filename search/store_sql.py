@@ -2,14 +2,17 @@
 
 The store writes a commit with `write_commit`; a replica of an index on object storage replays the
 same rows from the commit object with the same function (search.mirror), so the two can't drift.
+The lexical index (SQLite FTS5, BM25) is written in the same transaction: keywords and vectors
+commit together, crash together and replicate together.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from typing import Iterable, Sequence
 
-__all__ = ["SCHEMA", "generation", "meta", "write_commit"]
+__all__ = ["PRODUCT_COLUMNS", "SCHEMA", "generation", "lexical_text", "meta", "migrate", "write_commit"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -19,19 +22,49 @@ CREATE TABLE IF NOT EXISTS products (
     doc_id INTEGER,
     shop_id TEXT NOT NULL,
     title TEXT NOT NULL,
-    image_url TEXT NOT NULL
+    image_url TEXT NOT NULL,
+    attributes TEXT NOT NULL DEFAULT '{}',
+    embedded_at TEXT NOT NULL DEFAULT ''
 );
 CREATE UNIQUE INDEX IF NOT EXISTS products_doc ON products(doc_id) WHERE doc_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS segments (name TEXT PRIMARY KEY, kind TEXT NOT NULL, count INTEGER NOT NULL);
+CREATE VIRTUAL TABLE IF NOT EXISTS lexical USING fts5(title, description, attributes,
+    tokenize = 'porter unicode61 remove_diacritics 2');
 """
+# A commit's product row: the table's columns, then the description (kept by the lexical index only).
+PRODUCT_COLUMNS = ("product_id", "version", "doc_id", "shop_id", "title", "image_url", "attributes", "embedded_at")
+_DEFAULTS = ("{}", "", "")  # attributes, embedded_at, description of rows from before they existed
 
-_UPSERT = ("INSERT INTO products VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(product_id) DO UPDATE SET "
+_UPSERT = ("INSERT INTO products VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(product_id) DO UPDATE SET "
            "version=excluded.version, doc_id=excluded.doc_id, shop_id=excluded.shop_id, "
-           "title=excluded.title, image_url=excluded.image_url")
+           "title=excluded.title, image_url=excluded.image_url, attributes=excluded.attributes, "
+           "embedded_at=excluded.embedded_at")
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Brings a store made before attributes and the lexical index to this schema (once, at open)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(products)")}
+    added = [(name, default) for name, default in (("attributes", "{}"), ("embedded_at", "")) if name not in columns]
+    for name, default in added:
+        db.execute(f"ALTER TABLE products ADD COLUMN {name} TEXT NOT NULL DEFAULT '{default}'")
+    if added:  # the lexical index of the products it already holds: their titles
+        db.execute("INSERT INTO lexical(rowid, title, description, attributes) "
+                   "SELECT doc_id, title, '', '' FROM products WHERE doc_id IS NOT NULL")
+
+
+def lexical_text(attributes: str, text_fields: Sequence[str]) -> str:
+    """The words of a product's declared keyword attributes, for the lexical index."""
+    values = json.loads(attributes) if attributes else {}
+    return " ".join(v for name in text_fields if isinstance(v := values.get(name), str))
 
 
 def meta(db: sqlite3.Connection, key: str) -> str:
     return db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+
+
+def _meta_or(db: sqlite3.Connection, key: str, default: str) -> str:
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else default
 
 
 def generation(db: sqlite3.Connection) -> int:
@@ -40,9 +73,19 @@ def generation(db: sqlite3.Connection) -> int:
 
 def write_commit(db: sqlite3.Connection, *, generation: int, products: Iterable[Sequence] = (),
                  added: Iterable[Sequence] = (), removed: Iterable[str] = (), next_doc_id: int | None = None) -> None:
-    """One commit's rows, inside the caller's transaction: products as (product_id, version, doc_id,
-    shop_id, title, image_url), segments added as (name, kind, count) and removed by name."""
-    db.executemany(_UPSERT, [tuple(row) for row in products])
+    """One commit's rows, inside the caller's transaction: products as PRODUCT_COLUMNS + (description,)
+    (rows of commits from before attributes have fewer: the rest default), segments added as
+    (name, kind, count) and removed by name. A product's old doc leaves the lexical index, its new one
+    joins it."""
+    rows = [tuple(row) + _DEFAULTS[len(row) - 6:] for row in products]
+    if rows:
+        ids = [(row[0],) for row in rows]
+        db.executemany("DELETE FROM lexical WHERE rowid = (SELECT doc_id FROM products WHERE product_id = ?)", ids)
+        db.executemany(_UPSERT, [row[:8] for row in rows])
+        text_fields = json.loads(_meta_or(db, "lexical_fields", "[]"))
+        db.executemany("INSERT INTO lexical(rowid, title, description, attributes) VALUES (?, ?, ?, ?)",
+                       [(row[2], row[4], row[8], lexical_text(row[6], text_fields)) for row in rows
+                        if row[2] is not None])
     db.executemany("DELETE FROM segments WHERE name = ?", [(name,) for name in removed])
     db.executemany("INSERT INTO segments VALUES (?, ?, ?)", [tuple(info) for info in added])
     if next_doc_id is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import apache_beam as beam
 import pytest
@@ -20,7 +21,8 @@ WHEN = dt.datetime(2026, 11, 21, 12, tzinfo=dt.timezone.utc)
 
 def record(n: int) -> EmbeddingRecord:
     return EmbeddingRecord(f"p{n}", "s", "upsert", n, f"e{n}", (0.6, 0.8), (1.0,), (), 1, f"t{n}",
-                           "http://x/a.jpg", "m", WHEN, WHEN)
+                           "http://x/a.jpg", "m", WHEN, WHEN, description=f"d{n}",
+                           attributes={"brand": f"b{n}", "price": n * 1.5, "tags": ["x", "ü"]})
 
 
 class RejectingClient(EmulatorBigQueryClient):
@@ -67,6 +69,11 @@ def test_records_are_written_and_rejected_rows_become_sink_dead_letters(dataset,
                    | WriteToBigQueryTable(table, EmbeddingRecord, "STREAMING_INSERTS", "embedded_at", client=fake))
         assert_that(letters | beam.Map(lambda d: (d.stage, d.event_id, d.product_id, "no such field" in d.error)),
                     equal_to([("sink", "e1", "p1", True), ("sink", "e3", "p3", True)]))
-    rows = list(client.query(f"SELECT event_id, embedding FROM `test-project.{name}.records`").result())
-    assert sorted(r["event_id"] for r in rows) == ["e2", "e4"]
+    rows = list(client.query(f"SELECT event_id, embedding, description, JSON_VALUE(attributes, '$.brand') AS brand, "
+                             f"attributes FROM `test-project.{name}.records` ORDER BY event_id").result())
+    assert [r["event_id"] for r in rows] == ["e2", "e4"]
     assert list(rows[0]["embedding"]) == [0.6, 0.8]
+    assert [(r["description"], r["brand"]) for r in rows] == [("d2", "b2"), ("d4", "b4")]
+    attributes = rows[1]["attributes"]  # the JSON column, read back whole
+    assert (json.loads(attributes) if isinstance(attributes, str) else attributes) == \
+        {"brand": "b4", "price": 6.0, "tags": ["x", "ü"]}

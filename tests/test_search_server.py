@@ -30,7 +30,9 @@ def test_text_queries_return_products_with_every_field(server):
     assert response.status_code == 200
     data = response.json()
     assert len(data["results"]) == 5 and data["took_ms"] > 0
-    assert set(data["results"][0]) == {"product_id", "shop_id", "score", "version", "title", "image_url"}
+    assert set(data["results"][0]) == {"product_id", "shop_id", "score", "version", "title", "image_url",
+                                       "attributes", "embedded_at", "generation"}
+    assert data["mode"] == "hybrid" and data["facets"] == {}
     scores = [hit["score"] for hit in data["results"]]
     assert scores == sorted(scores, reverse=True)
 

@@ -76,7 +76,12 @@ def emulator_client(table: str) -> EmulatorBigQueryClient | None:
 
 
 def _row(item) -> dict[str, Any]:
-    return item.to_dict()
+    """A contract as a BigQuery row; a JSON column's value goes as JSON text, as insertAll wants it."""
+    row = item.to_dict()
+    for name, value in row.items():
+        if isinstance(value, dict):
+            row[name] = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return row
 
 
 def _rejected(contract: type, failure) -> DeadLetter:

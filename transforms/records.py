@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from model_handlers.backend import ProductVectors
-from schemas import EmbeddingRecord, ProductEvent, utc_now, vector
+from schemas import MAX_MODEL_TEXT_CHARS, EmbeddingRecord, ProductEvent, utc_now, vector
 
 __all__ = ["delete_record", "embedding_record"]
 
@@ -30,6 +30,8 @@ def embedding_record(event: ProductEvent, vectors: ProductVectors, model_id: str
         event_time=event.event_time or utc_now(),
         embedded_at=utc_now(),
         text_chars=len(event.text) if vectors.text_embedding.size else 0,
+        description=event.description[:MAX_MODEL_TEXT_CHARS],
+        attributes=dict(event.attributes),
     )
 
 

@@ -1,0 +1,38 @@
+"""Keywords with vectors: the lexical query the store's FTS5 index runs, and reciprocal rank fusion.
+
+A shopper's words are matched as any of their terms (OR), ranked by BM25 with the title weighing
+most; each term is quoted, so no FTS5 syntax (NEAR, column filters, `*`) can come from a query. The
+vector list and the lexical list are fused by reciprocal rank fusion (Cormack et al., 2009): a
+doc's score is the sum over lists of weight / (RRF_K + its rank), ranks from 1, so the two lists'
+incomparable scores (cosine, BM25) never meet.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+__all__ = ["BM25_WEIGHTS", "FUSION_WINDOW", "MODES", "RRF_K", "fts_query", "fuse"]
+
+MODES = ("vector", "lexical", "hybrid")
+RRF_K = 60
+FUSION_WINDOW = 100  # each list contributes at least its top 100 to the fusion
+BM25_WEIGHTS = (3.0, 1.0, 2.0)  # title, description, declared keyword attributes
+MAX_TERMS = 32
+_TERM = re.compile(r"\w+", re.UNICODE)
+
+
+def fts_query(text: str) -> str | None:
+    """The FTS5 MATCH expression for a shopper's text: its words, each quoted, OR-ed; None if it has none."""
+    terms = list(dict.fromkeys(term.lower() for term in _TERM.findall(text)))[:MAX_TERMS]
+    return " OR ".join(f'"{term}"' for term in terms) if terms else None
+
+
+def fuse(lists: Sequence[Sequence[tuple[float, int]]], weights: Sequence[float], k: int = RRF_K
+         ) -> list[tuple[float, int]]:
+    """(score, doc) lists, each best first → one list by reciprocal rank fusion, best first."""
+    scores: dict[int, float] = {}
+    for ranked, weight in zip(lists, weights):
+        for rank, (_, doc) in enumerate(ranked, start=1):
+            scores[doc] = scores.get(doc, 0.0) + weight / (k + rank)
+    return sorted(((score, doc) for doc, score in scores.items()), key=lambda item: (-item[0], item[1]))
