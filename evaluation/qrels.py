@@ -22,6 +22,8 @@ from urllib3.util import Retry
 
 from evaluation.metrics import ESCI_GAINS, esci_qrels, evaluate
 
+MODES = ("vector", "lexical", "hybrid")
+
 __all__ = ["Judgements", "evaluate_judgements", "http_searcher", "read_judgements", "score_search"]
 
 Judgements = dict[str, dict[str, str]]  # query → product_id → ESCI label
@@ -56,8 +58,10 @@ def read_judgements(path: str | Path, labels: Sequence[str] = tuple(ESCI_GAINS))
     return judgements
 
 
-def http_searcher(url: str, ef_search: int | None = None, timeout: float = 30.0) -> Callable[[str, int], list[str]]:
-    """Text query → ranked product ids from a running search service (retries on 5xx and resets)."""
+def http_searcher(url: str, ef_search: int | None = None, timeout: float = 30.0, mode: str | None = None
+                  ) -> Callable[[str, int], list[str]]:
+    """Text query → ranked product ids from a running search service (retries on 5xx and resets),
+    ranked by `mode` (vector, lexical, hybrid; none: the service's default)."""
     session = requests.Session()
     session.mount("http://", HTTPAdapter(max_retries=Retry(total=3, backoff_factor=0.2,
                                                            status_forcelist=(502, 503, 504),
@@ -65,7 +69,8 @@ def http_searcher(url: str, ef_search: int | None = None, timeout: float = 30.0)
     endpoint = f"{url.rstrip('/')}/v1/search"
 
     def search(query: str, k: int) -> list[str]:
-        body = {"text": query, "k": k, **({"ef_search": ef_search} if ef_search else {})}
+        body = {"text": query, "k": k, **({"ef_search": ef_search} if ef_search else {}),
+                **({"mode": mode} if mode else {})}
         response = session.post(endpoint, json=body, timeout=timeout)
         if response.status_code != 200:
             raise RuntimeError(f"search for {query!r} failed: {response.status_code} {response.text[:300]}")
@@ -101,14 +106,23 @@ def evaluate_judgements(args) -> dict:
             except (ValueError, FileNotFoundError) as e:
                 raise SystemExit(f"--index_dir: {e}") from e
             url = stack.enter_context(BackgroundServer(create_app(index, embedder))).url
-        scored = score_search(judgements, http_searcher(url, args.ef_search), k=args.k)
-    metrics = {name: round(value, 4) for name, value in scored["metrics"].items()}
+        modes = MODES if args.mode == "all" else (args.mode,)
+        scored = {mode: score_search(judgements, http_searcher(url, args.ef_search, mode=mode), k=args.k)
+                  for mode in modes}
+    metrics = {mode: {name: round(value, 4) for name, value in result["metrics"].items()}
+               for mode, result in scored.items()}
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / "search_quality.json"
     existing = json.loads(path.read_text()) if path.exists() else {}
-    existing[str(target)] = {"qrels": str(args.qrels), "queries": scored["queries"], "k": args.k, **metrics}
+    queries = len(judgements)
+    for mode, values in metrics.items():
+        existing[f"{target} ({mode})"] = {"qrels": str(args.qrels), "queries": queries, "k": args.k, "mode": mode,
+                                          **values}
     path.write_text(json.dumps(existing, indent=2) + "\n")
-    print("| metric | value |\n|---|---|\n" + "\n".join(f"| {name} | {value:.4f} |" for name, value in metrics.items()))
-    print(f"({scored['queries']} judged queries against {target})")
-    return {"metrics": metrics, "run": scored["run"]}
+    names = list(next(iter(metrics.values())))
+    print("| mode | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for mode, values in metrics.items():
+        print(f"| {mode} | " + " | ".join(f"{values[name]:.4f}" for name in names) + " |")
+    print(f"({queries} judged queries against {target})")
+    return {"metrics": metrics, "run": {mode: result["run"] for mode, result in scored.items()}}

@@ -1,7 +1,7 @@
 """Retrieval quality of the product embeddings: labelled product photos, and labelled search queries.
 
     python -m evaluation.run --dataset fashion-mnist [--model SPEC] [--precision bf16] [--limit 2000] [--projection PATH]
-    python -m evaluation.run --qrels FILE (--index_dir DIR | --search_url URL) [--projection PATH] [--k 10]
+    python -m evaluation.run --qrels FILE (--index_dir DIR | --search_url URL) [--mode all] [--projection PATH] [--k 10]
     make eval
 
 The command line of the three evaluations: photo retrieval with top-tuning
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     judged.add_argument("--search_url", help="score a running search service, e.g. http://127.0.0.1:8080")
     judged.add_argument("--k", type=int, default=10, help="cut-off of the @k metrics")
     judged.add_argument("--ef_search", type=int, help="HNSW breadth per query (none: the service's)")
+    judged.add_argument("--mode", default="all", choices=("vector", "lexical", "hybrid", "all"),
+                        help="how the service ranks: by embedding, by keywords (BM25), both fused, or each of "
+                             "the three, one row each")
     return parser
 
 

@@ -1,8 +1,8 @@
 """A sample catalogue of real product photos: Fashion-MNIST (Zalando) from Debian's package.
 
 `build_catalogue` writes the images as PNG and JPEG files (upscaled from 28 px, so the
-decoder does real resizing work) and returns product events whose titles and descriptions
-come from each photo's class and made-up attributes. `broken_events` adds one event per
+decoder does real resizing work) and returns product events whose titles, descriptions and
+attributes (brand, category, material, price, stock) say what each photo shows. `broken_events` adds one event per
 kind of bad input the pipeline must dead-letter.
 """
 
@@ -18,11 +18,32 @@ from PIL import Image
 
 from evaluation.fashion_mnist import CLASSES, load_fashion_mnist
 
-__all__ = ["Product", "build_catalogue", "broken_events"]
+__all__ = ["BRANDS", "MATERIALS", "PRICES", "STYLES", "Product", "build_catalogue", "broken_events"]
 
-_COLOURS = ("black", "white", "navy", "grey", "red", "olive", "beige", "burgundy")
-_MATERIALS = ("cotton", "wool", "leather", "linen", "denim", "recycled polyester", "suede")
-_BRANDS = ("Nordlicht", "Castello", "Umami", "Kestrel", "Lumen", "Fjord & Co")
+# What each Fashion-MNIST class's photos show, as shop listings would name it (the photos are greyscale:
+# no colour words, which most of them would contradict), with materials and prices such items have.
+STYLES = {
+    "T-shirt/top": ("crew-neck tee", "short-sleeve top", "basic t-shirt"),
+    "Trouser": ("straight-leg trousers", "slim trousers", "wide-leg trousers"),
+    "Pullover": ("knit pullover", "crew-neck jumper", "long-sleeve sweater"),
+    "Dress": ("shift dress", "midi dress", "summer dress"),
+    "Coat": ("long coat", "zip jacket", "parka"),
+    "Sandal": ("strappy sandal", "flat sandal", "slide sandal"),
+    "Shirt": ("button-up shirt", "long-sleeve shirt", "oxford shirt"),
+    "Sneaker": ("low-top sneaker", "running shoe", "canvas sneaker"),
+    "Bag": ("tote bag", "shoulder bag", "handbag"),
+    "Ankle boot": ("ankle boot", "chelsea boot", "lace-up boot"),
+}
+MATERIALS = {
+    "T-shirt/top": ("cotton", "linen"), "Trouser": ("denim", "cotton", "wool"), "Pullover": ("wool", "cotton"),
+    "Dress": ("cotton", "linen", "viscose"), "Coat": ("wool", "recycled polyester"), "Sandal": ("leather", "suede"),
+    "Shirt": ("cotton", "linen"), "Sneaker": ("canvas", "leather", "suede"), "Bag": ("leather", "canvas"),
+    "Ankle boot": ("leather", "suede"),
+}
+PRICES = {"T-shirt/top": (12, 35), "Trouser": (35, 90), "Pullover": (40, 110), "Dress": (35, 120),
+          "Coat": (90, 260), "Sandal": (25, 80), "Shirt": (30, 80), "Sneaker": (50, 140), "Bag": (40, 220),
+          "Ankle boot": (80, 210)}
+BRANDS = ("Nordlicht", "Castello", "Umami", "Kestrel", "Lumen", "Fjord & Co")
 
 
 @dataclass(frozen=True)
@@ -40,7 +61,9 @@ def _photo(pixels: np.ndarray, size: int) -> Image.Image:
 
 def build_catalogue(directory: Path, base_url: str, count: int, *, split: str = "t10k", seed: int = 0,
                     image_size: int = 280, shops: int = 3) -> list[Product]:
-    """Writes `count` product photos under `directory` and returns their upsert events."""
+    """Writes `count` product photos under `directory` and returns their upsert events: titles say
+    what the photo shows (brand and style), attributes are brand, category (the photo's class),
+    material, price and stock."""
     images, labels = load_fashion_mnist(split)
     rng = random.Random(seed)
     picks = rng.sample(range(len(images)), count)
@@ -48,20 +71,22 @@ def build_catalogue(directory: Path, base_url: str, count: int, *, split: str = 
     products = []
     for n, index in enumerate(picks):
         label = int(labels[index])
+        category = CLASSES[label]
         name = f"{n:06d}.{'jpg' if n % 2 else 'png'}"
         _photo(images[index], image_size).save(directory / name, quality=90)
-        colour, material, brand = rng.choice(_COLOURS), rng.choice(_MATERIALS), rng.choice(_BRANDS)
-        kind = CLASSES[label].lower()
+        style, material, brand = rng.choice(STYLES[category]), rng.choice(MATERIALS[category]), rng.choice(BRANDS)
+        low, high = PRICES[category]
         event = {
             "event_id": f"evt-{seed}-{n}",
             "product_id": f"prod-{n:06d}",
             "op": "upsert",
             "version": 1_700_000_000_000 + n,
             "shop_id": f"shop-{n % shops}",
-            "title": f"{brand} {colour} {kind}",
-            "description": f"A {colour} {kind} in {material} by {brand}.",
+            "title": f"{brand} {style}",
+            "description": f"A {material} {style} ({category.lower()}) by {brand}.",
             "image_urls": [f"{base_url.rstrip('/')}/{name}"],
-            "attributes": {"brand": brand, "colour": colour, "material": material, "category": CLASSES[label]},
+            "attributes": {"brand": brand, "category": category, "material": material,
+                           "price": round(rng.uniform(low, high), 2), "in_stock": rng.random() < 0.8},
         }
         products.append(Product(event, label, directory / name))
     return products

@@ -166,7 +166,16 @@ def _transport_floor(ps: PubSubEmulator, publisher, samples: int = 50) -> list[f
     return [received - _millis(m.publish_time) for m, received in zip(collector.messages, collector.received_ms)]
 
 
-DEMO_QUERIES = ("black ankle boot", "white sneaker", "leather bag", "summer dress")
+DEMO_QUERIES = ("leather ankle boot", "canvas sneaker", "tote bag", "summer dress")
+# What the demo index lets a storefront filter and facet on (the catalogue's attributes).
+DEMO_FILTERABLE = "brand,category,material,price:float,in_stock:bool"
+
+
+def _demo_settings():
+    from search.fields import parse_filterable
+    from search.store import StoreSettings
+
+    return StoreSettings(filterable=parse_filterable(DEMO_FILTERABLE))
 
 
 def _index_job(ps: PubSubEmulator, index_dir: Path, model: str) -> StreamingJob:
@@ -177,7 +186,7 @@ def _index_job(ps: PubSubEmulator, index_dir: Path, model: str) -> StreamingJob:
     subscription = ps.create_subscription("product-embeddings", "index-pipeline")
     config = index.IndexJobConfig.from_options(PipelineOptions([
         "--streaming", "--input_subscription", subscription, "--index_dir", str(index_dir), "--model", model,
-        "--num_shards", "2", "--dead_letter_topic", ps.topic("index-dlq")]))
+        "--num_shards", "2", "--dead_letter_topic", ps.topic("index-dlq"), "--filterable", DEMO_FILTERABLE]))
     pipeline = beam.Pipeline(options=PipelineOptions(["--streaming", "--runner", "BundleBasedDirectRunner"]))
     index.build_pipeline(pipeline, config)
     return StreamingJob(pipeline, wake_topic=ps.topic("product-embeddings"))
@@ -186,7 +195,7 @@ def _index_job(ps: PubSubEmulator, index_dir: Path, model: str) -> StreamingJob:
 def _wait_indexed(index_dir: Path, model: str, dim: int, count: int, timeout_s: float) -> int:
     from search.sharded import ShardedIndex
 
-    ShardedIndex.ensure_layout(index_dir, 2, model, dim)
+    ShardedIndex.ensure_layout(index_dir, 2, model, dim, _demo_settings())
     reader = ShardedIndex.open(index_dir)
     deadline = time.monotonic() + timeout_s
     while True:
@@ -258,7 +267,7 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
             from model_handlers.backends import embedding_dim
             from search.sharded import ShardedIndex
 
-            ShardedIndex.ensure_layout(out / "index", 2, model, embedding_dim(model))
+            ShardedIndex.ensure_layout(out / "index", 2, model, embedding_dim(model), _demo_settings())
             replicas = stack.enter_context(SearchStack(out / "index", 2, out / "logs"))
             say(f"search:     a replica per shard and search.router at {replicas.url}")
             probe = _SearchableProbe(records, replicas.url)

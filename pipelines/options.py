@@ -20,6 +20,7 @@ import storage
 from model_handlers.backends import check_model, embedding_dim
 from model_handlers.config import DEFAULT_MODEL, DEVICES, PRECISIONS, ModelConfig
 from pipelines.preflight import PreflightError, check_pubsub
+from search.fields import parse_filterable
 from search.segment import SEGMENT_KINDS, SegmentParams
 from search.store import StoreSettings
 from media.decode import DEFAULT_MAX_PIXELS
@@ -151,6 +152,10 @@ class IndexOptions(PipelineOptions):
                             help="HNSW build breadth (efConstruction) of new segments.")
         parser.add_argument("--ivf_nprobe", type=int, default=32,
                             help="ivf_pq only: inverted lists probed per search, fixed when the index is made.")
+        parser.add_argument("--filterable", default="",
+                            help="Attributes queries may filter and facet on, fixed when the index is made: "
+                                 "name[:type],... with type keyword (the default; also matched as keywords), "
+                                 "float, int or bool, e.g. brand,category,price:float,in_stock:bool.")
 
 
 LOCAL_RUNNERS = ("DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner", "FnApiRunner", "PrismRunner")
@@ -328,6 +333,10 @@ class IndexJobConfig:
             problems.append("--hnsw_m must be 2..256 and --hnsw_ef_construction >= 1")
         if o.ivf_nprobe < 1:
             problems.append("--ivf_nprobe must be >= 1")
+        try:
+            filterable = parse_filterable(o.filterable)
+        except ValueError as e:
+            problems.append(f"--filterable: {e}")
         remote_runner = (options.view_as(StandardOptions).runner or "DirectRunner") not in LOCAL_RUNNERS
         if remote_runner and o.index_dir and not storage.is_remote(o.index_dir):
             problems.append(f"--index_dir {o.index_dir} is a path on each worker's own disk: on a remote runner "
@@ -361,12 +370,17 @@ class IndexJobConfig:
             if o.segment_kind and o.segment_kind != kind:
                 raise SystemExit(f"invalid options: --segment_kind {o.segment_kind}, but {o.index_dir} is an index "
                                  f"of {kind} segments (a kind is fixed when the index is made: build a new one)")
-            model, dim = layout["model"], layout["dim"]
+            declared = parse_filterable(layout.get("filterable", []))
+            if o.filterable and filterable != declared:
+                raise SystemExit(f"invalid options: --filterable {o.filterable}, but {o.index_dir} filters on "
+                                 f"{','.join(map(str, declared)) or 'no attributes'} (fixed when the index is made)")
+            model, dim, filterable = layout["model"], layout["dim"], declared
         else:
             kind = o.segment_kind or "hnsw"
         num_shards = o.num_shards or (layout or {}).get("num_shards", 1)
         config = cls(index_dir=o.index_dir, num_shards=num_shards,
-                     settings=StoreSettings(segment=SegmentParams(kind, o.hnsw_m, o.hnsw_ef_construction, o.ivf_nprobe)), model=model, dim=dim,
+                     settings=StoreSettings(segment=SegmentParams(kind, o.hnsw_m, o.hnsw_ef_construction, o.ivf_nprobe),
+                                            filterable=filterable), model=model, dim=dim,
                      streaming=streaming, input_dir=o.input_dir, input_subscription=shared.input_subscription,
                      dead_letter_dir=o.dead_letter_dir, dead_letter_topic=shared.dead_letter_topic,
                      commit_batch_size=o.commit_batch_size, cache_dir=o.cache_dir,

@@ -137,12 +137,14 @@ def create_app(backends: Backends) -> FastAPI:
         backends.refresh_in_background()
         if backends.misconfigured:
             return _error(503, f"the router's backends cannot be merged: {backends.misconfigured}")
-        body = await request.body()
+        body, (k, offset) = _deepened(await request.body())
         answers = await asyncio.gather(*(backends.post(url, body) for url in backends.urls))
-        hits, missing, errors = [], set(backends.missing()), {}
+        hits, missing, errors, facets, mode = [], set(backends.missing()), {}, [], None
         for url, (status, answer, error) in zip(backends.urls, answers):
             if status == 200:
                 hits += answer["results"]
+                facets.append(answer.get("facets", {}))
+                mode = mode or answer.get("mode")
                 missing.update(answer.get("missing_shards", ()))
             elif status in (400, 413):  # the request itself is bad: every backend would say so
                 return JSONResponse(answer, status_code=status)
@@ -151,15 +153,15 @@ def create_app(backends: Backends) -> FastAPI:
                 missing.update(backends.shards_of(url))
         if len(errors) == len(backends.urls):
             return JSONResponse({"error": f"no backend answered: {errors}"}, status_code=503)
-        k = _k_of(body)
-        hits.sort(key=lambda hit: -hit["score"])
+        hits.sort(key=lambda hit: (-hit["score"], hit["product_id"]))
         unique = {}
         for hit in hits:  # a shard that moved between backends mid-query must not count twice
             unique.setdefault(hit["product_id"], hit)
         hits = list(unique.values())
         took = round((time.perf_counter() - started) * 1000, 3)
-        return {"results": hits[:k], "took_ms": took, "partial": bool(missing or errors),
-                "missing_shards": sorted(missing), **({"errors": errors} if errors else {})}
+        return {"results": hits[offset:offset + k], "facets": _summed(facets), "mode": mode, "took_ms": took,
+                "partial": bool(missing or errors), "missing_shards": sorted(missing),
+                **({"errors": errors} if errors else {})}
 
     @app.get("/healthz")
     async def healthz():
@@ -178,7 +180,8 @@ def create_app(backends: Backends) -> FastAPI:
         return JSONResponse({"status": status if up else "down", "model": first.get("model"), "dim": first.get("dim"),
                              "num_shards": backends.num_shards, "missing_shards": sorted(set(missing)),
                              "live_docs": sum(h.get("live_docs", 0) for h in up),
-                             "queries": first.get("queries", []), "backends": each},
+                             "queries": first.get("queries", []), "filterable": first.get("filterable", []),
+                             "backends": each},
                             status_code=200 if up else 503)
 
     @app.get("/livez")
@@ -192,12 +195,35 @@ def create_app(backends: Backends) -> FastAPI:
     return app
 
 
-def _k_of(body: bytes) -> int:
+def _deepened(body: bytes) -> tuple[bytes, tuple[int, int]]:
+    """The request as each backend gets it, and the page (k, offset) the router cuts from the merge:
+    a backend is asked for its top offset + k from offset 0, so a deep page is exact across backends.
+    A body that is not a valid request goes as it came (the backends answer it 400)."""
     try:
-        k = json.loads(body).get("k", 10)
+        data = json.loads(body)
+        k, offset = data.get("k", 10), data.get("offset", 0)
     except (ValueError, AttributeError):
-        return 10
-    return k if isinstance(k, int) and k > 0 else 10
+        return body, (10, 0)
+    if not (isinstance(k, int) and isinstance(offset, int) and k > 0 and offset > 0):
+        return body, (k if isinstance(k, int) and k > 0 else 10, 0)
+    return json.dumps({**data, "k": offset + k, "offset": 0}).encode(), (k, offset)
+
+
+def _summed(facets: list[dict]) -> dict:
+    """The backends' facet counts added up, value by value (bucket by bucket), most frequent first."""
+    totals: dict[str, dict] = {}
+    for part in facets:
+        for name, counts in part.items():
+            merged = totals.setdefault(name, {})
+            for item in counts:
+                key = json.dumps(item["value"])
+                merged[key] = merged.get(key, 0) + item["count"]
+    out = {}
+    for name, merged in totals.items():
+        items = [{"value": json.loads(key), "count": count} for key, count in merged.items()]
+        buckets = all(isinstance(item["value"], list) for item in items)
+        out[name] = sorted(items, key=(lambda i: i["value"][0]) if buckets else (lambda i: (-i["count"], str(i["value"]))))
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -138,6 +138,7 @@ class Health(BaseModel):
     num_shards: int
     shards: list[int] = Field(description="the index's shards this service serves")
     queries: list[str] = Field(description="the query kinds this service answers")
+    filterable: list[str] = Field([], description="the index's filterable fields (name or name:type)")
     errors: dict[str, str] = Field({}, description="shard → why its newest generation is not served")
 
 
@@ -336,7 +337,8 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
         errors = {str(shard): error for shard, error in sorted(index.reload_errors.items())}
         return {"status": "degraded" if errors else "ok", "model": index.model, "dim": index.dim,
                 "live_docs": stats["live_docs"], "generation": stats["generation"], "num_shards": index.num_shards,
-                "shards": index.shard_ids, "queries": list(embedder.kinds), "errors": errors}
+                "shards": index.shard_ids, "queries": list(embedder.kinds), "errors": errors,
+                "filterable": [str(field) for field in index.filterable]}
 
     @app.get("/livez")
     def livez():

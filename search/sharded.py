@@ -91,7 +91,8 @@ class ShardedIndex:
         """Writes `index.json` if there is none (exactly one of racing writers creates it); refuses a
         layout that disagrees (the segment kind included); makes every shard (new ones with
         `settings`), so readers can open them all from the start."""
-        wanted = {"num_shards": num_shards, "model": model, "dim": dim, "segment_kind": settings.segment.kind}
+        wanted = {"num_shards": num_shards, "model": model, "dim": dim, "segment_kind": settings.segment.kind,
+                  "filterable": [str(field) for field in settings.filterable]}
         if not storage.is_remote(index_dir):
             Path(index_dir).mkdir(parents=True, exist_ok=True)
         try:
@@ -99,7 +100,7 @@ class ShardedIndex:
         except storage.AlreadyExists:
             pass
         current = cls.layout(index_dir)
-        if {"segment_kind": "hnsw", **current} != wanted:  # an index.json from before kinds: hnsw
+        if {"segment_kind": "hnsw", "filterable": [], **current} != wanted:  # index.json from before: defaults
             raise IndexMismatch(f"{index_dir} holds {current}, not {wanted}")
         for n in range(num_shards):
             if storage.is_remote(index_dir):

@@ -16,8 +16,10 @@ from media.download import FetchConfig
 from model_handlers.backends import load_backend
 from model_handlers.config import ModelConfig
 from schemas import ProductEvent
+from search.fields import parse_filterable
 from search.query import QueryEmbedder
 from search.sharded import ShardedIndex, shard_of
+from search.store import StoreSettings
 from transforms.records import embedding_record
 
 TINY_CLIP = "open_clip:tiny-clip-test"
@@ -108,14 +110,16 @@ def query_embedder():
 def colour_index(tmp_path, image_server, query_embedder):
     """A small index of products embedded by the real backend, images on the image server."""
     index_dir = tmp_path / "index"
-    ShardedIndex.ensure_layout(index_dir, 2, TINY_CLIP, DIM)
+    ShardedIndex.ensure_layout(index_dir, 2, TINY_CLIP, DIM,
+                               StoreSettings(filterable=parse_filterable("colour,price:float,in_stock:bool")))
     writer = ShardedIndex.open(index_dir, read_only=False)
     records = []
     for n in range(24):
         colour = list(COLOURS)[n % 3]
         image_server.routes[f"/{n}.jpg"] = Route(body=solid_jpeg(COLOURS[colour]), headers={"Content-Type": "image/jpeg"})
         event = ProductEvent(f"e{n}", f"p{n}", "upsert", 1, shop_id=f"shop-{n % 2}", title=f"{colour} shirt {n}",
-                             image_urls=(image_server.url(f"{n}.jpg"),))
+                             image_urls=(image_server.url(f"{n}.jpg"),),
+                             attributes={"colour": colour, "price": float(n), "in_stock": n % 4 != 0})
         pixels = decode_image(solid_jpeg(COLOURS[colour]), query_embedder.backend.preprocess)
         vectors = query_embedder.backend.embed_products([([pixels], event.text)])[0]
         records.append(embedding_record(event, vectors, TINY_CLIP, event.image_urls[0]))

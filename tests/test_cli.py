@@ -394,6 +394,31 @@ def test_the_segment_flags_shape_a_new_index_and_non_unit_vectors_are_refused(tm
     _one_line_refusal(again, "has 1 shard(s) (resharding is a new index)")
 
 
+def test_filterable_attributes_are_declared_once_and_filter_from_the_first_commit(tmp_path):
+    records = [dataclasses.replace(record(f"p{n}", 1, dim=16, model="acme:custom-16", seed=n),
+                                   attributes={"brand": ["acme", "zeta"][n % 2], "price": float(n)}, title=f"item {n}")
+               for n in range(30)]
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "part-0.jsonl").write_text("\n".join(r.to_json() for r in records) + "\n")
+    bad = cli("pipelines.index", "--input_dir", str(tmp_path / "records"), "--index_dir", str(tmp_path / "index"),
+              "--filterable", "brand,price:money", timeout=60)
+    _one_line_refusal(bad, "--filterable: filterable field 'price': type 'money' is not one of keyword, float, int, bool")
+    made = cli("pipelines.index", "--input_dir", str(tmp_path / "records"), "--index_dir", str(tmp_path / "index"),
+               "--filterable", "brand,price:float", timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert json.loads((tmp_path / "index" / "index.json").read_text())["filterable"] == ["brand", "price:float"]
+    from search.filters import parse_filter
+    from search.sharded import ShardedIndex
+
+    index = ShardedIndex.open(tmp_path / "index")
+    cheap_acme = parse_filter({"brand": "acme", "price": {"lt": 10}}, index.filterable)
+    hits = index.search(np.array(records[0].embedding), k=30, filter=cheap_acme)
+    assert sorted(h.product_id for h in hits) == ["p0", "p2", "p4", "p6", "p8"]
+    other = cli("pipelines.index", "--input_dir", str(tmp_path / "records"), "--index_dir", str(tmp_path / "index"),
+                "--filterable", "brand", timeout=60)
+    _one_line_refusal(other, "filters on brand,price:float (fixed when the index is made)")
+
+
 def test_a_long_local_run_logs_progress(tmp_path, image_server):
     from localstack.image_server import Route
     from tests.conftest import image_bytes

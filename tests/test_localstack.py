@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from evaluation.fashion_mnist import CLASSES, load_fashion_mnist
-from localstack.catalogue import broken_events, build_catalogue
+from localstack.catalogue import STYLES, broken_events, build_catalogue
 from localstack.image_server import ImageServer, Route
 from transforms.events import InvalidEvent, parse_event
 
@@ -24,7 +24,9 @@ def test_catalogue_writes_photos_and_valid_events(tmp_path):
     for product in products:
         event = parse_event(json.dumps(product.event))
         assert product.image_path.exists() and event.image_urls[0].endswith(product.image_path.name)
-        assert CLASSES[product.label].lower() in event.title
+        category = CLASSES[product.label]
+        assert event.attributes["category"] == category and any(style in event.title for style in STYLES[category])
+        assert not any(colour in event.title + event.description for colour in ("black", "white", "red", "navy"))
     assert {p.image_path.suffix for p in products} == {".png", ".jpg"}
 
 

@@ -74,19 +74,25 @@ def test_the_services_rankings_are_scored_with_graded_labels(served_index, tmp_p
         {"query": "coat", "product_id": ranked["coat"][0], "label": "I"},
         {"query": "jacket", "product_id": "not-in-the-index", "label": "E"},         # never found: 0
     ])
-    common = ["--qrels", qrels, "--k", "5", "--results_dir", str(tmp_path / "results")]
+    common = ["--qrels", qrels, "--k", "5", "--results_dir", str(tmp_path / "results"), "--mode", "vector"]
     served = evaluation_run.main(common + ["--index_dir", str(served_index)])
-    assert served["run"]["red shirt"] == ranked["red shirt"] and served["run"]["coat"] == ranked["coat"]
-    metrics = served["metrics"]
+    assert served["run"]["vector"]["red shirt"] == ranked["red shirt"]
+    assert served["run"]["vector"]["coat"] == ranked["coat"]
+    metrics = served["metrics"]["vector"]
     assert metrics["MRR"] == pytest.approx((1 + 0.5 + 0) / 3, abs=1e-4)
     assert metrics["mR@1"] == pytest.approx(1 / 3, abs=1e-4)
     assert metrics["recall@5"] == pytest.approx(2 / 3, abs=1e-4)
-    written = json.loads((tmp_path / "results" / "search_quality.json").read_text())
-    assert written[str(served_index)]["queries"] == 3 and written[str(served_index)]["MRR"] == metrics["MRR"]
+    written = json.loads((tmp_path / "results" / "search_quality.json").read_text())[f"{served_index} (vector)"]
+    assert written["queries"] == 3 and written["MRR"] == metrics["MRR"] and written["mode"] == "vector"
 
     # A service that is already running is scored the same way over its URL.
     with BackgroundServer(create_app(index, embedder)) as running:
-        assert evaluation_run.main(common + ["--search_url", running.url])["metrics"] == metrics
+        assert evaluation_run.main(common + ["--search_url", running.url])["metrics"]["vector"] == metrics
+
+    # Every mode, one row each: keywords put the one coat first.
+    every = evaluation_run.main(common[:-2] + ["--index_dir", str(served_index)])
+    assert set(every["metrics"]) == {"vector", "lexical", "hybrid"} and every["metrics"]["vector"] == metrics
+    assert every["run"]["lexical"]["coat"] == ["p1"] and every["run"]["hybrid"]["coat"][0] == "p1"
 
 
 def test_judged_evaluation_needs_one_target_and_a_matching_index(served_index, tmp_path):

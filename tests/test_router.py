@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -12,20 +13,27 @@ import httpx
 import numpy as np
 import pytest
 
+from search.fields import parse_filterable
 from search.sharded import ShardedIndex, shard_of
+from search.store import StoreSettings
 from tests.support.index_helpers import record
 from tests.support.server_process import ROOT, ServerProcess
 
 MODEL = "acme:custom-16"  # served for vector queries only: the replicas start without loading a model
 SHOPS = [None, "shop-0", "shop-1", "shop-2", "shop-3", "no-such-shop"]
+BRANDS = ["acme", "zeta", "moda"]
+WORDS = ["linen", "wool", "shirt", "coat", "boot"]
 
 
 @pytest.fixture
 def index_dir(tmp_path):
     directory = tmp_path / "index"
-    ShardedIndex.ensure_layout(directory, 3, MODEL, 16)
+    ShardedIndex.ensure_layout(directory, 3, MODEL, 16, StoreSettings(filterable=parse_filterable("brand,price:float")))
     writer = ShardedIndex.open(directory, read_only=False)
-    records = [record(f"p{n}", 1, dim=16, model=MODEL, shop_id=f"shop-{n % 4}", seed=n) for n in range(400)]
+    records = [dataclasses.replace(record(f"p{n}", 1, dim=16, model=MODEL, shop_id=f"shop-{n % 4}", seed=n),
+                                   title=f"{WORDS[n % 5]} {WORDS[n % 7 % 5]}",
+                                   attributes={"brand": BRANDS[n % 3], "price": float(n % 50)})
+               for n in range(400)]
     for n, shard in enumerate(writer.shards):
         shard.apply([r for r in records if shard_of(r.product_id, 3) == n])
     writer.shards[0].compact(force=True)  # one shard searched through its graph, the others exactly
@@ -56,9 +64,19 @@ def test_the_router_answers_as_one_server_over_all_shards_and_partially_when_a_r
             shop = SHOPS[rng.integers(len(SHOPS))]
             if shop:
                 body["shop_id"] = shop
+            if rng.random() < 0.3:  # a deep page: each backend must be asked for offset + k
+                body["offset"] = int(rng.integers(1, 60))
+            if rng.random() < 0.3:
+                body["filter"] = {"brand": BRANDS[rng.integers(3)], "price": {"lt": float(rng.integers(5, 50))}}
+            if rng.random() < 0.3:
+                body["facets"], body["facet_buckets"] = ["brand", "price"], {"price": [0, 10, 25, 50]}
+            if rng.random() < 0.2:  # keywords need no model
+                body = {**{k: v for k, v in body.items() if k != "vector"}, "text": WORDS[rng.integers(5)],
+                        "mode": "lexical"}
             expected, routed = search(whole.url, body), search(router.url, body)
             assert [h["product_id"] for h in routed["results"]] == [h["product_id"] for h in expected["results"]]
             assert [h["score"] for h in routed["results"]] == pytest.approx([h["score"] for h in expected["results"]])
+            assert routed["facets"] == expected["facets"] and routed["mode"] == expected["mode"]
             assert routed["partial"] is False and routed["missing_shards"] == []
         health = httpx.get(router.url + "/healthz", timeout=10).json()
         assert health["status"] == "ok" and health["live_docs"] == 400

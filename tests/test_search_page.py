@@ -35,6 +35,7 @@ def browser(tmp_path):
 def test_a_typed_query_shows_result_images(colour_index, query_embedder, browser, tmp_path):
     index_dir, _, _ = colour_index
     with BackgroundServer(create_app(ShardedIndex.open(index_dir), query_embedder)) as server:
+        browser.set_window_size(1400, 3000)  # every card in view: images load lazily, as they come into view
         browser.get(server.url + "/")
         box = browser.find_element(By.ID, "q")
         box.send_keys("green shirt")
@@ -48,5 +49,57 @@ def test_a_typed_query_shows_result_images(colour_index, query_embedder, browser
         cards = browser.find_elements(By.CSS_SELECTOR, ".result")
         assert len(cards) == 24
         assert "shirt" in cards[0].find_element(By.CSS_SELECTOR, ".title").text
-        assert "results in" in browser.find_element(By.ID, "status").text
+        assert "results 1–24 in" in browser.find_element(By.ID, "status").text
         browser.save_screenshot(str(tmp_path / "page.png"))
+
+
+def test_filters_facets_url_state_similar_items_and_a_narrow_screen(colour_index, query_embedder, browser, tmp_path):
+    """Facet checkboxes filter and count, the query and filters live in the URL (the back button
+    undoes a filter), each card links to its similar items, an empty result says why, and the page
+    fits a 390 px wide phone without sideways scrolling."""
+    index_dir, _, records = colour_index
+    colour_of = {r.product_id: r.attributes["colour"] for r in records}
+    wait = WebDriverWait(browser, 30)
+
+    def cards():
+        return browser.find_elements(By.CSS_SELECTOR, ".result")
+
+    def settled():  # the page has answered what its URL asks
+        wait.until(lambda driver: driver.find_element(By.ID, "status").text not in ("", "Searching…")
+                   or driver.find_element(By.ID, "empty").is_displayed())
+
+    with BackgroundServer(create_app(ShardedIndex.open(index_dir), query_embedder)) as server:
+        browser.set_window_size(390, 844)
+        browser.get(server.url + "/?q=shirt")
+        wait.until(lambda driver: len(cards()) == 24)
+        red = browser.find_element(By.CSS_SELECTOR, "input[name='f.colour'][value='red']")
+        count = red.find_element(By.XPATH, "..").find_element(By.CSS_SELECTOR, ".count").text
+        assert count == "8"
+        red.click()
+        wait.until(lambda driver: "f.colour=red" in driver.current_url and len(cards()) == 8)
+        assert all("colour: red" in card.find_element(By.CSS_SELECTOR, ".meta").text for card in cards())
+        # The colour facet still offers the other colours ("or"), counted without the colour choice.
+        wait.until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, "input[name='f.colour']")) == 3)
+        green = browser.find_element(By.CSS_SELECTOR, "input[name='f.colour'][value='green']")
+        assert green.find_element(By.XPATH, "..").find_element(By.CSS_SELECTOR, ".count").text == "8"
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 390
+        browser.save_screenshot(str(tmp_path / "narrow.png"))
+
+        browser.back()
+        wait.until(lambda driver: "f.colour" not in driver.current_url and len(cards()) == 24)
+        browser.forward()
+        wait.until(lambda driver: len(cards()) == 8)
+
+        first = cards()[0].find_element(By.CSS_SELECTOR, ".title").text
+        product = next(r.product_id for r in records if r.title == first)
+        cards()[0].find_element(By.CSS_SELECTOR, "a.similar").click()
+        wait.until(lambda driver: f"similar={product}" in driver.current_url)
+        settled()
+        shown = [card.find_element(By.CSS_SELECTOR, ".title").text for card in cards()]
+        assert first not in shown and "Similar to" in browser.find_element(By.ID, "status").text
+
+        browser.get(server.url + "/?q=shirt&f.colour=purple&shop=shop-1")
+        wait.until(lambda driver: driver.find_element(By.ID, "empty").is_displayed())
+        empty = browser.find_element(By.ID, "empty").text
+        assert "colour is purple" in empty and "shop shop-1" in empty and "Remove a filter" in empty
+        assert cards() == [] and colour_of

@@ -74,6 +74,14 @@ def test_shop_scoped_queries_stay_in_the_shop(server):
     ({"vector": [0.0] * DIM}, "not all zero"),
     ({"image_url": "http://169.254.169.254/latest/meta-data"}, "link-local"),
     ({"image_url": "ftp://example.com/a.jpg"}, "non-http"),
+    ({"text": "a", "filter": {"brand": "acme"}}, "filter.brand: not a filterable field of this index"),
+    ({"text": "a", "filter": {"price": {"lt": "10"}}}, 'filter.price.lt: "10" is not a number'),
+    ({"text": "a", "filter": "colour=red"}, "filter"),
+    ({"text": "a", "facets": ["brand"]}, "facets: 'brand' is not a filterable field"),
+    ({"text": "a", "facets": ["price"]}, "price is a float field: give its bucket edges"),
+    ({"text": "a", "facets": ["price"], "facet_buckets": {"price": [5, 1]}}, "increasing edges"),
+    ({"text": "a", "k": 10, "offset": 995}, "offset + k is 1005, over 1000"),
+    ({"vector": [1.0] * DIM, "mode": "lexical"}, "mode lexical needs a text query"),
 ])
 def test_bad_requests_get_a_400_with_a_clear_message(server, body, message):
     response = search(server, **body)
@@ -110,3 +118,45 @@ def test_new_commits_are_searchable_without_a_restart(server, colour_index):
     shard.apply([dataclasses.replace(newest, version=3, op="delete", embedding=())])
     hits = search(server, vector=moved.embedding.tolist(), k=24).json()["results"]
     assert newest.product_id not in {hit["product_id"] for hit in hits}
+
+
+def test_filters_facets_and_pages_over_http(server, colour_index):
+    _, _, records = colour_index
+    red = search(server, text="shirt", k=24, filter={"colour": "red", "price": {"gte": 6}}, facets=["in_stock"]).json()
+    expected = {r.product_id for r in records if r.attributes["colour"] == "red" and r.attributes["price"] >= 6}
+    assert {hit["product_id"] for hit in red["results"]} == expected
+    assert all(hit["attributes"]["colour"] == "red" for hit in red["results"])
+    in_stock = sum(r.attributes["in_stock"] for r in records if r.product_id in expected)
+    assert red["facets"] == {"in_stock": [{"value": True, "count": in_stock},
+                                          {"value": False, "count": len(expected) - in_stock}]}
+    priced = search(server, text="shirt", facets=["colour", "price"], facet_buckets={"price": [0, 12, 24]}).json()
+    assert priced["facets"]["price"] == [{"value": [0, 12], "count": 12}, {"value": [12, 24], "count": 12}]
+    assert sorted(f["count"] for f in priced["facets"]["colour"]) == [8, 8, 8]
+    whole = [hit["product_id"] for hit in search(server, vector=records[0].embedding.tolist(), k=20).json()["results"]]
+    pages = [hit["product_id"] for offset in (0, 7, 14) for hit in
+             search(server, vector=records[0].embedding.tolist(), k=7, offset=offset).json()["results"]]
+    assert pages[:20] == whole
+
+
+def test_keyword_and_hybrid_modes(server, colour_index):
+    lexical = search(server, text="shirt 13", k=3, mode="lexical").json()
+    assert lexical["mode"] == "lexical" and lexical["results"][0]["product_id"] == "p13"
+    hybrid = search(server, text="shirt 13", k=3).json()
+    assert hybrid["mode"] == "hybrid" and hybrid["results"][0]["product_id"] == "p13"
+    assert search(server, vector=[1.0] * DIM, k=3).json()["mode"] == "vector"
+
+
+def test_similar_products_over_http(server, colour_index):
+    _, _, records = colour_index
+    response = requests.get(f"{server.url}/v1/products/p0/similar", params={"k": 5}, timeout=30)
+    assert response.status_code == 200
+    ids = [hit["product_id"] for hit in response.json()["results"]]
+    # Solid-colour photos with near-identical titles: the other reds are copies of p0 and collapse.
+    assert "p0" not in ids and 1 <= len(ids) <= 5
+    shop = requests.get(f"{server.url}/v1/products/p0/similar", timeout=30,
+                        params={"k": 5, "shop_id": "shop-1", "filter": '{"colour": "green"}'}).json()["results"]
+    assert shop and all(h["shop_id"] == "shop-1" and h["attributes"]["colour"] == "green" for h in shop)
+    missing = requests.get(f"{server.url}/v1/products/nope/similar", timeout=30)
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]
+    bad = requests.get(f"{server.url}/v1/products/p0/similar", params={"filter": "{"}, timeout=30)
+    assert bad.status_code == 400 and "filter: not valid JSON" in bad.json()["error"]

@@ -6,6 +6,7 @@ batch is one commit), and replaying the whole input must then restore the full s
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import signal
@@ -16,8 +17,8 @@ import time
 import pytest
 
 from search.segment import SEGMENT_KINDS
-from tests.support.crash_writer import batches, open_store
-from tests.support.index_helpers import live_truth
+from tests.support.crash_writer import WORDS, batches, open_store
+from tests.support.index_helpers import last_writer_wins, live_truth
 
 RUNS = 25
 
@@ -42,6 +43,13 @@ def assert_consistent(store, records) -> None:
     assert store.live_products() == live_truth(records)
     ids, vectors = store.live_vectors()
     assert len(ids) == len(live_truth(records))
+    # The keyword index and the attribute fields are of the same commit as the vectors.
+    live = {pid: r for pid, r in last_writer_wins(records).items() if r.op == "upsert"}
+    for word in WORDS:
+        found = {h.product_id for h in store.search(None, k=200, text=word, mode="lexical")}
+        assert found == {pid for pid, r in live.items() if r.title == word}, word
+    assert store.facets(["brand"])["brand"]["values"] == dict(collections.Counter(r.attributes["brand"]
+                                                                                  for r in live.values()))
     for vector in vectors[:20]:
         hits = store.search(vector, k=3, ef_search=32)
         assert hits and hits[0].score > 0.999
