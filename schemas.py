@@ -29,7 +29,9 @@ __all__ = [
     "vector",
 ]
 
-OPS = ("upsert", "delete")
+# An upsert (re)embeds a product; a delete removes it; a patch changes only its attributes: the
+# index keeps its vectors, so nothing is downloaded or embedded again (DESIGN §3).
+OPS = ("upsert", "delete", "patch")
 MAX_IMAGE_URLS = 8
 MAX_ID_CHARS = 256
 # Dead letters keep the original message, truncated so that one poison message can't
@@ -81,6 +83,11 @@ class ProductEvent:
     @property
     def is_delete(self) -> bool:
         return self.op == "delete"
+
+    @property
+    def needs_vectors(self) -> bool:
+        """Only an upsert is embedded: a delete and an attribute patch carry no new content."""
+        return self.op == "upsert"
 
     @property
     def text(self) -> str:

@@ -41,6 +41,7 @@ MAX_CONCURRENT_DOWNLOADS="${MAX_CONCURRENT_DOWNLOADS:-16}"
 NUM_SHARDS="${NUM_SHARDS:-4}"
 SEGMENT_KIND="${SEGMENT_KIND:-hnsw}"  # a new index's kind: hnsw, hnsw_sq8 or ivf_pq (docs/DEPLOY.md §7)
 IVF_NPROBE="${IVF_NPROBE:-32}"  # ivf_pq only: lists probed per search, fixed when the index is made
+FILTERABLE="${FILTERABLE:-}"  # attributes queries filter and facet on, e.g. brand,category,price:float (fixed when made)
 INDEX_DIR="${INDEX_DIR:-gs://${BUCKET}/index}"
 INDEX_MACHINE_TYPE="${INDEX_MACHINE_TYPE:-n2-highmem-8}"  # index workers: the shards they own are held in memory
 INDEX_MAX_WORKERS="${INDEX_MAX_WORKERS:-${NUM_SHARDS}}"
@@ -174,7 +175,7 @@ launch_index() {
   # is checkpointed; each shard's writer is restored from INDEX_DIR on the worker that owns it, and
   # its commits are fenced there (DESIGN §8, docs/DEPLOY.md §4).
   flex_run index "$INDEX_MACHINE_TYPE" "$INDEX_MAX_WORKERS" \
-    "input_subscription=projects/${PROJECT}/subscriptions/${INDEX_SUBSCRIPTION}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~index_dir=${INDEX_DIR}~num_shards=${NUM_SHARDS}~segment_kind=${SEGMENT_KIND}~ivf_nprobe=${IVF_NPROBE}~commit_batching=stateful~model=${MODEL}" \
+    "input_subscription=projects/${PROJECT}/subscriptions/${INDEX_SUBSCRIPTION}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~index_dir=${INDEX_DIR}~num_shards=${NUM_SHARDS}~segment_kind=${SEGMENT_KIND}~ivf_nprobe=${IVF_NPROBE}${FILTERABLE:+~filterable=${FILTERABLE}}~commit_batching=stateful~model=${MODEL}" \
     --additional-pipeline-options="disk_size_gb=${INDEX_DISK_GB}"
 }
 

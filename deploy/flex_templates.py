@@ -62,6 +62,7 @@ REGEXES = {
     "hnsw_ef_construction": _POSITIVE_INT,
     "segment_kind": "^(" + "|".join(SEGMENT_KINDS) + ")$",
     "ivf_nprobe": _POSITIVE_INT,
+    "filterable": r"^([A-Za-z_][A-Za-z0-9_]{0,63}(:(keyword|float|int|bool))?(,[A-Za-z_][A-Za-z0-9_]{0,63}(:(keyword|float|int|bool))?)*)?$",
     "commit_batching": "^(auto|bundle|stateful)$",
     "commit_max_delay_secs": _NON_NEGATIVE_NUMBER,
 }

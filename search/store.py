@@ -337,7 +337,7 @@ class IndexStore:
             if not np.isfinite(norm) or abs(norm - 1.0) > UNIT_TOLERANCE:
                 raise IndexMismatch(f"the vector is not a finite unit vector (norm {norm:.6g}): normalise "
                                     f"it to length 1")
-        if record.op not in ("upsert", "delete"):
+        if record.op not in ("upsert", "delete", "patch"):
             raise IndexMismatch(f"unknown op {record.op!r}")
 
     def apply(self, records: Sequence[EmbeddingRecord]) -> ApplyResult:
@@ -359,10 +359,8 @@ class IndexStore:
                 next_doc = int(store_sql.meta(db, "next_doc_id"))
                 current = _current_states(db, {r.product_id for r in accepted})
                 changed: dict[str, tuple] = {}
-                vectors: dict[str, int] = {}  # product → row of `embeddings`
-                embeddings = np.asarray([r.embedding if r.op == "upsert" else np.zeros(self.dim) for r in accepted],
-                                        np.float32).reshape(len(accepted), self.dim)
-                for row, record in enumerate(accepted):
+                vectors: dict[str, np.ndarray] = {}  # product → the vector of its new doc
+                for record in accepted:
                     version = (changed.get(record.product_id) or current.get(record.product_id) or (-1,))[0]
                     if record.version <= version:
                         result.ignored += 1
@@ -372,7 +370,21 @@ class IndexStore:
                         changed[record.product_id] = (record.version, next_doc, record.shop_id, record.title,
                                                       record.image_url, _attributes_json(record), embedded_at,
                                                       record.description)
-                        vectors[record.product_id] = row
+                        vectors[record.product_id] = record.embedding
+                        next_doc += 1
+                        result.upserted += 1
+                    elif record.op == "patch":
+                        # New attributes on the product's vector as it is: a new doc, nothing embedded.
+                        state = changed.get(record.product_id) or current.get(record.product_id)
+                        if state is None or state[1] is None:
+                            result.refused.append((record, "an attribute patch of a product with no live vector "
+                                                           "in this index: send an upsert"))
+                            continue
+                        if record.product_id not in vectors:
+                            vectors[record.product_id] = self.vectors_of([state[1]], view)[0]
+                        embedded, description = state[6], state[7]
+                        changed[record.product_id] = (record.version, next_doc, state[2], state[3], state[4],
+                                                      _attributes_json(record), embedded, description)
                         next_doc += 1
                         result.upserted += 1
                     else:
@@ -384,7 +396,7 @@ class IndexStore:
                 if vectors:
                     ids = np.array([changed[pid][1] for pid in vectors], np.int64)
                     info = Segment.write(self.directory, self._segment_name(), ids,
-                                         embeddings[list(vectors.values())], "flat")
+                                         np.stack(list(vectors.values())).astype(np.float32), "flat")
                     segment = Segment(self.directory, info, self._require_sums)  # verified before it is committed
                     if self._listener:
                         self._listener.segment_written(self.directory, info)
@@ -762,12 +774,15 @@ def _field_index(db, field: Field, next_doc: int) -> FieldIndex:
 
 
 def _current_states(db, product_ids: set[str]) -> dict[str, tuple]:
+    """product → (version, doc_id, shop_id, title, image_url, attributes, embedded_at, description), as
+    a commit's `changed` holds them (the description from the keyword index, which alone keeps it)."""
     states = {}
     ids = list(product_ids)
     for start in range(0, len(ids), 500):
         chunk = ids[start:start + 500]
         marks = ",".join("?" * len(chunk))
-        for row in db.execute(f"SELECT product_id, version, doc_id, shop_id, title, image_url FROM products "
-                              f"WHERE product_id IN ({marks})", chunk):
+        for row in db.execute(f"SELECT p.product_id, p.version, p.doc_id, p.shop_id, p.title, p.image_url, "
+                              f"p.attributes, p.embedded_at, coalesce(l.description, '') FROM products p "
+                              f"LEFT JOIN lexical l ON l.rowid = p.doc_id WHERE p.product_id IN ({marks})", chunk):
             states[row[0]] = row[1:]
     return states

@@ -59,6 +59,10 @@ def messages(server) -> dict[str, bytes]:
         "ok:one-of-two-failed": event(4, title="Boots", image_urls=[url("404.jpg"), url("a.jpg")]),
         "ok:images-failed-text-left": event(5, title="Scarf", image_urls=[url("500.jpg")]),
         "ok:delete": json.dumps({"event_id": "e6", "product_id": "p6", "op": "delete", "version": 9}).encode(),
+        "ok:patch": json.dumps({"event_id": "e22", "product_id": "p1", "op": "patch", "version": 2,
+                                "attributes": {"price": 19.5, "in_stock": False}}).encode(),
+        "validate:patch-with-a-title": json.dumps({"event_id": "e23", "product_id": "p1", "op": "patch",
+                                                   "version": 3, "title": "new", "attributes": {"a": 1}}).encode(),
         "parse:not-json": b"{oops",
         "parse:not-utf8": b"\xff\xfe\xfd",
         "validate:missing-fields": json.dumps({"event_id": "e8"}).encode(),
@@ -116,7 +120,7 @@ def test_records_carry_unit_vectors_of_the_declared_dimension_and_the_model_id(t
     by_id = {r["event_id"]: r for r in records}
     for record in records:
         assert record["model"] == TINY_CLIP
-        if record["op"] == "delete":
+        if record["op"] in ("delete", "patch"):  # no vectors, nothing downloaded or embedded
             assert record["embedding"] == [] and record["image_count"] == 0
             continue
         assert len(record["embedding"]) == tiny_clip.embedding_dim
@@ -126,6 +130,7 @@ def test_records_carry_unit_vectors_of_the_declared_dimension_and_the_model_id(t
     assert by_id["e4"]["image_count"] == 1 and by_id["e4"]["image_url"].endswith("/a.jpg")
     assert by_id["e5"]["image_count"] == 0 and by_id["e5"]["title"] == "Scarf"
     assert by_id["e1"]["shop_id"] == "s1" and by_id["e1"]["version"] == 1
+    assert by_id["e22"]["op"] == "patch" and by_id["e22"]["attributes"] == {"price": 19.5, "in_stock": False}
 
 
 def test_the_same_event_gives_the_same_vector(tmp_path, catalogue):

@@ -44,6 +44,12 @@ def test_a_delete_needs_only_ids_op_and_version():
     assert event.is_delete and event.title == "" and event.image_urls == ()
 
 
+def test_a_patch_carries_attributes_only_and_skips_the_model():
+    event = parse_event(json.dumps({"event_id": "e", "product_id": "p", "op": "patch", "version": 3,
+                                    "attributes": {"price": 9.5, "in_stock": False}}))
+    assert event.op == "patch" and not event.needs_vectors and event.attributes == {"price": 9.5, "in_stock": False}
+
+
 @pytest.mark.parametrize(
     "raw, reason",
     [
@@ -89,6 +95,8 @@ def test_unreadable_messages_fail_at_parse(raw, reason):
         ({"event_time": "2026-11-21T10:00:00"}, "time zone"),
         ({"title": ..., "description": ..., "image_urls": ...}, "at least one of"),
         ({"title": "  ", "description": ..., "image_urls": []}, "at least one of"),
+        ({"op": "patch", "attributes": {"price": 3}}, "a patch changes attributes only"),  # the title is kept
+        ({"op": "patch", "title": ..., "description": ..., "image_urls": ..., "attributes": {}}, "needs attributes"),
     ],
 )
 def test_each_rule_is_checked_at_validate(changes, reason):

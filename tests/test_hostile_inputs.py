@@ -25,7 +25,7 @@ from tests.conftest import TINY_CLIP, image_bytes
 from localstack.image_server import Route
 from transforms.events import InvalidEvent, parse_event, parse_outcome
 from transforms.pubsub import dead_letter_message, record_message
-from transforms.records import delete_record
+from transforms.records import vectorless_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,7 @@ def test_the_parser_and_every_serialiser_give_one_outcome_per_message(raw):
     else:
         assert isinstance(output, ProductEvent)
         output.to_json().encode("utf-8")
-        record = delete_record(output, TINY_CLIP)
+        record = vectorless_record(output, TINY_CLIP)
         record.to_json().encode("utf-8")
         record_message(record)
         json.dumps(record.to_dict(), ensure_ascii=False).encode("utf-8")

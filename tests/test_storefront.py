@@ -226,3 +226,28 @@ def test_similar_products_leave_out_the_product_and_collapse_its_copies(tmp_path
     everything = index.similar(vector, k=10, exclude="p0", duplicate_cosine=1.01)  # no collapsing
     assert sum(h.product_id.startswith("copy") for h in everything) == 6
     assert index.product_vector("missing") is None
+
+
+def test_an_attribute_patch_keeps_the_vector_title_and_words_and_changes_what_filters_see(tmp_path):
+    store = IndexStore(tmp_path, model=MODEL, dim=8, settings=SETTINGS)
+    first = dataclasses.replace(with_attributes(record("p1", 1), {"brand": "acme", "price": 30.0}, "linen shirt"),
+                                description="a breathable weave")
+    store.apply([first, with_attributes(record("p2", 1), {"brand": "zeta"}, "wool coat")])
+    patch = dataclasses.replace(record("p1", 2, "delete"), op="patch", attributes={"brand": "zeta", "price": 9.5})
+    result = store.apply([patch])
+    assert (result.upserted, result.refused) == (1, [])
+    (hit,) = store.search(np.array(first.embedding), k=1)
+    assert (hit.product_id, hit.version, hit.title, hit.score) == ("p1", 2, "linen shirt", pytest.approx(1.0))
+    assert hit.attributes == {"brand": "zeta", "price": 9.5}
+    cheap_zeta = parse_filter({"brand": "zeta", "price": {"lt": 10}}, FIELDS)
+    assert [h.product_id for h in store.search(np.array(first.embedding), k=5, exact=True, filter=cheap_zeta)] == ["p1"]
+    assert store.search(np.array(first.embedding), k=5, filter=parse_filter({"brand": "acme"}, FIELDS)) == []
+    assert [h.product_id for h in store.search(None, 5, text="breathable", mode="lexical")] == ["p1"]  # description kept
+    assert store.apply([dataclasses.replace(patch, version=1)]).ignored == 1  # older: a no-op
+    missing = store.apply([dataclasses.replace(patch, product_id="p9")])
+    assert "no live vector" in missing.refused[0][1]
+    both = store.apply([with_attributes(record("p3", 1), {"brand": "acme"}, "boot"),
+                        dataclasses.replace(patch, product_id="p3", version=2)])  # one commit: upsert, then patch
+    assert both.upserted == 2 and store.facets(["brand"])["brand"]["values"] == {"zeta": 3}
+    store.close()
+    assert IndexStore(tmp_path, read_only=True).facets(["brand"])["brand"]["values"] == {"zeta": 3}

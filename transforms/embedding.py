@@ -21,7 +21,7 @@ from schemas import ProductEvent, Stage
 from transforms.dead_letter import event_of, from_beam_failure, image_dead_letters, nothing_left
 from transforms.images import FetchedProduct, FetchImages, ImageOptions
 from transforms.progress import CountOutcomes
-from transforms.records import delete_record, embedding_record
+from transforms.records import embedding_record, vectorless_record
 
 __all__ = ["EmbedProducts"]
 
@@ -73,8 +73,11 @@ class EmbedProducts(beam.PTransform):
         self._handler = handler or ProductEmbeddingHandler(model_config)
 
     def expand(self, events):
-        deletes, upserts = events | "SplitDeletes" >> beam.Partition(lambda event, _: 0 if event.is_delete else 1, 2)
-        delete_records = deletes | "DeleteRecords" >> beam.Map(delete_record, self._model_config.model_id)
+        # Deletes and attribute patches skip the model. (The step names are from before patches: a
+        # running job is updated in place only when they stay.)
+        deletes, upserts = events | "SplitDeletes" >> beam.Partition(
+            lambda event, _: 1 if event.needs_vectors else 0, 2)
+        delete_records = deletes | "DeleteRecords" >> beam.Map(vectorless_record, self._model_config.model_id)
 
         fetched = upserts | "FetchImages" >> FetchImages(
             self._model_config.spec, self._image_options, self._model_config.max_batch_size)

@@ -82,6 +82,12 @@ def parse_event(raw: bytes | str) -> ProductEvent:
 
     if op == "upsert" and not (title.strip() or description.strip() or image_urls):
         raise fail("an upsert needs at least one of title, description, image_urls")
+    if op == "patch":
+        if title or description or image_urls:
+            raise fail("a patch changes attributes only: a new title, description or image changes the vectors, "
+                       "send an upsert")
+        if not attributes:
+            raise fail("a patch needs attributes")
     return ProductEvent(
         event_id=event_id,
         product_id=product_id,

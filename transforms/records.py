@@ -7,7 +7,7 @@ import numpy as np
 from model_handlers.backend import ProductVectors
 from schemas import MAX_MODEL_TEXT_CHARS, EmbeddingRecord, ProductEvent, utc_now, vector
 
-__all__ = ["delete_record", "embedding_record"]
+__all__ = ["embedding_record", "vectorless_record"]
 
 _NO_VECTORS = ProductVectors(np.zeros(0), np.zeros(0), np.zeros(0), 0)
 
@@ -35,6 +35,7 @@ def embedding_record(event: ProductEvent, vectors: ProductVectors, model_id: str
     )
 
 
-def delete_record(event: ProductEvent, model_id: str) -> EmbeddingRecord:
-    """A delete carries no vectors; the model id says which index it applies to."""
+def vectorless_record(event: ProductEvent, model_id: str) -> EmbeddingRecord:
+    """A delete or an attribute patch carries no vectors (the index keeps a patched product's); the
+    model id says which index it applies to."""
     return embedding_record(event, _NO_VECTORS, model_id, image_url="")
