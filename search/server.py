@@ -16,6 +16,7 @@ imports Beam.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import socket
@@ -291,6 +292,8 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
             filter = _checked_scope(request.filter, request.facets, request.facet_buckets, index.filterable)
             if kind == "image":
                 vector = await image_vector(request.image_url)
+            elif kind == "text" and request.search_mode == "hybrid":
+                vector = functools.partial(embedder.text, request.text)  # embedded while the keywords match
             else:
                 vector = await run_in_threadpool(vector_of, request)
             hits, facets = await run_in_threadpool(search_index, vector, request, filter)

@@ -18,12 +18,14 @@ import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 import storage
 from search.mirror import CommitConflict, ShardPublisher, has_snapshot, local_generation, pull, restore
 from search.filters import Filter
+from search.hybrid import FUSION_WINDOW
 from search.store import ApplyResult, Hit, IndexMismatch, IndexStore, StoreSettings
 
 __all__ = ["ShardWriter", "ShardedIndex", "parse_shards", "shard_of", "writer_cache_dir"]
@@ -188,15 +190,25 @@ class ShardedIndex:
                 self._last_failure.pop(n, None)
         return changed
 
-    def search(self, query: np.ndarray | None, k: int = 10, ef_search: int = 128, shop_id: str | None = None,
-               exact: bool = False, filter: Filter | None = None, text: str | None = None, mode: str = "vector",
-               lexical_weight: float = 1.0, offset: int = 0) -> list[Hit]:
+    def search(self, query: np.ndarray | Callable[[], np.ndarray] | None, k: int = 10, ef_search: int = 128,
+               shop_id: str | None = None, exact: bool = False, filter: Filter | None = None, text: str | None = None,
+               mode: str = "vector", lexical_weight: float = 1.0, offset: int = 0) -> list[Hit]:
         """Results offset..offset+k: every shard is asked for its top offset+k (IndexStore.search), so a
         deep page is the same as that page of one big search. Hybrid lists are fused per shard and
-        merged by fused score."""
+        merged by fused score. `query` may be a function that makes the vector (the query model): a
+        hybrid search then matches the keywords on the shards' threads while it runs."""
         wanted = offset + k
-        per_shard = self._pool.map(lambda shard: shard.search(query, wanted, ef_search, shop_id, exact, filter, text,
-                                                              mode, lexical_weight), self.shards)
+        lexical = [None] * len(self.shards)
+        if mode == "hybrid" and callable(query):
+            window = max(wanted, FUSION_WINDOW)
+            pending = [self._pool.submit(shard.lexical_ids, text, window, shop_id, filter) for shard in self.shards]
+            query = query()
+            lexical = [future.result() for future in pending]
+        elif callable(query):
+            query = query()
+        per_shard = self._pool.map(lambda shard, words: shard.search(query, wanted, ef_search, shop_id, exact, filter,
+                                                                     text, mode, lexical_weight, words),
+                                   self.shards, lexical)
         hits = [hit for shard_hits in per_shard for hit in shard_hits]
         return sorted(hits, key=lambda hit: (-hit.score, hit.product_id))[offset:wanted]
 

@@ -543,9 +543,10 @@ class IndexStore:
     # Reads --------------------------------------------------------------------------------
     def search(self, query: np.ndarray | None, k: int = 10, ef_search: int = 128, shop_id: str | None = None,
                exact: bool = False, filter: Filter | None = None, text: str | None = None, mode: str = "vector",
-               lexical_weight: float = 1.0) -> list[Hit]:
+               lexical_weight: float = 1.0, lexical: list[tuple[float, int]] | None = None) -> list[Hit]:
         """Top-k live products: by inner product with `query` (mode vector; `k` and `ef_search` are
-        independent, DESIGN §8), by BM25 on `text` (lexical), or both fused by rank (hybrid)."""
+        independent, DESIGN §8), by BM25 on `text` (lexical), or both fused by rank (hybrid; `lexical`:
+        the keyword list, `lexical_ids(text, max(k, FUSION_WINDOW), ...)`, when the caller made it)."""
         view = self._view
         if mode == "vector":
             scored = self.search_ids(query, k, ef_search, shop_id, exact, filter, view)
@@ -553,8 +554,10 @@ class IndexStore:
             scored = self.lexical_ids(text, k, shop_id, filter, view)
         else:
             window = max(k, FUSION_WINDOW)
-            scored = fuse([self.search_ids(query, window, ef_search, shop_id, exact, filter, view),
-                           self.lexical_ids(text, window, shop_id, filter, view)], (1.0, lexical_weight))[:k]
+            if lexical is None:
+                lexical = self.lexical_ids(text, window, shop_id, filter, view)
+            scored = fuse([self.search_ids(query, window, ef_search, shop_id, exact, filter, view), lexical],
+                          (1.0, lexical_weight))[:k]
         return self.hits(scored, view.generation)
 
     def lexical_ids(self, text: str, k: int, shop_id: str | None = None, filter: Filter | None = None,

@@ -103,3 +103,18 @@ def test_judged_evaluation_needs_one_target_and_a_matching_index(served_index, t
         evaluation_run.main(["--qrels", qrels, "--index_dir", str(served_index), "--model", "packaged:effnet-lite0+minilm"])
     with pytest.raises(SystemExit, match="no index"):
         evaluation_run.main(["--qrels", qrels, "--index_dir", str(tmp_path / "nothing")])
+
+
+def test_the_shipped_judged_queries_are_what_their_rules_make(tmp_path):
+    """evaluation/judged/demo.jsonl is the generator's output for make demo's catalogue, and its labels
+    follow the stated rules: Exact only in the query's category with every named attribute."""
+    from evaluation import judged_queries
+
+    made = judged_queries.main(["--output", str(tmp_path / "demo.jsonl")])
+    assert made.read_text() == judged_queries.DEFAULT_OUTPUT.read_text()
+    judgements = read_judgements(made)
+    assert len(judgements) == len(judged_queries.queries()) == 53
+    assert judged_queries.judge({"category": "Dress", "brand": "Umami"}, "Dress", {"brand": "Umami"}) == "E"
+    assert judged_queries.judge({"category": "Dress", "brand": "Lumen"}, "Dress", {"brand": "Umami"}) == "S"
+    assert judged_queries.judge({"category": "Bag", "brand": "Umami"}, "Dress", {"brand": "Umami"}) == "C"
+    assert judged_queries.judge({"category": "Coat", "brand": "Umami"}, "Dress", {}) == "I"
