@@ -403,9 +403,10 @@ def print_report(report: DemoReport, say=print) -> None:
             f"p99 {p(report.searchable_ms, 99):.0f} ms ({len(report.searchable_ms)} of {report.published} products)")
     if report.queries:
         say(f"index:      {report.indexed} live products in 2 shards (the catalogue + the warm-up product); "
-            "through the query service:")
+            "through the query service (keywords and vectors, fused by rank):")
         for text, hits in report.queries.items():
-            say(f"  {text!r}: " + "; ".join(f"{h['title']} ({h['score']:.2f})" for h in hits))
+            say(f"  {text!r}: " + "; ".join(f"{h['title']} ({h['attributes'].get('material', '?')}, "
+                                            f"{h['attributes'].get('price', 0):.2f})" for h in hits))
         say(f"search page: {report.page_url} while it runs; `make demo SERVE=1` keeps it up, or afterwards: "
             f"python -m search.server --index_dir <out>/index")
 
