@@ -24,12 +24,17 @@ import logging
 import math
 import time
 
+from urllib.parse import quote
+
 import httpx
+import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from search.server import MAX_BODY_BYTES, PAGE, _JsonBody, _error, _listen, _port, serve
+from search.sharded import DUPLICATE_COSINE
 
 __all__ = ["Backends", "create_app", "main"]
 
@@ -60,7 +65,7 @@ class Backends:
 
     async def check(self) -> None:
         """Asks every backend's /healthz; refuses backends of different indexes or overlapping shards."""
-        answers = await asyncio.gather(*(self._get(url + "/healthz") for url in self.urls))
+        answers = await asyncio.gather(*(self.get(url + "/healthz") for url in self.urls))
         for url, (status, body, error) in zip(self.urls, answers):
             if status == 200:
                 self.health[url] = body
@@ -107,17 +112,16 @@ class Backends:
         served = {s for url in self.urls for s in self.shards_of(url)}
         return sorted(set(range(total)) - served) if total is not None else []
 
-    async def _get(self, url: str):
+    async def get(self, url: str):
         try:
             response = await self.client.get(url)
             return response.status_code, response.json(), None
         except (httpx.HTTPError, ValueError) as e:
             return 0, None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
-    async def post(self, url: str, body: bytes):
+    async def post(self, url: str, body: bytes, path: str = "/v1/search"):
         try:
-            response = await self.client.post(url + "/v1/search", content=body,
-                                              headers={"Content-Type": "application/json"})
+            response = await self.client.post(url + path, content=body, headers={"Content-Type": "application/json"})
             return response.status_code, response.json(), None
         except (httpx.HTTPError, ValueError) as e:
             return 0, None, f"{type(e).__name__}: {e}" if str(e) else f"{type(e).__name__} after {self.timeout:g} s"
@@ -130,6 +134,10 @@ def create_app(backends: Backends) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, error: HTTPException):
         return _error(error.status_code, str(error.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_request: Request, error: RequestValidationError):
+        return _error(400, "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in error.errors()))
 
     @app.post("/v1/search")
     async def search(request: Request):
@@ -162,6 +170,51 @@ def create_app(backends: Backends) -> FastAPI:
         return {"results": hits[offset:offset + k], "facets": _summed(facets), "mode": mode, "took_ms": took,
                 "partial": bool(missing or errors), "missing_shards": sorted(missing),
                 **({"errors": errors} if errors else {})}
+
+    @app.get("/v1/products/{product_id}/similar")
+    async def similar(product_id: str, k: int = 10, shop_id: str | None = None, filter: str | None = None,
+                      ef_search: int | None = None):
+        """The product's vector from the replica that serves its shard, then every replica's candidates
+        like it (POST /v1/similar), merged and collapsed across replicas as one server collapses them."""
+        started = time.perf_counter()
+        backends.refresh_in_background()
+        if backends.misconfigured:
+            return _error(503, f"the router's backends cannot be merged: {backends.misconfigured}")
+        path = f"/v1/products/{quote(product_id, safe='')}/vector"
+        found = await asyncio.gather(*(backends.get(url + path) for url in backends.urls))
+        vector = next((answer["vector"] for status, answer, _ in found if status == 200), None)
+        if vector is None:
+            down = [url for url, (status, _, _) in zip(backends.urls, found) if status not in (200, 404)]
+            if down:
+                return _error(503, f"no live product {product_id!r} among the backends that answered "
+                                   f"({len(down)} did not)")
+            return _error(404, f"no live product {product_id!r} in the index")
+        try:
+            scope = json.loads(filter) if filter is not None else None
+        except ValueError as e:
+            return _error(400, f"filter: not valid JSON ({e})")
+        body = json.dumps({"vector": vector, "exclude": product_id, "k": k, "shop_id": shop_id, "filter": scope,
+                           **({"ef_search": ef_search} if ef_search is not None else {})}).encode()
+        answers = await asyncio.gather(*(backends.post(url, body, "/v1/similar") for url in backends.urls))
+        candidates, missing, errors = [], set(backends.missing()), {}
+        for url, (status, answer, error) in zip(backends.urls, answers):
+            if status == 200:
+                candidates += answer["results"]
+            elif status in (400, 413):
+                return JSONResponse(answer, status_code=status)
+            else:
+                errors[url] = error or (answer or {}).get("error") or f"HTTP {status}"
+                missing.update(backends.shards_of(url))
+        candidates.sort(key=lambda hit: (-hit["score"], hit["product_id"]))
+        kept, kept_vectors = [], [np.asarray(vector, np.float32)]
+        for hit in candidates:  # each replica collapsed its own; copies across replicas go here
+            own = np.asarray(hit.pop("vector"), np.float32)
+            if max(float(v @ own) for v in kept_vectors) < DUPLICATE_COSINE and len(kept) < k:
+                kept.append(hit)
+                kept_vectors.append(own)
+        took = round((time.perf_counter() - started) * 1000, 3)
+        return {"results": kept, "mode": "vector", "took_ms": took, "partial": bool(missing or errors),
+                "missing_shards": sorted(missing), **({"errors": errors} if errors else {})}
 
     @app.get("/healthz")
     async def healthz():

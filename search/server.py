@@ -110,6 +110,32 @@ class SearchHit(BaseModel):
     generation: int = Field(0, description="the commit generation of the shard that served it")
 
 
+class SimilarHit(SearchHit):
+    vector: list[float] = Field(description="the product's stored vector")
+
+
+class SimilarCandidates(BaseModel):
+    results: list[SimilarHit]
+    mode: str = "vector"
+    took_ms: float
+
+
+class SimilarRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vector: list[float] = Field(description="the product's stored vector (GET /v1/products/{id}/vector)")
+    exclude: str = Field("", max_length=256, description="the product itself, left out")
+    k: int = Field(10, ge=1, le=100, strict=True)
+    ef_search: int = Field(DEFAULT_EF_SEARCH, ge=1, le=20_000, strict=True)
+    shop_id: str | None = Field(None, max_length=256)
+    filter: dict | None = None
+
+
+class ProductVector(BaseModel):
+    product_id: str
+    vector: list[float]
+
+
 class FacetCount(BaseModel):
     value: Any = Field(description="a field value, or for a numeric facet the bucket [from, to)")
     count: int
@@ -332,6 +358,37 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
         latency.labels("similar").observe(took)
         requests_total.labels("ok").inc()
         return {"results": [hit.__dict__ for hit in hits], "mode": "vector", "took_ms": round(took * 1000, 3)}
+
+    @app.get("/v1/products/{product_id}/vector", response_model=ProductVector,
+             responses={404: {"model": ErrorResponse, "description": "no live product of that id here"}})
+    def product_vector(product_id: str):
+        """A product's stored vector (from the replica that serves its shard: search.router asks them all)."""
+        refresh()
+        vector = index.product_vector(product_id)
+        if vector is None:
+            return _error(404, f"no live product {product_id!r} in the shards this service serves")
+        return {"product_id": product_id, "vector": vector.tolist()}
+
+    @app.post("/v1/similar", response_model=SimilarCandidates,
+              responses={400: {"model": ErrorResponse, "description": "a bad request; `error` says why"}})
+    def similar_to(request: SimilarRequest):
+        """Products like a given vector, over the shards this replica serves, with each result's vector:
+        search.router's half of `GET /v1/products/{id}/similar` (it collapses across replicas)."""
+        started = time.perf_counter()
+        try:
+            parsed = _checked_scope(request.filter, [], {}, index.filterable)
+            vector = embedder.vector(request.vector)
+        except (FilterError, QueryError) as e:
+            requests_total.labels("bad_request").inc()
+            return _error(400, str(e))
+        refresh()
+        pairs = index.similar(vector, request.k, request.ef_search, request.shop_id, parsed, exclude=request.exclude,
+                              with_vectors=True)
+        took = time.perf_counter() - started
+        latency.labels("similar").observe(took)
+        requests_total.labels("ok").inc()
+        return {"results": [{**hit.__dict__, "vector": v.tolist()} for hit, v in pairs], "mode": "vector",
+                "took_ms": round(took * 1000, 3)}
 
     @app.get("/healthz", response_model=Health)
     def healthz():

@@ -235,11 +235,12 @@ class ShardedIndex:
         return self.shards[self.shard_ids.index(shard)].product_vector(product_id)
 
     def similar(self, vector: np.ndarray, k: int = 10, ef_search: int = 128, shop_id: str | None = None,
-                filter: Filter | None = None, exclude: str = "", duplicate_cosine: float = DUPLICATE_COSINE
-                ) -> list[Hit]:
+                filter: Filter | None = None, exclude: str = "", duplicate_cosine: float = DUPLICATE_COSINE,
+                with_vectors: bool = False) -> list[Hit] | list[tuple[Hit, np.ndarray]]:
         """Products like `vector` (a product's own, see `product_vector`), without the product `exclude`
         and with near-duplicates collapsed: a candidate whose cosine with the product or with a result
-        already kept is at least `duplicate_cosine` is skipped, so a page is not ten copies of one item."""
+        already kept is at least `duplicate_cosine` is skipped, so a page is not ten copies of one item.
+        `with_vectors`: (hit, its vector) pairs, for a router that collapses across replicas."""
         wanted = SIMILAR_POOL * k + 1
 
         def shard_candidates(shard: IndexStore):
@@ -256,7 +257,7 @@ class ShardedIndex:
                 continue
             if max(float(v @ candidate) for v in kept_vectors) >= duplicate_cosine:
                 continue
-            kept.append(hit)
+            kept.append((hit, candidate) if with_vectors else hit)
             kept_vectors.append(candidate)
             if len(kept) == k:
                 break

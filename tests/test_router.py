@@ -78,6 +78,16 @@ def test_the_router_answers_as_one_server_over_all_shards_and_partially_when_a_r
             assert [h["score"] for h in routed["results"]] == pytest.approx([h["score"] for h in expected["results"]])
             assert routed["facets"] == expected["facets"] and routed["mode"] == expected["mode"]
             assert routed["partial"] is False and routed["missing_shards"] == []
+        for n in range(0, 400, 37):  # similar products: collapsed across replicas as one server collapses them
+            params = {"k": 7, **({"shop_id": "shop-1"} if n % 2 else {})}
+            expected = httpx.get(f"{whole.url}/v1/products/p{n}/similar", params=params, timeout=30).json()
+            routed = httpx.get(f"{router.url}/v1/products/p{n}/similar", params=params, timeout=30).json()
+            assert [h["product_id"] for h in routed["results"]] == [h["product_id"] for h in expected["results"]]
+            assert "vector" not in routed["results"][0] and f"p{n}" not in {h["product_id"] for h in routed["results"]}
+        unknown = httpx.get(f"{router.url}/v1/products/nope/similar", timeout=30)
+        assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
+        bad = httpx.get(f"{router.url}/v1/products/p1/similar", params={"k": "many"}, timeout=30)
+        assert bad.status_code == 400 and "k" in bad.json()["error"]
         health = httpx.get(router.url + "/healthz", timeout=10).json()
         assert health["status"] == "ok" and health["live_docs"] == 400
         assert httpx.get(router.url + "/livez", timeout=10).json() == {"status": "alive"}
