@@ -234,7 +234,8 @@ def test_the_index_pipeline_and_the_search_service_work_on_a_remote_index(tmp_pa
     index.run(["--input_dir", str(tmp_path / "embeddings"), "--index_dir", remote, "--model", TINY_CLIP,
                "--num_shards", "2", "--cache_dir", str(tmp_path / "worker-cache")])
     assert json.loads(MemoryObjectStore.objects[f"{remote}/index.json"]) == {"num_shards": 2, "model": TINY_CLIP,
-                                                                             "dim": 64, "segment_kind": "hnsw"}
+                                                                             "dim": 64, "segment_kind": "hnsw",
+                                                                             "filterable": []}
     served, embedder = open_service(remote, device="cpu", cache_dir=str(tmp_path / "service-cache"))
     live = {}
     for shard in served.shards:
