@@ -33,7 +33,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
-from search.server import MAX_BODY_BYTES, PAGE, _JsonBody, _error, _listen, _port, serve
+from search.hybrid import FUSION_WINDOW
+from search.server import MAX_BODY_BYTES, MAX_DEPTH, PAGE, _JsonBody, _error, _listen, _port, serve
 from search.sharded import DUPLICATE_COSINE
 
 __all__ = ["Backends", "create_app", "main"]
@@ -171,6 +172,14 @@ def create_app(backends: Backends) -> FastAPI:
                 "partial": bool(missing or errors), "missing_shards": sorted(missing),
                 **({"errors": errors} if errors else {})}
 
+    @app.get("/v1/products/{product_id}/vector")
+    async def product_vector(product_id: str):
+        """From whichever replica serves the product's shard."""
+        path = f"/v1/products/{quote(product_id, safe='')}/vector"
+        found = await asyncio.gather(*(backends.get(url + path) for url in backends.urls))
+        answer = next((answer for status, answer, _ in found if status == 200), None)
+        return answer if answer is not None else _error(404, f"no live product {product_id!r} in the index")
+
     @app.get("/v1/products/{product_id}/similar")
     async def similar(product_id: str, k: int = 10, shop_id: str | None = None, filter: str | None = None,
                       ef_search: int | None = None):
@@ -193,6 +202,8 @@ def create_app(backends: Backends) -> FastAPI:
             scope = json.loads(filter) if filter is not None else None
         except ValueError as e:
             return _error(400, f"filter: not valid JSON ({e})")
+        except RecursionError:
+            return _error(400, "filter: nested too deep to read")
         body = json.dumps({"vector": vector, "exclude": product_id, "k": k, "shop_id": shop_id, "filter": scope,
                            **({"ef_search": ef_search} if ef_search is not None else {})}).encode()
         answers = await asyncio.gather(*(backends.post(url, body, "/v1/similar") for url in backends.urls))
@@ -255,11 +266,17 @@ def _deepened(body: bytes) -> tuple[bytes, tuple[int, int]]:
     try:
         data = json.loads(body)
         k, offset = data.get("k", 10), data.get("offset", 0)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return body, (10, 0)
-    if not (isinstance(k, int) and isinstance(offset, int) and k > 0 and offset > 0):
-        return body, (k if isinstance(k, int) and k > 0 else 10, 0)
-    return json.dumps({**data, "k": offset + k, "offset": 0}).encode(), (k, offset)
+    if not (_count(k) and _count(offset) and k > 0 and offset > 0 and offset + k <= MAX_DEPTH):
+        return body, (k if _count(k) and k > 0 else 10, 0)
+    # Hybrid lists are fused to the depth the page size sets, not the deepened k (search.sharded).
+    window = data.get("fusion_window") or max(FUSION_WINDOW, k)
+    return json.dumps({**data, "k": offset + k, "offset": 0, "fusion_window": window}).encode(), (k, offset)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _summed(facets: list[dict]) -> dict:

@@ -80,6 +80,10 @@ class SearchRequest(BaseModel):
                           "reciprocal rank (default for text queries; vector for the others)")
     lexical_weight: float = Field(1.0, ge=0, le=10, description="hybrid: the keyword list's weight in the "
                                                                "fusion (the vector list's is 1)")
+    fusion_window: int | None = Field(None, ge=1, le=MAX_DEPTH, strict=True,
+                                      description="hybrid: how deep each list goes into the fusion (default "
+                                                  "max(100, k)); pages of one page size run through one fused "
+                                                  "list, so they never repeat or skip a product")
 
     @model_validator(mode="after")
     def one_query(self):
@@ -292,7 +296,7 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
         refresh()
         hits = index.search(vector, k=request.k, ef_search=request.ef_search, shop_id=request.shop_id, filter=filter,
                             text=request.text, mode=request.search_mode, lexical_weight=request.lexical_weight,
-                            offset=request.offset)
+                            offset=request.offset, fusion_window=request.fusion_window)
         counts = index.facets(request.facets, request.shop_id, filter, request.facet_buckets) if request.facets else {}
         return hits, _facet_lists(counts, request.facet_buckets)
 
@@ -426,6 +430,8 @@ def _json_param(name: str, value: str | None) -> Any:
         return json.loads(value)
     except ValueError as e:
         raise FilterError(f"{name}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise FilterError(f"{name}: nested too deep to read") from None
 
 
 def _checked_scope(filter_data: Any, facets: list[str], buckets: dict[str, list[float]], fields) -> Any:

@@ -192,22 +192,25 @@ class ShardedIndex:
 
     def search(self, query: np.ndarray | Callable[[], np.ndarray] | None, k: int = 10, ef_search: int = 128,
                shop_id: str | None = None, exact: bool = False, filter: Filter | None = None, text: str | None = None,
-               mode: str = "vector", lexical_weight: float = 1.0, offset: int = 0) -> list[Hit]:
+               mode: str = "vector", lexical_weight: float = 1.0, offset: int = 0,
+               fusion_window: int | None = None) -> list[Hit]:
         """Results offset..offset+k: every shard is asked for its top offset+k (IndexStore.search), so a
         deep page is the same as that page of one big search. Hybrid lists are fused per shard and
-        merged by fused score. `query` may be a function that makes the vector (the query model): a
-        hybrid search then matches the keywords on the shards' threads while it runs."""
+        merged by fused score, each list fused to the depth `fusion_window` (default max(FUSION_WINDOW, k):
+        not the offset, so every page of one page size comes from one fused list). `query` may be a
+        function that makes the vector (the query model): a hybrid search then matches the keywords on
+        the shards' threads while it runs."""
         wanted = offset + k
+        window = fusion_window or max(FUSION_WINDOW, k)
         lexical = [None] * len(self.shards)
         if mode == "hybrid" and callable(query):
-            window = max(wanted, FUSION_WINDOW)
             pending = [self._pool.submit(shard.lexical_ids, text, window, shop_id, filter) for shard in self.shards]
             query = query()
             lexical = [future.result() for future in pending]
         elif callable(query):
             query = query()
         per_shard = self._pool.map(lambda shard, words: shard.search(query, wanted, ef_search, shop_id, exact, filter,
-                                                                     text, mode, lexical_weight, words),
+                                                                     text, mode, lexical_weight, words, window),
                                    self.shards, lexical)
         hits = [hit for shard_hits in per_shard for hit in shard_hits]
         return sorted(hits, key=lambda hit: (-hit.score, hit.product_id))[offset:wanted]

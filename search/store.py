@@ -543,22 +543,24 @@ class IndexStore:
     # Reads --------------------------------------------------------------------------------
     def search(self, query: np.ndarray | None, k: int = 10, ef_search: int = 128, shop_id: str | None = None,
                exact: bool = False, filter: Filter | None = None, text: str | None = None, mode: str = "vector",
-               lexical_weight: float = 1.0, lexical: list[tuple[float, int]] | None = None) -> list[Hit]:
+               lexical_weight: float = 1.0, lexical: list[tuple[float, int]] | None = None,
+               window: int | None = None) -> list[Hit]:
         """Top-k live products: by inner product with `query` (mode vector; `k` and `ef_search` are
-        independent, DESIGN §8), by BM25 on `text` (lexical), or both fused by rank (hybrid; `lexical`:
-        the keyword list, `lexical_ids(text, max(k, FUSION_WINDOW), ...)`, when the caller made it)."""
+        independent, DESIGN §8), by BM25 on `text` (lexical), or both fused by rank (hybrid: each list's
+        top `window`, default max(k, FUSION_WINDOW), fused; `lexical`: the keyword list,
+        `lexical_ids(text, window, ...)`, when the caller made it)."""
         view = self._view
         if mode == "vector":
             scored = self.search_ids(query, k, ef_search, shop_id, exact, filter, view)
         elif mode == "lexical":
             scored = self.lexical_ids(text, k, shop_id, filter, view)
         else:
-            window = max(k, FUSION_WINDOW)
+            window = window or max(k, FUSION_WINDOW)
             if lexical is None:
                 lexical = self.lexical_ids(text, window, shop_id, filter, view)
             scored = fuse([self.search_ids(query, window, ef_search, shop_id, exact, filter, view), lexical],
                           (1.0, lexical_weight))[:k]
-        return self.hits(scored, view.generation)
+        return self.hits(_strictly_decreasing(scored), view.generation)
 
     def lexical_ids(self, text: str, k: int, shop_id: str | None = None, filter: Filter | None = None,
                     view: "_View | None" = None) -> list[tuple[float, int]]:
@@ -572,14 +574,15 @@ class IndexStore:
         rank = f"bm25(lexical, {', '.join(map(str, BM25_WEIGHTS))})"
         sql = f"SELECT rowid, {rank} FROM lexical WHERE lexical MATCH ?"
         with self._transaction(immediate=False) as db:
+            # Ties (equal BM25) in doc order: a deeper page's list begins with a shallower one's.
             if scope is None or len(scope[1]) <= LEXICAL_IN_LIST:
                 inside = "" if scope is None else " AND rowid IN (SELECT value FROM json_each(?))"
                 args = (match,) if scope is None else (match, json.dumps(scope[1].tolist()))
-                rows = db.execute(f"{sql}{inside} ORDER BY {rank} LIMIT ?", (*args, k)).fetchall()
+                rows = db.execute(f"{sql}{inside} ORDER BY {rank}, rowid LIMIT ?", (*args, k)).fetchall()
             else:
                 limit = 4 * k
                 while True:
-                    rows = db.execute(f"{sql} ORDER BY {rank} LIMIT ?", (match, limit)).fetchall()
+                    rows = db.execute(f"{sql} ORDER BY {rank}, rowid LIMIT ?", (match, limit)).fetchall()
                     docs = np.array([doc for doc, _ in rows], np.int64)
                     inside = np.isin(docs, scope[1], assume_unique=True) if len(docs) else np.zeros(0, bool)
                     if inside.sum() >= k or len(rows) < limit:
@@ -757,6 +760,18 @@ class IndexStore:
 
 
 _NONE = np.zeros(0, np.int64)
+
+
+def _strictly_decreasing(scored: list[tuple[float, int]]) -> list[tuple[float, int]]:
+    """Equal scores (ties: BM25 of equal texts, rank-fusion sums, copies) nudged down a float step each,
+    in the order given: the shards' lists then merge by score into one order that every page size
+    agrees on (search.sharded pages by merging each shard's top offset + k)."""
+    out, last = [], np.inf
+    for score, doc in scored:
+        score = float(np.nextafter(last, -np.inf)) if score >= last else score
+        out.append((score, doc))
+        last = score
+    return out
 
 
 def _attributes_json(record: EmbeddingRecord) -> str:

@@ -84,10 +84,20 @@ def test_the_router_answers_as_one_server_over_all_shards_and_partially_when_a_r
             routed = httpx.get(f"{router.url}/v1/products/p{n}/similar", params=params, timeout=30).json()
             assert [h["product_id"] for h in routed["results"]] == [h["product_id"] for h in expected["results"]]
             assert "vector" not in routed["results"][0] and f"p{n}" not in {h["product_id"] for h in routed["results"]}
+        assert httpx.get(f"{router.url}/v1/products/p5/vector", timeout=30).json() == \
+            httpx.get(f"{whole.url}/v1/products/p5/vector", timeout=30).json()
         unknown = httpx.get(f"{router.url}/v1/products/nope/similar", timeout=30)
         assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
         bad = httpx.get(f"{router.url}/v1/products/p1/similar", params={"k": "many"}, timeout=30)
         assert bad.status_code == 400 and "k" in bad.json()["error"]
+        deep = '{"and":[' * 900 + '{"brand":"acme"}' + ']}' * 900
+        for response in (httpx.get(f"{router.url}/v1/products/p1/similar", params={"filter": deep}, timeout=30),
+                         httpx.post(router.url + "/v1/search", timeout=30,
+                                    content='{"vector": [1.0], "filter": ' + deep + '}')):
+            assert response.status_code == 400, response.text  # nested too deep: read as bad, not a crash
+        for body, message in (({"k": 10, "offset": 995}, "offset + k is 1005"), ({"k": True, "offset": 3}, "k")):
+            answer = httpx.post(router.url + "/v1/search", json={"vector": [1.0] + [0.0] * 15, **body}, timeout=30)
+            assert answer.status_code == 400 and message in answer.json()["error"], answer.text
         health = httpx.get(router.url + "/healthz", timeout=10).json()
         assert health["status"] == "ok" and health["live_docs"] == 400
         assert httpx.get(router.url + "/livez", timeout=10).json() == {"status": "alive"}

@@ -160,3 +160,13 @@ def test_similar_products_over_http(server, colour_index):
     assert missing.status_code == 404 and "nope" in missing.json()["error"]
     bad = requests.get(f"{server.url}/v1/products/p0/similar", params={"filter": "{"}, timeout=30)
     assert bad.status_code == 400 and "filter: not valid JSON" in bad.json()["error"]
+    deep = requests.get(f"{server.url}/v1/products/p0/similar", timeout=30,
+                        params={"filter": '{"and":[' * 900 + '{"colour":"red"}' + ']}' * 900})
+    assert deep.status_code == 400 and "filter:" in deep.json()["error"]
+
+
+def test_a_filter_nested_thousands_deep_is_a_400_not_a_crash(server):
+    body = '{"text": "a", "filter": ' + '{"and": [' * 3000 + '{"colour": "red"}' + ']}' * 3000 + '}'
+    response = requests.post(f"{server.url}/v1/search", data=body, timeout=30)
+    assert response.status_code == 400 and set(response.json()) == {"error"}
+    assert requests.get(f"{server.url}/healthz", timeout=30).status_code == 200

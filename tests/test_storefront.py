@@ -199,15 +199,18 @@ def sharded_index(tmp_path, records, shards=3) -> ShardedIndex:
 def test_pages_across_shards_equal_pages_of_one_search(tmp_path):
     records = [with_attributes(record(f"p{i}", 1, shop_id=f"shop-{i % 2}"), {"brand": ["acme", "zeta"][i % 3 == 0],
                                                                               "price": float(i)},
-                               f"{WORDS[i % 5]} {i}") for i in range(60)]
+                               f"{WORDS[i % 5]} {WORDS[i % 3]} {i}") for i in range(330)]
     index = sharded_index(tmp_path, records)
     query = np.array(records[0].embedding)
     brand = parse_filter({"brand": "acme"}, FIELDS)
     for kwargs in ({}, {"filter": brand}, {"text": "wool shirt", "mode": "hybrid"}, {"text": "coat", "mode": "lexical"}):
-        whole = [h.product_id for h in index.search(query, k=45, exact=True, **kwargs)]
-        paged = [h.product_id for offset in range(0, 45, 10)
-                 for h in index.search(query, k=10, exact=True, offset=offset, **kwargs)][:45]
+        # Hybrid pages of one page size run through one fused list (each list to depth max(100, k)),
+        # also past rank 100, where a deeper page would otherwise fuse other lists.
+        whole = [h.product_id for h in index.search(query, k=290, exact=True, fusion_window=100, **kwargs)]
+        paged = [h.product_id for offset in range(0, 290, 10)
+                 for h in index.search(query, k=10, exact=True, offset=offset, **kwargs)][:290]
         assert paged == whole and len(set(whole)) == len(whole), kwargs
+        assert len(whole) > 100 or kwargs.get("mode") == "lexical", kwargs
     facets = index.facets(["brand"], filter=parse_filter({"price": {"lt": 30}}, FIELDS))
     assert facets == {"brand": {"values": {"acme": 20, "zeta": 10}}}
 
