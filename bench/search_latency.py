@@ -72,7 +72,7 @@ def filtered_search(docs: int, dim: int, k: int, queries: int = 200, ef_search: 
     import faiss
     import numpy as np
 
-    from bench.index import summary
+    from bench.index import summary, timed_queries
     from search.merge_policy import MergePolicy
     from search.segment import SegmentParams
     from search.store import IndexStore
@@ -99,12 +99,9 @@ def filtered_search(docs: int, dim: int, k: int, queries: int = 200, ef_search: 
             truth = faiss.knn(probes, np.ascontiguousarray(vectors[rows]), k, faiss.METRIC_INNER_PRODUCT)[1]
             for q in probes[:20]:
                 store.search_ids(q, k, ef_search, filter=parsed)
-            latencies, recalls = [], []
-            for q, expected in zip(probes, truth):
-                t0 = time.perf_counter()
-                found = store.search_ids(q, k, ef_search, filter=parsed)
-                latencies.append((time.perf_counter() - t0) * 1000)
-                recalls.append(len({doc for _, doc in found} & set(rows[expected].tolist())) / k)
+            found, latencies = timed_queries(lambda q: store.search_ids(q, k, ef_search, filter=parsed), probes)
+            recalls = [len({doc for _, doc in hits} & set(rows[expected].tolist())) / k
+                       for hits, expected in zip(found, truth)]
             p50, p99 = percentiles(latencies, 50, 99)
             out["filters"][share] = {"filter": condition, "docs": int(len(rows)), "p50_ms": p50, "p99_ms": p99,
                                      "recall": summary(recalls)}
@@ -193,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
             server.terminate()
             server.wait(timeout=30)
         shutil.rmtree(directory, ignore_errors=True)
-    filtered = filtered_search(args.filtered_docs, args.filtered_dim, args.k) if args.filtered_docs else {}
+    filtered = filtered_search(args.filtered_docs, args.filtered_dim, args.k, args.filtered_queries) \
+        if args.filtered_docs else {}
     load = f"{args.rate:g} requests/s open loop, {args.concurrency} client threads, {args.seconds:g}s, k={args.k}"
     print(f"load: {load}; index {args.vectors:,} x {embedding_dim(DEFAULT_MODEL)}-d, {args.shards} shards, "
           f"{DEFAULT_MODEL} on CPU")

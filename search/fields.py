@@ -119,17 +119,15 @@ class FieldIndex:
             by_doc = np.full(max(next_doc, 2 * len(by_doc)), np.nan)
             by_doc[:len(self.by_doc)] = self.by_doc
         new = {doc: self.number(value) for doc, value in added.items() if value is not None}
-        if new:
-            docs = np.fromiter(new.keys(), np.int64, len(new))
-            by_doc[docs] = np.fromiter(new.values(), np.float64, len(new))  # above any view's next_doc
+        add_docs = np.fromiter(new.keys(), np.int64, len(new))
+        add_values = np.fromiter(new.values(), np.float64, len(new))
+        by_doc[add_docs] = add_values  # above any view's next_doc
         values, docs_sorted = self.values, self.docs
         if len(dead):
             gone = np.isin(docs_sorted, dead)
             if gone.any():
                 values, docs_sorted = values[~gone], docs_sorted[~gone]
         if new:
-            add_docs = np.fromiter(new.keys(), np.int64, len(new))
-            add_values = by_doc[add_docs]
             values = np.concatenate([values, add_values])
             docs_sorted = np.concatenate([docs_sorted, add_docs])
             order = np.lexsort((docs_sorted, values))

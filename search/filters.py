@@ -41,15 +41,6 @@ class Filter:
         self.tree = tree
         self.key = json.dumps(tree, sort_keys=True)
 
-    def fields(self) -> set[str]:
-        def walk(node):
-            if node[0] in ("and", "or"):
-                for child in node[1]:
-                    yield from walk(child)
-            else:
-                yield node[0]
-        return set(walk(self.tree))
-
     def evaluate(self, indexes: Mapping[str, FieldIndex], shop_docs: Callable[[str], np.ndarray]) -> np.ndarray:
         """The sorted live docs that pass; `shop_docs(shop)` gives a shop's postings."""
         return _evaluate(self.tree, indexes, shop_docs)

@@ -36,8 +36,7 @@ def _madvise():
 
 def advise(address: int, nbytes: int) -> bool:
     """Puts the 2 MB-aligned part of [address, address + nbytes) on huge pages; True if the kernel did."""
-    start = -(-address // HUGE) * HUGE
-    end = (address + nbytes) // HUGE * HUGE
+    start, end = _aligned(address, nbytes)
     if end <= start:
         return False
     madvise = _madvise()
@@ -49,6 +48,11 @@ def advise(address: int, nbytes: int) -> bool:
                          "of a million vectors run about 1.7x slower", ctypes.get_errno(), _thp_mode())
         return False
     return True
+
+
+def _aligned(address: int, nbytes: int) -> tuple[int, int]:
+    """The 2 MB-aligned part of [address, address + nbytes): what huge pages can hold."""
+    return -(-address // HUGE) * HUGE, (address + nbytes) // HUGE * HUGE
 
 
 def _thp_mode() -> str:
@@ -70,9 +74,9 @@ def advise_index(index: faiss.Index) -> int:
               (hnsw.offsets.data(), hnsw.offsets.size() * 8)]
     done = 0
     for pointer, nbytes in ranges:
-        address = int(pointer)
-        if advise(address, nbytes):
-            done += (address + nbytes) // HUGE * HUGE - -(-address // HUGE) * HUGE
+        if advise(int(pointer), nbytes):
+            start, end = _aligned(int(pointer), nbytes)
+            done += end - start
     return done
 
 

@@ -34,8 +34,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from search.hybrid import FUSION_WINDOW
-from search.server import MAX_BODY_BYTES, MAX_DEPTH, PAGE, _JsonBody, _error, _listen, _port, serve
-from search.sharded import DUPLICATE_COSINE
+from search.filters import FilterError
+from search.server import MAX_BODY_BYTES, MAX_DEPTH, PAGE, _json_param, _JsonBody, _error, _listen, _port, serve
+from search.sharded import collapse_near_copies
 
 __all__ = ["Backends", "create_app", "main"]
 
@@ -148,36 +149,31 @@ def create_app(backends: Backends) -> FastAPI:
             return _error(503, f"the router's backends cannot be merged: {backends.misconfigured}")
         body, (k, offset) = _deepened(await request.body())
         answers = await asyncio.gather(*(backends.post(url, body) for url in backends.urls))
-        hits, missing, errors, facets, mode = [], set(backends.missing()), {}, [], None
-        for url, (status, answer, error) in zip(backends.urls, answers):
-            if status == 200:
-                hits += answer["results"]
-                facets.append(answer.get("facets", {}))
-                mode = mode or answer.get("mode")
-                missing.update(answer.get("missing_shards", ()))
-            elif status in (400, 413):  # the request itself is bad: every backend would say so
-                return JSONResponse(answer, status_code=status)
-            else:
-                errors[url] = error or (answer or {}).get("error") or f"HTTP {status}"
-                missing.update(backends.shards_of(url))
-        if len(errors) == len(backends.urls):
-            return JSONResponse({"error": f"no backend answered: {errors}"}, status_code=503)
-        hits.sort(key=lambda hit: (-hit["score"], hit["product_id"]))
+        answered, coverage, bad = _sorted_out(backends, answers)
+        if bad is not None:
+            return bad
+        if len(coverage.get("errors", ())) == len(backends.urls):
+            return JSONResponse({"error": f"no backend answered: {coverage['errors']}"}, status_code=503)
+        hits = sorted((hit for answer in answered for hit in answer["results"]),
+                      key=lambda hit: (-hit["score"], hit["product_id"]))
         unique = {}
         for hit in hits:  # a shard that moved between backends mid-query must not count twice
             unique.setdefault(hit["product_id"], hit)
         hits = list(unique.values())
         took = round((time.perf_counter() - started) * 1000, 3)
-        return {"results": hits[offset:offset + k], "facets": _summed(facets), "mode": mode, "took_ms": took,
-                "partial": bool(missing or errors), "missing_shards": sorted(missing),
-                **({"errors": errors} if errors else {})}
+        return {"results": hits[offset:offset + k], "facets": _summed([a.get("facets", {}) for a in answered]),
+                "mode": next((a["mode"] for a in answered if a.get("mode")), None), "took_ms": took, **coverage}
+
+    async def vector_of(product_id: str):
+        """(the product's stored vector from whichever replica serves its shard, or None; each replica's
+        (status, answer, error))."""
+        path = f"/v1/products/{quote(product_id, safe='')}/vector"
+        found = await asyncio.gather(*(backends.get(url + path) for url in backends.urls))
+        return next((answer for status, answer, _ in found if status == 200), None), found
 
     @app.get("/v1/products/{product_id}/vector")
     async def product_vector(product_id: str):
-        """From whichever replica serves the product's shard."""
-        path = f"/v1/products/{quote(product_id, safe='')}/vector"
-        found = await asyncio.gather(*(backends.get(url + path) for url in backends.urls))
-        answer = next((answer for status, answer, _ in found if status == 200), None)
+        answer, _ = await vector_of(product_id)
         return answer if answer is not None else _error(404, f"no live product {product_id!r} in the index")
 
     @app.get("/v1/products/{product_id}/similar")
@@ -189,43 +185,30 @@ def create_app(backends: Backends) -> FastAPI:
         backends.refresh_in_background()
         if backends.misconfigured:
             return _error(503, f"the router's backends cannot be merged: {backends.misconfigured}")
-        path = f"/v1/products/{quote(product_id, safe='')}/vector"
-        found = await asyncio.gather(*(backends.get(url + path) for url in backends.urls))
-        vector = next((answer["vector"] for status, answer, _ in found if status == 200), None)
-        if vector is None:
+        answer, found = await vector_of(product_id)
+        if answer is None:
             down = [url for url, (status, _, _) in zip(backends.urls, found) if status not in (200, 404)]
             if down:
                 return _error(503, f"no live product {product_id!r} among the backends that answered "
                                    f"({len(down)} did not)")
             return _error(404, f"no live product {product_id!r} in the index")
         try:
-            scope = json.loads(filter) if filter is not None else None
-        except ValueError as e:
-            return _error(400, f"filter: not valid JSON ({e})")
-        except RecursionError:
-            return _error(400, "filter: nested too deep to read")
-        body = json.dumps({"vector": vector, "exclude": product_id, "k": k, "shop_id": shop_id, "filter": scope,
-                           **({"ef_search": ef_search} if ef_search is not None else {})}).encode()
+            scope = _json_param("filter", filter)
+        except FilterError as e:
+            return _error(400, str(e))
+        body = json.dumps({"vector": answer["vector"], "exclude": product_id, "k": k, "shop_id": shop_id,
+                           "filter": scope, **({"ef_search": ef_search} if ef_search is not None else {})}).encode()
         answers = await asyncio.gather(*(backends.post(url, body, "/v1/similar") for url in backends.urls))
-        candidates, missing, errors = [], set(backends.missing()), {}
-        for url, (status, answer, error) in zip(backends.urls, answers):
-            if status == 200:
-                candidates += answer["results"]
-            elif status in (400, 413):
-                return JSONResponse(answer, status_code=status)
-            else:
-                errors[url] = error or (answer or {}).get("error") or f"HTTP {status}"
-                missing.update(backends.shards_of(url))
-        candidates.sort(key=lambda hit: (-hit["score"], hit["product_id"]))
-        kept, kept_vectors = [], [np.asarray(vector, np.float32)]
-        for hit in candidates:  # each replica collapsed its own; copies across replicas go here
-            own = np.asarray(hit.pop("vector"), np.float32)
-            if max(float(v @ own) for v in kept_vectors) < DUPLICATE_COSINE and len(kept) < k:
-                kept.append(hit)
-                kept_vectors.append(own)
+        answered, coverage, bad = _sorted_out(backends, answers)
+        if bad is not None:
+            return bad
+        candidates = sorted((hit for answer in answered for hit in answer["results"]),
+                            key=lambda hit: (-hit["score"], hit["product_id"]))
+        # Each replica collapsed its own candidates; copies across replicas go here.
+        kept = collapse_near_copies(((hit, np.asarray(hit.pop("vector"), np.float32)) for hit in candidates),
+                                    answer["vector"], k)
         took = round((time.perf_counter() - started) * 1000, 3)
-        return {"results": kept, "mode": "vector", "took_ms": took, "partial": bool(missing or errors),
-                "missing_shards": sorted(missing), **({"errors": errors} if errors else {})}
+        return {"results": [hit for hit, _ in kept], "mode": "vector", "took_ms": took, **coverage}
 
     @app.get("/healthz")
     async def healthz():
@@ -257,6 +240,25 @@ def create_app(backends: Backends) -> FastAPI:
         return PAGE
 
     return app
+
+
+def _sorted_out(backends: Backends, answers) -> tuple[list[dict], dict, JSONResponse | None]:
+    """The backends' (status, answer, error) sorted out: the answers of those that answered, the
+    coverage a response carries (partial, missing_shards, errors: why each other failed), and, when a
+    backend found the request itself bad (400, 413: every backend would say so), that answer to pass on."""
+    answered, missing, errors = [], set(backends.missing()), {}
+    for url, (status, answer, error) in zip(backends.urls, answers):
+        if status == 200:
+            answered.append(answer)
+            missing.update(answer.get("missing_shards", ()))
+        elif status in (400, 413):
+            return [], {}, JSONResponse(answer, status_code=status)
+        else:
+            errors[url] = error or (answer or {}).get("error") or f"HTTP {status}"
+            missing.update(backends.shards_of(url))
+    coverage = {"partial": bool(missing or errors), "missing_shards": sorted(missing),
+                **({"errors": errors} if errors else {})}
+    return answered, coverage, None
 
 
 def _deepened(body: bytes) -> tuple[bytes, tuple[int, int]]:

@@ -274,6 +274,13 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
                 live_docs.set(stats["live_docs"])
                 generation.set(stats["generation"])
 
+    def answered(kind: str, started: float) -> float:
+        """Counts a request that succeeded, observes its latency; its milliseconds, for `took_ms`."""
+        took = time.perf_counter() - started
+        latency.labels(kind).observe(took)
+        requests_total.labels("ok").inc()
+        return round(took * 1000, 3)
+
     def vector_of(request: SearchRequest):
         if request.vector is not None:
             return embedder.vector(request.vector)
@@ -333,11 +340,8 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
         except (QueryError, IndexMismatch, FilterError) as e:
             requests_total.labels("bad_request").inc()
             return _error(400, str(e))
-        took = time.perf_counter() - started
-        latency.labels(kind).observe(took)
-        requests_total.labels("ok").inc()
         return {"results": [hit.__dict__ for hit in hits], "facets": facets, "mode": request.search_mode,
-                "took_ms": round(took * 1000, 3)}
+                "took_ms": answered(kind, started)}
 
     @app.get("/v1/products/{product_id}/similar", response_model=SearchResponse,
              responses={400: {"model": ErrorResponse, "description": "a bad filter or parameter"},
@@ -358,10 +362,7 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
         if vector is None:
             return _error(404, f"no live product {product_id!r} in the shards this service serves")
         hits = index.similar(vector, k, ef_search, shop_id, parsed, exclude=product_id)
-        took = time.perf_counter() - started
-        latency.labels("similar").observe(took)
-        requests_total.labels("ok").inc()
-        return {"results": [hit.__dict__ for hit in hits], "mode": "vector", "took_ms": round(took * 1000, 3)}
+        return {"results": [hit.__dict__ for hit in hits], "mode": "vector", "took_ms": answered("similar", started)}
 
     @app.get("/v1/products/{product_id}/vector", response_model=ProductVector,
              responses={404: {"model": ErrorResponse, "description": "no live product of that id here"}})
@@ -388,11 +389,8 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
         refresh()
         pairs = index.similar(vector, request.k, request.ef_search, request.shop_id, parsed, exclude=request.exclude,
                               with_vectors=True)
-        took = time.perf_counter() - started
-        latency.labels("similar").observe(took)
-        requests_total.labels("ok").inc()
         return {"results": [{**hit.__dict__, "vector": v.tolist()} for hit, v in pairs], "mode": "vector",
-                "took_ms": round(took * 1000, 3)}
+                "took_ms": answered("similar", started)}
 
     @app.get("/healthz", response_model=Health)
     def healthz():

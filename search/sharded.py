@@ -18,7 +18,7 @@ import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 
@@ -28,16 +28,31 @@ from search.filters import Filter
 from search.hybrid import FUSION_WINDOW
 from search.store import ApplyResult, Hit, IndexMismatch, IndexStore, StoreSettings
 
-__all__ = ["ShardWriter", "ShardedIndex", "parse_shards", "shard_of", "writer_cache_dir"]
+__all__ = ["ShardWriter", "ShardedIndex", "collapse_near_copies", "parse_shards", "shard_of", "writer_cache_dir"]
 
 _log = logging.getLogger(__name__)
 DUPLICATE_COSINE = 0.98  # similar products: a candidate this close to one already shown is a copy of it
 SIMILAR_POOL = 4  # candidates per result wanted, before near-duplicates are collapsed
+T = TypeVar("T")
 
 
 def shard_of(product_id: str, num_shards: int) -> int:
     """Stable across processes and runs (Python's hash() is salted per process)."""
     return zlib.crc32(product_id.encode("utf-8")) % num_shards
+
+
+def collapse_near_copies(candidates: Iterable[tuple[T, np.ndarray]], product: np.ndarray, k: int,
+                         duplicate_cosine: float = DUPLICATE_COSINE) -> list[tuple[T, np.ndarray]]:
+    """(item, vector) candidates, best first → the first k whose cosine with the product and with every
+    one kept before is below `duplicate_cosine`: a page of similar items is not ten copies of one."""
+    kept, kept_vectors = [], [np.asarray(product, np.float32)]
+    for item, vector in candidates:
+        if len(kept) == k:
+            break
+        if max(float(v @ vector) for v in kept_vectors) < duplicate_cosine:
+            kept.append((item, vector))
+            kept_vectors.append(vector)
+    return kept
 
 
 def parse_shards(text: str, num_shards: int) -> list[int]:
@@ -252,19 +267,11 @@ class ShardedIndex:
             vectors = shard.vectors_of([doc for _, doc in scored])
             return [(hits[doc], row) for (_, doc), row in zip(scored, vectors) if doc in hits]
 
-        candidates = [c for part in self._pool.map(shard_candidates, self.shards) for c in part]
+        candidates = [c for part in self._pool.map(shard_candidates, self.shards) for c in part
+                      if c[0].product_id != exclude]
         candidates.sort(key=lambda c: (-c[0].score, c[0].product_id))
-        kept, kept_vectors = [], [np.asarray(vector, np.float32)]
-        for hit, candidate in candidates:
-            if hit.product_id == exclude:
-                continue
-            if max(float(v @ candidate) for v in kept_vectors) >= duplicate_cosine:
-                continue
-            kept.append((hit, candidate) if with_vectors else hit)
-            kept_vectors.append(candidate)
-            if len(kept) == k:
-                break
-        return kept
+        kept = collapse_near_copies(candidates, vector, k, duplicate_cosine)
+        return kept if with_vectors else [hit for hit, _ in kept]
 
     @property
     def filterable(self):

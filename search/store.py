@@ -183,8 +183,7 @@ class IndexStore:
                         "hnsw_m": str(settings.segment.m),
                         "hnsw_ef_construction": str(settings.segment.ef_construction),
                         "segment_kind": settings.segment.kind, "ivf_nprobe": str(settings.segment.nprobe),
-                        "segment_sums": "crc32", "filterable": json.dumps([str(f) for f in settings.filterable]),
-                        "lexical_fields": json.dumps([f.name for f in settings.filterable if f.type == "keyword"])}
+                        "segment_sums": "crc32", "filterable": json.dumps([str(f) for f in settings.filterable])}
                 db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
         self.model = meta["model"]
         self.dim = int(meta["dim"])

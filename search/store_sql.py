@@ -12,6 +12,8 @@ import json
 import sqlite3
 from typing import Iterable, Sequence
 
+from search.fields import parse_filterable
+
 __all__ = ["PRODUCT_COLUMNS", "SCHEMA", "generation", "lexical_text", "meta", "migrate", "write_commit"]
 
 SCHEMA = """
@@ -35,7 +37,8 @@ CREATE VIRTUAL TABLE IF NOT EXISTS lexical USING fts5(title, description, attrib
 PRODUCT_COLUMNS = ("product_id", "version", "doc_id", "shop_id", "title", "image_url", "attributes", "embedded_at")
 _DEFAULTS = ("{}", "", "")  # attributes, embedded_at, description of rows from before they existed
 
-_UPSERT = ("INSERT INTO products VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(product_id) DO UPDATE SET "
+_UPSERT = (f"INSERT INTO products VALUES ({', '.join('?' * len(PRODUCT_COLUMNS))}) "
+           "ON CONFLICT(product_id) DO UPDATE SET "
            "version=excluded.version, doc_id=excluded.doc_id, shop_id=excluded.shop_id, "
            "title=excluded.title, image_url=excluded.image_url, attributes=excluded.attributes, "
            "embedded_at=excluded.embedded_at")
@@ -58,12 +61,11 @@ def lexical_text(attributes: str, text_fields: Sequence[str]) -> str:
     return " ".join(v for name in text_fields if isinstance(v := values.get(name), str))
 
 
-def meta(db: sqlite3.Connection, key: str) -> str:
-    return db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
-
-
-def _meta_or(db: sqlite3.Connection, key: str, default: str) -> str:
+def meta(db: sqlite3.Connection, key: str, default: str | None = None) -> str:
+    """A meta value; `default` for a key a store made before it lacks (without one, a KeyError)."""
     row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    if row is None and default is None:
+        raise KeyError(f"meta has no {key!r}")
     return row[0] if row else default
 
 
@@ -81,8 +83,9 @@ def write_commit(db: sqlite3.Connection, *, generation: int, products: Iterable[
     if rows:
         ids = [(row[0],) for row in rows]
         db.executemany("DELETE FROM lexical WHERE rowid = (SELECT doc_id FROM products WHERE product_id = ?)", ids)
-        db.executemany(_UPSERT, [row[:8] for row in rows])
-        text_fields = json.loads(_meta_or(db, "lexical_fields", "[]"))
+        db.executemany(_UPSERT, [row[:len(PRODUCT_COLUMNS)] for row in rows])
+        text_fields = [f.name for f in parse_filterable(json.loads(meta(db, "filterable", "[]")))
+                       if f.type == "keyword"]
         db.executemany("INSERT INTO lexical(rowid, title, description, attributes) VALUES (?, ?, ?, ?)",
                        [(row[2], row[4], row[8], lexical_text(row[6], text_fields)) for row in rows
                         if row[2] is not None])
