@@ -20,6 +20,7 @@ __all__ = [
     "DeadLetter",
     "EmbeddingRecord",
     "ProductEvent",
+    "ProductState",
     "Stage",
     "MAX_IMAGE_URLS",
     "MAX_MODEL_TEXT_CHARS",
@@ -183,6 +184,71 @@ class EmbeddingRecord:
             values[name] = dt.datetime.fromisoformat(str(values[name]).replace("Z", "+00:00"))
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in fields})
+
+
+@dataclasses.dataclass(frozen=True)
+class ProductState:
+    """What a merchant last said of a product (DESIGN §4): the source a new model re-embeds from.
+
+    One row per accepted event, model-independent: an upsert's whole content, a patch's attributes,
+    a delete's tombstone. `transforms.product_state.latest_state` folds a product's rows into its
+    current state (the BigQuery view does the same in SQL); records keep neither every image URL
+    nor the whole description, so they cannot be the source.
+    """
+
+    product_id: str
+    shop_id: str
+    op: str
+    version: int
+    event_id: str
+    title: str
+    description: str
+    image_urls: tuple[str, ...]
+    attributes: Mapping[str, Any]
+    event_time: dt.datetime | None
+    recorded_at: dt.datetime
+
+    @classmethod
+    def of_event(cls, event: ProductEvent) -> "ProductState":
+        return cls(product_id=event.product_id, shop_id=event.shop_id, op=event.op, version=event.version,
+                   event_id=event.event_id, title=event.title, description=event.description,
+                   image_urls=tuple(event.image_urls), attributes=dict(event.attributes),
+                   event_time=event.event_time, recorded_at=utc_now())
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["image_urls"] = list(self.image_urls)
+        out["attributes"] = dict(self.attributes)
+        out["event_time"] = format_timestamp(self.event_time) if self.event_time else None
+        out["recorded_at"] = format_timestamp(self.recorded_at)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)
+
+    def event_json(self) -> str:
+        """The state as an event message (`transforms.events.parse_event` checks it again)."""
+        out = self.to_dict()
+        del out["recorded_at"]
+        return json.dumps(out, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ProductState":
+        """A row as JSON lines or BigQuery give it back (a JSON column may come as text, timestamps as text
+        or datetimes)."""
+        values = {f.name: data.get(f.name) for f in dataclasses.fields(cls)}
+        attributes = values["attributes"]
+        values["attributes"] = json.loads(attributes) if isinstance(attributes, str) else dict(attributes or {})
+        values["image_urls"] = tuple(values["image_urls"] or ())
+        values["version"] = int(values["version"])
+        for name in ("title", "description", "shop_id"):
+            values[name] = values[name] or ""
+        for name in ("event_time", "recorded_at"):
+            value = values[name]
+            if isinstance(value, str):
+                value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            values[name] = value
+        return cls(**values)
 
 
 def vector(values) -> np.ndarray:

@@ -99,7 +99,7 @@ infra() {
     gcloud pubsub subscriptions create "$INDEX_SUBSCRIPTION" --project="$PROJECT" --topic="$EMBEDDINGS_TOPIC" \
       --ack-deadline=600 --message-retention-duration=7d --dead-letter-topic="$DLQ_TOPIC" --max-delivery-attempts=10
   local schemas; schemas="$(mktemp -d)"
-  run "${PYTHON:-python}" -m deploy.bigquery_schemas "$schemas"
+  run "${PYTHON:-python}" -m deploy.bigquery_schemas "$schemas" "${PROJECT}:${DATASET}"
   ensure bq --project_id="$PROJECT" show "${PROJECT}:${DATASET}" -- \
     bq --project_id="$PROJECT" --location="$REGION" mk --dataset "${PROJECT}:${DATASET}"
   ensure bq --project_id="$PROJECT" show "${PROJECT}:${DATASET}.product_embeddings" -- \
@@ -108,6 +108,16 @@ infra() {
   ensure bq --project_id="$PROJECT" show "${PROJECT}:${DATASET}.dead_letter" -- \
     bq --project_id="$PROJECT" mk --table --time_partitioning_type=DAY --time_partitioning_field=failed_at \
       --clustering_fields=product_id "${PROJECT}:${DATASET}.dead_letter" "${schemas}/dead_letter.json"
+  # Each product's source state, one row per event (what a new model is re-embedded from), and the
+  # view of its current state (docs/DEPLOY.md §5).
+  ensure bq --project_id="$PROJECT" show "${PROJECT}:${DATASET}.product_state" -- \
+    bq --project_id="$PROJECT" mk --table --time_partitioning_type=DAY --time_partitioning_field=recorded_at \
+      --clustering_fields=product_id "${PROJECT}:${DATASET}.product_state" "${schemas}/product_state.json"
+  if [[ "${DRY_RUN:-0}" == "1" ]]; then
+    run bq --project_id="$PROJECT" query --use_legacy_sql=false "<${schemas}/product_state_latest.sql>"
+  else
+    run bq --project_id="$PROJECT" query --use_legacy_sql=false "$(cat "${schemas}/product_state_latest.sql")"
+  fi
   ensure gcloud iam service-accounts describe "$SERVICE_ACCOUNT" --project="$PROJECT" -- \
     gcloud iam service-accounts create "$SERVICE_ACCOUNT_NAME" --project="$PROJECT" \
       --display-name="product-embeddings Dataflow workers"
@@ -166,7 +176,7 @@ flex_run() {
 
 launch_embed() {
   flex_run embed "$MACHINE_TYPE" "$MAX_WORKERS" \
-    "input_subscription=projects/${PROJECT}/subscriptions/${EMBED_SUBSCRIPTION}~output_topic=projects/${PROJECT}/topics/${EMBEDDINGS_TOPIC}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~bigquery_table=${PROJECT}:${DATASET}.product_embeddings~bigquery_dead_letter_table=${PROJECT}:${DATASET}.dead_letter~model=${MODEL}~device=cuda~id_label=event_id~max_concurrent_downloads=${MAX_CONCURRENT_DOWNLOADS}~number_of_worker_harness_threads=${HARNESS_THREADS}~dataflow_service_options=worker_accelerator=type:${GPU_TYPE};count:1;install-nvidia-driver"
+    "input_subscription=projects/${PROJECT}/subscriptions/${EMBED_SUBSCRIPTION}~output_topic=projects/${PROJECT}/topics/${EMBEDDINGS_TOPIC}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~bigquery_table=${PROJECT}:${DATASET}.product_embeddings~bigquery_dead_letter_table=${PROJECT}:${DATASET}.dead_letter~state_table=${PROJECT}:${DATASET}.product_state~model=${MODEL}~device=cuda~id_label=event_id~max_concurrent_downloads=${MAX_CONCURRENT_DOWNLOADS}~number_of_worker_harness_threads=${HARNESS_THREADS}~dataflow_service_options=worker_accelerator=type:${GPU_TYPE};count:1;install-nvidia-driver"
 }
 
 launch_index() {

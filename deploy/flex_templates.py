@@ -37,6 +37,7 @@ REGEXES = {
     "dead_letter_topic": _TOPIC,
     "bigquery_table": _TABLE,
     "bigquery_dead_letter_table": _TABLE,
+    "state_table": _TABLE,
     "bigquery_write_method": "^(" + "|".join(("auto",) + WRITE_METHODS) + ")$",
     "timestamp_attribute": r"^[A-Za-z][-\w.]{0,255}$",
     "id_label": r"^[A-Za-z][-\w.]{0,255}$",

@@ -28,7 +28,8 @@ from media.download import FetchConfig
 from transforms.bigquery import EMULATOR_ENV, WRITE_METHODS
 from transforms.images import ImageOptions
 
-__all__ = ["EmbedJobConfig", "EmbedOptions", "IndexJobConfig", "IndexOptions", "LaunchOptions", "SharedOptions"]
+__all__ = ["EmbedJobConfig", "EmbedOptions", "IndexJobConfig", "IndexOptions", "LaunchOptions", "ReembedJobConfig",
+           "ReembedOptions", "SharedOptions"]
 
 
 def _flag(value: str) -> bool:
@@ -91,6 +92,10 @@ class EmbedOptions(PipelineOptions):
         bq = parser.add_argument_group("BigQuery (both modes)")
         bq.add_argument("--bigquery_table", help="P:DATASET.TABLE for embedding records (created if needed).")
         bq.add_argument("--bigquery_dead_letter_table", help="P:DATASET.TABLE for dead letters.")
+        bq.add_argument("--state_table",
+                        help="P:DATASET.product_state for each product's source state (one row per accepted "
+                             "event; what pipelines.reembed re-embeds from). Files mode also writes it as "
+                             "JSON lines under OUTPUT_DIR/product_state/.")
         bq.add_argument("--bigquery_write_method", default="auto", choices=("auto",) + WRITE_METHODS,
                         help="auto: the Storage Write API on Dataflow, streaming inserts elsewhere "
                              "(and always against an emulator).")
@@ -120,6 +125,16 @@ class EmbedOptions(PipelineOptions):
                             help="Connect and read timeout of one image request.")
         images.add_argument("--download_retries", type=int, default=FetchConfig.retries,
                             help="Retries on 5xx and timeouts, with exponential backoff.")
+
+
+class ReembedOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        source = parser.add_argument_group("re-embed source (one of)")
+        source.add_argument("--source", help="bigquery:P:DATASET.product_state (the table the embed pipeline's "
+                                             "--state_table fills, or its latest-state view).")
+        source.add_argument("--source_dir", help="A directory of product-state JSON lines (files mode writes them "
+                                                 "under OUTPUT_DIR/product_state/).")
 
 
 class IndexOptions(PipelineOptions):
@@ -181,10 +196,12 @@ class EmbedJobConfig:
     bigquery_table: str | None = None
     bigquery_dead_letter_table: str | None = None
     bigquery_write_method: str = "STREAMING_INSERTS"
+    state_table: str | None = None
 
     @classmethod
-    def from_options(cls, options: PipelineOptions, preflight: bool = True) -> "EmbedJobConfig":
-        """`preflight`: also ask whether the input exists and Pub/Sub answers (never on a dry run)."""
+    def from_options(cls, options: PipelineOptions, preflight: bool = True, backfill: bool = False) -> "EmbedJobConfig":
+        """`preflight`: also ask whether the input exists and Pub/Sub answers (never on a dry run).
+        `backfill`: the sinks of pipelines.reembed, whose input is product state, not events."""
         o = options.view_as(EmbedOptions)
         shared = options.view_as(SharedOptions)
         try:
@@ -236,8 +253,9 @@ class EmbedJobConfig:
             bigquery_table=o.bigquery_table,
             bigquery_dead_letter_table=o.bigquery_dead_letter_table,
             bigquery_write_method=_write_method(o.bigquery_write_method, runner),
+            state_table=o.state_table,
         )
-        config.validate(runner)
+        config.validate(runner, backfill)
         if o.device == "cuda" and runner in LOCAL_RUNNERS:
             check_local_cuda()
         if preflight:
@@ -252,15 +270,26 @@ class EmbedJobConfig:
                 check_input_matches(self.input_file, "--input_file")
             if self.output_dir:
                 check_writable_dir(self.output_dir, "--output_dir")
-            if self.streaming and remote:
+            if (self.streaming or self.output_topic) and remote:
                 check_pubsub(self.input_subscription, (self.output_topic, self.dead_letter_topic))
         except PreflightError as e:
             raise SystemExit(f"cannot start: {e}") from e
 
-    def validate(self, runner: str = "DirectRunner") -> None:
+    def validate(self, runner: str = "DirectRunner", backfill: bool = False) -> None:
         """Rejects combinations that would only fail later, on a worker."""
         problems = []
-        if self.streaming:
+        if backfill:
+            if self.streaming:
+                problems.append("a backfill is a batch job: drop --streaming (changes during it come through the "
+                                "new model's streaming embed job)")
+            for flag in ("input_file", "input_subscription", "timestamp_attribute", "id_label", "state_table"):
+                if getattr(self, flag):
+                    problems.append(f"--{flag} is not an option of a backfill")
+            if not (self.output_topic or self.output_dir or self.bigquery_table):
+                problems.append("give where the records go: --output_topic, --output_dir or --bigquery_table")
+            if self.model.max_batch_duration_secs:
+                problems.append("--max_batch_duration_secs (stateful batching) needs --streaming")
+        elif self.streaming:
             for flag in ("input_subscription", "output_topic", "dead_letter_topic"):
                 if not getattr(self, flag):
                     problems.append(f"--{flag} is required with --streaming")
@@ -283,12 +312,40 @@ class EmbedJobConfig:
             problems.append(f"--id_label is Dataflow-only: the {runner} cannot deduplicate on it (and stalls)")
         for flag, pattern in (("input_subscription", _SUBSCRIPTION), ("output_topic", _TOPIC),
                               ("dead_letter_topic", _TOPIC), ("bigquery_table", _TABLE),
-                              ("bigquery_dead_letter_table", _TABLE)):
+                              ("bigquery_dead_letter_table", _TABLE), ("state_table", _TABLE)):
             value = getattr(self, flag)
             if value and not pattern.match(value):
                 problems.append(f"--{flag} {value!r} is not a valid name")
         if problems:
             raise SystemExit("invalid options: " + "; ".join(problems))
+
+
+_STATE_SOURCE = re.compile(r"^bigquery:" + TABLE_PATTERN[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class ReembedJobConfig:
+    """The backfill: product state from `source` (`bigquery:P:D.T`, or a directory of JSON lines) through
+    the embed pipeline's transforms and sinks (`embed`)."""
+
+    source: str
+    embed: EmbedJobConfig
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions, preflight: bool = True) -> "ReembedJobConfig":
+        o = options.view_as(ReembedOptions)
+        if bool(o.source) == bool(o.source_dir):
+            raise SystemExit("invalid options: give exactly one of --source bigquery:P:DATASET.TABLE and "
+                             "--source_dir DIR")
+        if o.source and not _STATE_SOURCE.match(o.source):
+            raise SystemExit(f"invalid options: --source {o.source!r} is not bigquery:PROJECT:DATASET.TABLE")
+        embed = EmbedJobConfig.from_options(options, preflight, backfill=True)
+        if preflight and o.source_dir and not options.view_as(TestOptions).dry_run:
+            try:
+                check_input_matches(f"{o.source_dir.rstrip('/')}/*.jsonl", "--source_dir")
+            except PreflightError as e:
+                raise SystemExit(f"cannot start: {e}") from e
+        return cls(source=o.source or o.source_dir, embed=embed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,6 +367,7 @@ class IndexJobConfig:
     cache_dir: str | None = None
     stateful_commits: bool = False
     commit_max_delay_secs: float = 1.0
+    projection: str = ""  # the head the records' vectors went through (kept with the index)
 
     @classmethod
     def from_options(cls, options: PipelineOptions, preflight: bool = True) -> "IndexJobConfig":
@@ -385,7 +443,7 @@ class IndexJobConfig:
                      dead_letter_dir=o.dead_letter_dir, dead_letter_topic=shared.dead_letter_topic,
                      commit_batch_size=o.commit_batch_size, cache_dir=o.cache_dir,
                      stateful_commits=o.commit_batching == "stateful" or o.commit_batching == "auto" and remote_runner,
-                     commit_max_delay_secs=o.commit_max_delay_secs)
+                     commit_max_delay_secs=o.commit_max_delay_secs, projection=shared.projection or "")
         if preflight:
             config.preflight(remote=not dry_run)
         return config

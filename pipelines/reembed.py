@@ -1,0 +1,54 @@
+"""The re-embed backfill: every live product's latest source state → records of a new model.
+
+    python -m pipelines.reembed --source bigquery:P:DATASET.product_state | --source_dir DIR \
+        --model SPEC [--projection HEAD] (--output_topic projects/P/topics/T | --output_dir DIR) [...]
+
+Product state (transforms.product_state) is folded to one current state per product (deleted
+products and patch-only ones left out), checked again as an event, and sent through the embed
+pipeline's own transforms and sinks: the same batching, the same dead letters. A rollout
+(docs/DEPLOY.md §5) starts the new model's streaming embed job first, then runs this: a change made
+during the backfill reaches the new index through that job, and the index keeps the newer version
+whichever arrives last.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+
+from model_handlers.config import DEFAULT_MODEL
+from pipelines.cli import configure_logging, launch, parse_options
+from pipelines.embed import EmbedOutputs, summarize as summarize_embed, write_outputs
+from pipelines.options import EmbedOptions, ReembedJobConfig, ReembedOptions, SharedOptions
+from transforms.embedding import EmbedProducts
+from transforms.events import ParseEvents
+from transforms.product_state import LatestStates, ReadProductState
+from transforms.progress import CountOutcomes
+
+__all__ = ["build_pipeline", "run"]
+
+
+def build_pipeline(p: beam.Pipeline, config: ReembedJobConfig) -> EmbedOutputs:
+    states, unreadable = p | "ReadState" >> ReadProductState(config.source)
+    events = (states
+              | "LatestStates" >> LatestStates()
+              | "AsEvents" >> beam.Map(lambda state: state.event_json())
+              | "ParseEvents" >> ParseEvents())
+    _ = unreadable | "CountUnreadable" >> CountOutcomes("dead_letters")
+    _ = events[ParseEvents.DEAD_LETTER] | "CountParseFailures" >> CountOutcomes("dead_letters")
+    records, embed_letters = events.events | "EmbedProducts" >> EmbedProducts(config.embed.model, config.embed.images)
+    return write_outputs(records, [unreadable, events[ParseEvents.DEAD_LETTER], embed_letters], config.embed)
+
+
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None):
+    options = parse_options(argv, "python -m pipelines.reembed", __doc__.strip().splitlines()[0],
+                            (SharedOptions, EmbedOptions, ReembedOptions), defaults={"model": DEFAULT_MODEL})
+    config = ReembedJobConfig.from_options(options)
+    pipeline = test_pipeline or beam.Pipeline(options=options)
+    build_pipeline(pipeline, config)
+    return launch(pipeline, options, "reembed", lambda result: f"from {config.source}: "
+                  + summarize_embed(result, config.embed))
+
+
+if __name__ == "__main__":
+    configure_logging()
+    run()
