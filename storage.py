@@ -13,14 +13,18 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["AlreadyExists", "Unreachable", "copy_from_local", "copy_to_local", "create_only", "delete", "exists", "is_remote",
-           "match", "read_bytes", "write_bytes"]
+__all__ = ["AlreadyExists", "Changed", "Unreachable", "copy_from_local", "copy_to_local", "create_only", "delete",
+           "exists", "is_remote", "match", "read_bytes", "read_versioned", "replace_if", "write_bytes"]
 
 _CHUNK = 8 * 1024 * 1024
 
 
 class AlreadyExists(FileExistsError):
     """`create_only` found the object there already: another writer got there first."""
+
+
+class Changed(RuntimeError):
+    """`replace_if` found the object changed since it was read: another writer got there first."""
 
 
 class Unreachable(OSError):
@@ -106,13 +110,72 @@ def create_only(path: str | Path, data: bytes) -> None:
 
 def _gcs_create_only(path: str, data: bytes) -> None:
     from google.api_core.exceptions import PreconditionFailed
+
+    try:
+        _gcs_blob(path).upload_from_string(data, if_generation_match=0)
+    except PreconditionFailed as e:
+        raise AlreadyExists(path) from e
+
+
+def read_versioned(path: str | Path) -> tuple[bytes | None, str]:
+    """The object's bytes (None when there is none) and a token of this version, for `replace_if`:
+    the object's generation on Cloud Storage, a digest of the bytes locally."""
+    text = str(path)
+    if text.startswith("gs://"):
+        blob = _gcs_blob(text)
+        if not blob.exists():
+            return None, "0"
+        blob.reload()
+        return blob.download_as_bytes(if_generation_match=blob.generation), str(blob.generation)
+    if is_remote(path):
+        raise NotImplementedError(f"{text}: only gs:// and local paths have a conditional replace")
+    data = Path(text).read_bytes() if Path(text).exists() else None
+    return data, _digest(data)
+
+
+def replace_if(path: str | Path, data: bytes, token: str) -> None:
+    """Replaces the object with `data` only if it is still the version `token` names (Changed otherwise),
+    atomically: a generation precondition on Cloud Storage; locally, under an exclusive lock, a check of
+    the bytes and a rename over the old file (readers see the old file or the new one, never half)."""
+    text = str(path)
+    if text.startswith("gs://"):
+        from google.api_core.exceptions import PreconditionFailed
+
+        try:
+            _gcs_blob(text).upload_from_string(data, if_generation_match=int(token))
+        except PreconditionFailed as e:
+            raise Changed(f"{text} changed since it was read") from e
+        return
+    if is_remote(path):
+        raise NotImplementedError(f"{text}: only gs:// and local paths have a conditional replace")
+    import fcntl
+
+    target = Path(text)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = target.read_bytes() if target.exists() else None
+        if _digest(current) != token:
+            raise Changed(f"{text} changed since it was read")
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+
+
+def _digest(data: bytes | None) -> str:
+    import hashlib
+
+    return "0" if data is None else hashlib.sha256(data).hexdigest()
+
+
+def _gcs_blob(path: str):
     from google.cloud import storage as gcs
 
     bucket, _, name = path.removeprefix("gs://").partition("/")
-    try:
-        gcs.Client().bucket(bucket).blob(name).upload_from_string(data, if_generation_match=0)
-    except PreconditionFailed as e:
-        raise AlreadyExists(path) from e
+    return gcs.Client().bucket(bucket).blob(name)
 
 
 def match(pattern: str) -> list[str]:

@@ -9,12 +9,13 @@ Streaming (the embeddings topic):
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 
-from pipelines.cli import configure_logging, launch, parse_options
+from pipelines.cli import configure_logging, is_dry_run, launch, parse_options
 from pipelines.options import IndexJobConfig, IndexOptions, SharedOptions
 from schemas import Stage
 from transforms.dead_letter import from_beam_failure
@@ -53,6 +54,20 @@ def build_pipeline(p: beam.Pipeline, config: IndexJobConfig) -> IndexOutputs:
     return IndexOutputs(updated.commits, dead_letters)
 
 
+def keep_head(index_dir: str, projection: str) -> None:
+    """Copies the head the records went through into the index (projection.pt): a search service that
+    follows an alias to this index loads it from there (search.server --alias)."""
+    import storage
+    from search.sharded import HEAD_FILE
+
+    if not storage.is_remote(index_dir):
+        Path(index_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        storage.create_only(f"{index_dir.rstrip('/')}/{HEAD_FILE}", storage.read_bytes(projection))
+    except storage.AlreadyExists:
+        pass  # kept by an earlier run: the model id, checked against index.json, says it is the same head
+
+
 def summarize(result, config: IndexJobConfig) -> str:
     """The closing line: what was read, what the index now holds, and where."""
     from search.sharded import ShardedIndex
@@ -82,6 +97,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     options = parse_options(argv, "python -m pipelines.index", __doc__.strip().splitlines()[0],
                             (SharedOptions, IndexOptions))
     config = IndexJobConfig.from_options(options)
+    if config.projection and not is_dry_run(options):
+        keep_head(config.index_dir, config.projection)
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(pipeline, config)
     return launch(pipeline, options, "index", lambda result: summarize(result, config))

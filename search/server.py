@@ -2,6 +2,7 @@
 and a search page at `/`.
 
     python -m search.server --index_dir index/ --port 8080 [--model SPEC]
+    python -m search.server --index_dir indexes/ --alias live    # follows the alias (search.aliases)
 
 Built on FastAPI (validation, the OpenAPI document at /docs) served by uvicorn, with
 prometheus_client for metrics. It embeds text and image queries with the index's own model, asks
@@ -37,9 +38,11 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 import storage
 from model_handlers.config import ModelConfig, model_id, split_model_id
+from search.aliases import index_path
 from search.filters import FilterError, parse_filter
 from search.query import QueryEmbedder, QueryError, runs_here
-from search.sharded import ShardedIndex
+from search.serving import AliasFollower, Fixed, Served
+from search.sharded import HEAD_FILE, ShardedIndex
 from search.store import IndexMismatch
 from media.download import FetchConfig
 
@@ -121,6 +124,7 @@ class SimilarHit(SearchHit):
 class SimilarCandidates(BaseModel):
     results: list[SimilarHit]
     mode: str = "vector"
+    model: str = ""
     took_ms: float
 
 
@@ -138,6 +142,7 @@ class SimilarRequest(BaseModel):
 class ProductVector(BaseModel):
     product_id: str
     vector: list[float]
+    model: str = Field("", description="the model id of the vector's index")
 
 
 class FacetCount(BaseModel):
@@ -150,6 +155,9 @@ class SearchResponse(BaseModel):
     facets: dict[str, list[FacetCount]] = Field({}, description="per facet field, exact counts of the matches "
                                                                 "(values by count; buckets in order)")
     mode: str = Field("vector", description="how the results were ranked")
+    model: str = Field("", description="the model id of the index that answered (search.aliases: it changes "
+                                       "when the alias moves to an index of another model)")
+    index: str = Field("", description="the name of the index that answered, when the service follows an alias")
     took_ms: float
     partial: bool = Field(False, description="true when some shards did not answer (search.router): the "
                                              "results are the best of the others")
@@ -164,6 +172,7 @@ class Health(BaseModel):
     status: str = Field(description="ok, or degraded: a shard's newest generation failed to load")
     model: str
     dim: int
+    index: str = Field("", description="the index served, when the service follows an alias (--alias)")
     live_docs: int
     generation: int = Field(description="the generation served (summed over shards)")
     num_shards: int
@@ -244,14 +253,17 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float = 0.2,
-               image_timeout_secs: float | None = None, image_slots: int = IMAGE_QUERY_SLOTS) -> FastAPI:
-    """`image_timeout_secs`: the most an image query may take, waiting for a slot included (default:
+def create_app(index: ShardedIndex | None, embedder: QueryEmbedder | None, refresh_secs: float = 0.2,
+               image_timeout_secs: float | None = None, image_slots: int = IMAGE_QUERY_SLOTS,
+               follower: AliasFollower | None = None) -> FastAPI:
+    """Serves `index` with `embedder`, or (`follower`) the index an alias names, as it moves.
+    `image_timeout_secs`: the most an image query may take, waiting for a slot included (default:
     the embedder's download deadline)."""
+    source = follower or Fixed(Served(index, embedder))
     app = FastAPI(title="product search", docs_url="/docs")
     app.add_middleware(_JsonBody)
     image_limiter = anyio.CapacityLimiter(image_slots)
-    image_timeout = image_timeout_secs or embedder.fetch_timeout_s
+    image_timeout = image_timeout_secs or source.current().embedder.fetch_timeout_s
     registry = CollectorRegistry()
     requests_total = Counter("search_requests_total", "Search requests by outcome", ["outcome"], registry=registry)
     latency = Histogram("search_latency_seconds", "Search request latency, query embedding included",
@@ -263,11 +275,14 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
     state = {"refreshed": 0.0, "failed": 0}
     lock = threading.Lock()
 
-    def refresh() -> None:
+    def refresh(index: ShardedIndex) -> None:
+        source.check()
         with lock:
             if time.monotonic() - state["refreshed"] >= refresh_secs:
                 index.refresh()
                 state["refreshed"] = time.monotonic()
+                if state.get("index") is not index:  # an alias moved: the new index counts from 0
+                    state["index"], state["failed"] = index, 0
                 failed_reloads.inc(index.failed_reloads - state["failed"])
                 state["failed"] = index.failed_reloads
                 stats = index.stats()
@@ -281,14 +296,14 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
         requests_total.labels("ok").inc()
         return round(took * 1000, 3)
 
-    def vector_of(request: SearchRequest):
+    def vector_of(embedder: QueryEmbedder, request: SearchRequest):
         if request.vector is not None:
             return embedder.vector(request.vector)
         if request.search_mode == "lexical":
             return None  # keywords only: no model needed
         return embedder.text(request.text)
 
-    async def image_vector(url: str):
+    async def image_vector(embedder: QueryEmbedder, url: str):
         """Fetches in a thread of the image pool, within the query's deadline (its wait included):
         slow image hosts hold image slots, never the threads text and vector queries run on."""
         deadline = time.monotonic() + image_timeout
@@ -299,8 +314,8 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
             raise ImageQueriesBusy(f"image query did not finish within {image_timeout:g} s: "
                                    f"{image_slots} image queries were already fetching") from None
 
-    def search_index(vector, request: SearchRequest, filter):
-        refresh()
+    def search_index(index: ShardedIndex, vector, request: SearchRequest, filter):
+        refresh(index)
         hits = index.search(vector, k=request.k, ef_search=request.ef_search, shop_id=request.shop_id, filter=filter,
                             text=request.text, mode=request.search_mode, lexical_weight=request.lexical_weight,
                             offset=request.offset, fusion_window=request.fusion_window)
@@ -325,23 +340,25 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
     async def search(request: SearchRequest):
         started = time.perf_counter()
         kind = "text" if request.text is not None else "vector" if request.vector is not None else "image"
-        try:
-            filter = _checked_scope(request.filter, request.facets, request.facet_buckets, index.filterable)
-            if kind == "image":
-                vector = await image_vector(request.image_url)
-            elif kind == "text" and request.search_mode == "hybrid":
-                vector = functools.partial(embedder.text, request.text)  # embedded while the keywords match
-            else:
-                vector = await run_in_threadpool(vector_of, request)
-            hits, facets = await run_in_threadpool(search_index, vector, request, filter)
-        except ImageQueriesBusy as e:
-            requests_total.labels("busy").inc()
-            return _error(503, str(e))
-        except (QueryError, IndexMismatch, FilterError) as e:
-            requests_total.labels("bad_request").inc()
-            return _error(400, str(e))
-        return {"results": [hit.__dict__ for hit in hits], "facets": facets, "mode": request.search_mode,
-                "took_ms": answered(kind, started)}
+        with source.use() as served:  # a request finishes on the index and model it started with
+            index, embedder = served.index, served.embedder
+            try:
+                filter = _checked_scope(request.filter, request.facets, request.facet_buckets, index.filterable)
+                if kind == "image":
+                    vector = await image_vector(embedder, request.image_url)
+                elif kind == "text" and request.search_mode == "hybrid":
+                    vector = functools.partial(embedder.text, request.text)  # embedded while the keywords match
+                else:
+                    vector = await run_in_threadpool(vector_of, embedder, request)
+                hits, facets = await run_in_threadpool(search_index, index, vector, request, filter)
+            except ImageQueriesBusy as e:
+                requests_total.labels("busy").inc()
+                return _error(503, str(e))
+            except (QueryError, IndexMismatch, FilterError) as e:
+                requests_total.labels("bad_request").inc()
+                return _error(400, str(e))
+            return {"results": [hit.__dict__ for hit in hits], "facets": facets, "mode": request.search_mode,
+                    "model": index.model, "index": served.name, "took_ms": answered(kind, started)}
 
     @app.get("/v1/products/{product_id}/similar", response_model=SearchResponse,
              responses={400: {"model": ErrorResponse, "description": "a bad filter or parameter"},
@@ -352,27 +369,31 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
         """Products like this one, by its stored vector: the product itself left out and near-duplicates
         (cosine ≥ search.sharded.DUPLICATE_COSINE with one already listed) collapsed."""
         started = time.perf_counter()
-        try:
-            parsed = _checked_scope(_json_param("filter", filter), [], {}, index.filterable)
-        except FilterError as e:
-            requests_total.labels("bad_request").inc()
-            return _error(400, str(e))
-        refresh()
-        vector = index.product_vector(product_id)
-        if vector is None:
-            return _error(404, f"no live product {product_id!r} in the shards this service serves")
-        hits = index.similar(vector, k, ef_search, shop_id, parsed, exclude=product_id)
-        return {"results": [hit.__dict__ for hit in hits], "mode": "vector", "took_ms": answered("similar", started)}
+        with source.use() as served:
+            index = served.index
+            try:
+                parsed = _checked_scope(_json_param("filter", filter), [], {}, index.filterable)
+            except FilterError as e:
+                requests_total.labels("bad_request").inc()
+                return _error(400, str(e))
+            refresh(index)
+            vector = index.product_vector(product_id)
+            if vector is None:
+                return _error(404, f"no live product {product_id!r} in the shards this service serves")
+            hits = index.similar(vector, k, ef_search, shop_id, parsed, exclude=product_id)
+            return {"results": [hit.__dict__ for hit in hits], "mode": "vector", "model": index.model,
+                    "index": served.name, "took_ms": answered("similar", started)}
 
     @app.get("/v1/products/{product_id}/vector", response_model=ProductVector,
              responses={404: {"model": ErrorResponse, "description": "no live product of that id here"}})
     def product_vector(product_id: str):
         """A product's stored vector (from the replica that serves its shard: search.router asks them all)."""
-        refresh()
-        vector = index.product_vector(product_id)
-        if vector is None:
-            return _error(404, f"no live product {product_id!r} in the shards this service serves")
-        return {"product_id": product_id, "vector": vector.tolist()}
+        with source.use() as served:
+            refresh(served.index)
+            vector = served.index.product_vector(product_id)
+            if vector is None:
+                return _error(404, f"no live product {product_id!r} in the shards this service serves")
+            return {"product_id": product_id, "vector": vector.tolist(), "model": served.index.model}
 
     @app.post("/v1/similar", response_model=SimilarCandidates,
               responses={400: {"model": ErrorResponse, "description": "a bad request; `error` says why"}})
@@ -380,27 +401,33 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
         """Products like a given vector, over the shards this replica serves, with each result's vector:
         search.router's half of `GET /v1/products/{id}/similar` (it collapses across replicas)."""
         started = time.perf_counter()
-        try:
-            parsed = _checked_scope(request.filter, [], {}, index.filterable)
-            vector = embedder.vector(request.vector)
-        except (FilterError, QueryError) as e:
-            requests_total.labels("bad_request").inc()
-            return _error(400, str(e))
-        refresh()
-        pairs = index.similar(vector, request.k, request.ef_search, request.shop_id, parsed, exclude=request.exclude,
-                              with_vectors=True)
-        return {"results": [{**hit.__dict__, "vector": v.tolist()} for hit, v in pairs], "mode": "vector",
-                "took_ms": answered("similar", started)}
+        with source.use() as served:
+            index = served.index
+            try:
+                parsed = _checked_scope(request.filter, [], {}, index.filterable)
+                vector = served.embedder.vector(request.vector)
+            except (FilterError, QueryError) as e:
+                requests_total.labels("bad_request").inc()
+                return _error(400, str(e))
+            refresh(index)
+            pairs = index.similar(vector, request.k, request.ef_search, request.shop_id, parsed,
+                                  exclude=request.exclude, with_vectors=True)
+            return {"results": [{**hit.__dict__, "vector": v.tolist()} for hit, v in pairs], "mode": "vector",
+                    "model": index.model, "took_ms": answered("similar", started)}
 
     @app.get("/healthz", response_model=Health)
     def healthz():
-        refresh()
-        stats = index.stats()
-        errors = {str(shard): error for shard, error in sorted(index.reload_errors.items())}
-        return {"status": "degraded" if errors else "ok", "model": index.model, "dim": index.dim,
-                "live_docs": stats["live_docs"], "generation": stats["generation"], "num_shards": index.num_shards,
-                "shards": index.shard_ids, "queries": list(embedder.kinds), "errors": errors,
-                "filterable": [str(field) for field in index.filterable]}
+        with source.use() as served:
+            index = served.index
+            refresh(index)
+            stats = index.stats()
+            errors = {str(shard): error for shard, error in sorted(index.reload_errors.items())}
+            if source.error:
+                errors["alias"] = source.error
+            return {"status": "degraded" if errors else "ok", "model": index.model, "dim": index.dim,
+                    "index": served.name, "live_docs": stats["live_docs"], "generation": stats["generation"],
+                    "num_shards": index.num_shards, "shards": index.shard_ids, "queries": list(served.embedder.kinds),
+                    "errors": errors, "filterable": [str(field) for field in index.filterable]}
 
     @app.get("/livez")
     def livez():
@@ -410,7 +437,8 @@ def create_app(index: ShardedIndex, embedder: QueryEmbedder, refresh_secs: float
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     def metrics():
-        refresh()
+        with source.use() as served:
+            refresh(served.index)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse)
@@ -488,6 +516,9 @@ def open_service(index_dir: str, model: str | None = None, projection: str = "",
     index = ShardedIndex.open(index_dir, cache_dir=Path(cache_dir) if cache_dir else None, shards=shards)
     index_spec, index_head = split_model_id(index.model)
     spec = model or index_spec
+    kept = f"{str(index_dir).rstrip('/')}/{HEAD_FILE}"
+    if index_head and not projection and storage.exists(kept):
+        projection = kept  # the head the index's vectors went through, kept with it (pipelines.index --projection)
     query_model = ModelConfig(spec=spec, projection=projection).model_id if runs_here(spec) else model_id(spec)
     if query_model != index.model:
         hint = f" (its vectors were tuned by head {index_head}: pass that --projection)" if index_head else ""
@@ -506,7 +537,11 @@ def _port(value: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m search.server", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--index_dir", required=True, help="A local path, or gs://... (replicated locally).")
+    parser.add_argument("--index_dir", required=True, help="A local path, or gs://... (replicated locally); with "
+                                                          "--alias, the root of named indexes.")
+    parser.add_argument("--alias", help="Serve the index this alias of INDEX_DIR/aliases.json names, and follow it: "
+                                        "when it moves, the new index and its model are opened and warmed, then "
+                                        "swapped in; requests in flight finish on the old one (search.aliases).")
     parser.add_argument("--cache_dir", help="Where a remote index is replicated (none: a new temporary dir).")
     parser.add_argument("--shards", help="Serve only these of the index's shards, e.g. 0-3 or 0,2 (a replica behind "
                                          "python -m search.router; none: all of them).")
@@ -550,12 +585,26 @@ def main(argv: list[str] | None = None) -> None:
         sock = _listen(args.host, args.port)
     except OSError as e:
         parser.exit(1, f"search.server: {e}\n")
+    if args.alias and (args.model or args.projection):
+        sock.close()
+        parser.exit(2, "search.server: --alias follows each index's own model and head (pipelines.index "
+                       "--projection keeps the head with the index): drop --model and --projection\n")
+    fetch = FetchConfig(allow_private_hosts=args.allow_private_hosts, total_timeout_s=args.image_timeout_secs,
+                        read_timeout_s=args.image_timeout_secs, connect_timeout_s=min(5.0, args.image_timeout_secs))
+
+    def opener(name: str) -> Served:
+        cache = f"{args.cache_dir.rstrip('/')}/{name}" if args.cache_dir else None
+        return Served(*open_service(index_path(args.index_dir, name), None, "", args.device, fetch, cache,
+                                    args.shards), name=name)
+
+    follower = None
     try:
-        fetch = FetchConfig(allow_private_hosts=args.allow_private_hosts, total_timeout_s=args.image_timeout_secs,
-                            read_timeout_s=args.image_timeout_secs,
-                            connect_timeout_s=min(5.0, args.image_timeout_secs))
-        index, embedder = open_service(args.index_dir, args.model, args.projection or "", args.device, fetch,
-                                       args.cache_dir, args.shards)
+        if args.alias:
+            follower = AliasFollower(args.index_dir, args.alias, opener)
+            index, embedder = follower.current().index, follower.current().embedder
+        else:
+            index, embedder = open_service(args.index_dir, args.model, args.projection or "", args.device, fetch,
+                                           args.cache_dir, args.shards)
     except (ValueError, FileNotFoundError) as e:
         sock.close()
         parser.exit(1, f"search.server: {e}\n")
@@ -567,9 +616,10 @@ def main(argv: list[str] | None = None) -> None:
     queries = "" if embedder.backend is not None else "; vector queries only: this service cannot run the model"
     served = f"{index.num_shards} shards" if len(index.shard_ids) == index.num_shards else \
         f"shards {','.join(map(str, index.shard_ids))} of {index.num_shards}"
-    ready = (f"search page: http://{host}:{port}/ ({stats['live_docs']} products, {served}, "
+    alias = f"alias {args.alias} -> {follower.current().name}, " if follower else ""
+    ready = (f"search page: http://{host}:{port}/ ({alias}{stats['live_docs']} products, {served}, "
              f"model {index.model}{queries})")
-    app = create_app(index, embedder, refresh_secs, args.image_timeout_secs, args.image_query_slots)
+    app = create_app(index, embedder, refresh_secs, args.image_timeout_secs, args.image_query_slots, follower)
     protocol = type("Protocol", (HeaderTimeoutProtocol,), {"header_timeout": args.header_timeout_secs})
     serve(app, sock, ready, _log, http=protocol)
 

@@ -1,7 +1,7 @@
 """An index split into independent stores by a hash of product_id (DESIGN §10).
 
 `index.json` in the index directory records the shard count, model and dimension; shard n
-lives in `shard-NNN/`. A search asks every shard for k results (not efSearch) and merges.
+lives in `shard-NNN/`; an index of tuned vectors keeps its head as `projection.pt`. A search asks every shard for k results (not efSearch) and merges.
 The index directory may be on object storage (gs://...): each shard is then a local store
 mirrored there (search.mirror), the writer's and every reader's in a local cache directory.
 """
@@ -28,9 +28,10 @@ from search.filters import Filter
 from search.hybrid import FUSION_WINDOW
 from search.store import ApplyResult, Hit, IndexMismatch, IndexStore, StoreSettings
 
-__all__ = ["ShardWriter", "ShardedIndex", "collapse_near_copies", "parse_shards", "shard_of", "writer_cache_dir"]
+__all__ = ["HEAD_FILE", "ShardWriter", "ShardedIndex", "collapse_near_copies", "parse_shards", "shard_of", "writer_cache_dir"]
 
 _log = logging.getLogger(__name__)
+HEAD_FILE = "projection.pt"  # a tuned index keeps its head here, so a service can follow it to a new model
 DUPLICATE_COSINE = 0.98  # similar products: a candidate this close to one already shown is a copy of it
 SIMILAR_POOL = 4  # candidates per result wanted, before near-duplicates are collapsed
 T = TypeVar("T")
@@ -276,6 +277,12 @@ class ShardedIndex:
     @property
     def filterable(self):
         return self.shards[0].settings.filterable
+
+    def close(self) -> None:
+        """Stops the search threads and closes the shards (a service that moved on to another index)."""
+        self._pool.shutdown(wait=False)
+        for shard in self.shards:
+            shard.close()
 
     def live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         parts = [shard.live_vectors() for shard in self.shards]

@@ -1,0 +1,210 @@
+"""Index aliases: the alias file's atomic switch, its command line, and a search service that follows it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+import storage
+from model_handlers.config import ModelConfig
+from model_handlers.projection import build_head, save_projection
+from search import aliases
+from search.sharded import HEAD_FILE, ShardedIndex
+from tests.conftest import DIM, TINY_CLIP
+from tests.support.index_helpers import record
+from tests.support.server_process import ServerProcess
+from tests.test_cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_index(directory: Path, model: str, products: int = 40, seed: int = 0) -> None:
+    ShardedIndex.ensure_layout(directory, 2, model, DIM)
+    records = [record(f"p{n}", 1, dim=DIM, seed=seed * 1000 + n, model=model) for n in range(products)]
+    from search.sharded import shard_of
+
+    for shard in range(2):
+        store = ShardedIndex.open_writer(directory, shard, model, DIM)
+        store.apply([r for r in records if shard_of(r.product_id, 2) == shard])
+        store.close()
+
+
+@pytest.fixture
+def head(tmp_path) -> Path:
+    path = tmp_path / "head.pt"
+    torch.manual_seed(1)
+    save_projection(path, build_head([DIM, DIM]), model=TINY_CLIP, name="alias-test", version=1, trained_on="test")
+    return path
+
+
+def test_set_resolve_and_refusals(tmp_path):
+    root = str(tmp_path)
+    build_index(tmp_path / "a", "m-a")
+    build_index(tmp_path / "b", "m-b")
+    assert aliases.set_alias(root, "live", "a") is None
+    assert aliases.resolve(root, "live") == "a"
+    assert aliases.set_alias(root, "live", "b", expect="a") == "a"
+    assert aliases.resolve(root, "live") == "b"
+    history = aliases.read_aliases(root)["history"]
+    assert [(h["from"], h["to"]) for h in history] == [(None, "a"), ("a", "b")]
+    with pytest.raises(aliases.AliasError, match="names 'b', not 'a'"):
+        aliases.set_alias(root, "live", "a", expect="a")
+    with pytest.raises(aliases.AliasError, match="no index 'c'"):
+        aliases.set_alias(root, "live", "c")
+    with pytest.raises(aliases.AliasError, match="use letters"):
+        aliases.set_alias(root, "live", "../a")
+    with pytest.raises(aliases.AliasError, match="no alias 'other'"):
+        aliases.resolve(root, "other")
+    assert aliases.resolve(root, "live") == "b"
+
+
+def test_a_switch_that_lost_a_race_is_refused_not_overwritten(tmp_path):
+    path = tmp_path / "aliases.json"
+    data, token = storage.read_versioned(path)
+    assert data is None
+    storage.replace_if(path, b'{"aliases": {"live": "a"}}', token)
+    with pytest.raises(storage.Changed):
+        storage.replace_if(path, b'{"aliases": {"live": "b"}}', token)  # read before the first write
+    assert json.loads(path.read_text())["aliases"] == {"live": "a"}
+
+
+COUNTER = '''
+import json, sys, storage
+path, n = sys.argv[1], int(sys.argv[2])
+done = 0
+while done < n:
+    data, token = storage.read_versioned(path)
+    count = json.loads(data)["count"] if data else 0
+    try:
+        storage.replace_if(path, json.dumps({"count": count + 1}).encode(), token)
+        done += 1
+    except storage.Changed:
+        pass
+'''
+
+
+def test_concurrent_writers_lose_no_update_and_readers_never_see_half_a_file(tmp_path):
+    path = tmp_path / "counter.json"
+    seen, bad, stop = [], [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            if path.exists():
+                try:
+                    seen.append(json.loads(path.read_bytes())["count"])
+                except ValueError as e:
+                    bad.append(e)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    writers = [subprocess.Popen([sys.executable, "-c", COUNTER, str(path), "25"], cwd=ROOT) for _ in range(6)]
+    assert all(w.wait(timeout=120) == 0 for w in writers)
+    stop.set()
+    reader.join()
+    assert json.loads(path.read_bytes())["count"] == 150  # every read-modify-write landed once
+    assert not bad and seen
+
+
+def test_the_command_line_lists_and_switches(tmp_path):
+    build_index(tmp_path / "v1", "m-a")
+    build_index(tmp_path / "v2", "m-b")
+    switched = cli("search.aliases", "--root", str(tmp_path), "--set", "live=v1")
+    assert switched.returncode == 0 and "alias live: (none) -> v1" in switched.stdout
+    listed = cli("search.aliases", "--root", str(tmp_path))
+    assert listed.returncode == 0, listed.stderr
+    assert "v1: m-a, 64-d, 2 shard(s), hnsw  <- live" in listed.stdout and "v2: m-b" in listed.stdout
+    missing = cli("search.aliases", "--root", str(tmp_path), "--set", "live=v3")
+    assert missing.returncode == 1 and "no index 'v3'" in missing.stderr
+    race = cli("search.aliases", "--root", str(tmp_path), "--set", "live=v2", "--expect", "v0")
+    assert race.returncode == 1 and "names 'v1', not 'v0'" in race.stderr
+    assert aliases.resolve(str(tmp_path), "live") == "v1"
+
+
+def test_a_service_follows_the_alias_to_a_new_model_without_a_failed_request(tmp_path, head):
+    """Index a of tiny CLIP serves; the alias moves to b (tiny CLIP plus a head, kept in the index): queries
+    sent all along (text, so the query model must change too) all succeed, and then come from b."""
+    model_a = ModelConfig(spec=TINY_CLIP).model_id
+    model_b = ModelConfig(spec=TINY_CLIP, projection=str(head)).model_id
+    build_index(tmp_path / "a", model_a, seed=1)
+    build_index(tmp_path / "b", model_b, seed=2)
+    shutil.copy(head, tmp_path / "b" / HEAD_FILE)
+    aliases.set_alias(str(tmp_path), "live", "a")
+    server = ServerProcess(tmp_path, "--alias", "live", "--device", "cpu")
+    answers, failures, stop = [], [], threading.Event()
+
+    def client(kind: str):
+        session = requests.Session()
+        while not stop.is_set():
+            body = {"text": "a red dress"} if kind == "text" else {"vector": [1.0] + [0.0] * (DIM - 1)}
+            try:
+                response = session.post(f"{server.url}/v1/search", json={**body, "k": 5}, timeout=30)
+            except requests.RequestException as e:
+                failures.append(repr(e))
+                continue
+            if response.status_code != 200:
+                failures.append(f"{response.status_code} {response.text[:200]}")
+            else:
+                answers.append((time.monotonic(), response.json()["model"], response.json()["index"]))
+
+    try:
+        assert "alias live -> a" in server.ready_line
+        threads = [threading.Thread(target=client, args=(kind,)) for kind in ("text", "text", "vector")]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.5)
+        aliases.set_alias(str(tmp_path), "live", "b")
+        switched_at = time.monotonic()
+        deadline = switched_at + 60
+        while time.monotonic() < deadline and not (answers and answers[-1][1] == model_b):
+            time.sleep(0.1)
+        time.sleep(1.5)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        health = requests.get(f"{server.url}/healthz", timeout=10).json()
+    finally:
+        server.stop()
+    assert not failures, failures[:5]
+    before = [a for a in answers if a[0] < switched_at]
+    assert before and {a[1:] for a in before} == {(model_a, "a")}
+    assert answers[-1][1:] == (model_b, "b") and {a[1:] for a in answers} == {(model_a, "a"), (model_b, "b")}
+    assert (health["index"], health["model"], health["status"]) == ("b", model_b, "ok")
+
+
+def test_an_alias_to_an_index_that_cannot_be_served_leaves_the_old_one_serving(tmp_path, head):
+    model_a = ModelConfig(spec=TINY_CLIP).model_id
+    model_b = ModelConfig(spec=TINY_CLIP, projection=str(head)).model_id
+    build_index(tmp_path / "a", model_a)
+    build_index(tmp_path / "b", model_b)  # tuned vectors, but no head kept with them
+    aliases.set_alias(str(tmp_path), "live", "a")
+    server = ServerProcess(tmp_path, "--alias", "live", "--device", "cpu")
+    try:
+        aliases.set_alias(str(tmp_path), "live", "b")
+        deadline = time.monotonic() + 30
+        health = {}
+        while time.monotonic() < deadline and "alias" not in health.get("errors", {}):
+            time.sleep(0.2)
+            health = requests.get(f"{server.url}/healthz", timeout=10).json()
+        answer = requests.post(f"{server.url}/v1/search", json={"text": "dress"}, timeout=30)
+    finally:
+        server.stop()
+    assert health["status"] == "degraded" and "'b', which cannot be served" in health["errors"]["alias"]
+    assert health["index"] == "a"
+    assert answer.status_code == 200 and answer.json()["model"] == model_a
+
+
+def test_alias_with_a_fixed_model_is_refused(tmp_path):
+    result = cli("search.server", "--index_dir", str(tmp_path), "--alias", "live", "--model", TINY_CLIP,
+                 "--port", "0")
+    assert result.returncode == 2 and "drop --model and --projection" in result.stderr
+    missing = cli("search.server", "--index_dir", str(tmp_path), "--alias", "live", "--port", "0")
+    assert missing.returncode == 1 and "no alias 'live'" in missing.stderr
