@@ -15,7 +15,7 @@ PUBSUB_EMULATOR_BIN ?= /usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cl
 export PUBSUB_EMULATOR_BIN
 
 .DEFAULT_GOAL := help
-.PHONY: help setup apt-deps pubsub-emulator test demo bench eval lint clean deploy-infra build-image build-templates launch-embed launch-index launch-search
+.PHONY: help setup apt-deps pubsub-emulator test demo rollout bench eval lint clean deploy-infra build-image build-templates launch-embed launch-index launch-search rollout-deploy
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -51,6 +51,11 @@ test: setup ## Set everything up and run the whole test suite
 demo: setup ## Set everything up; real product photos → Pub/Sub → embed → BigQuery + index → search (SERVE=1 keeps the page up)
 	$(RUN) -m localstack.demo --output_dir $(OUT)/demo $(if $(SERVE),--serve,)
 
+# make rollout MODEL=SPEC PROJECTION=HEAD (make eval writes a head under out/eval-heads/); none: the default model again.
+rollout: setup ## Roll a new model (or head) out locally: new streaming jobs, backfill, gate, alias switch, search answering throughout
+	$(RUN) -m localstack.rollout --model $(or $(MODEL),packaged:effnet-lite0+minilm) $(if $(PROJECTION),--projection $(PROJECTION),) \
+	  --products 300 --qrels evaluation/judged/demo.jsonl --photos fashion-mnist --output_dir $(OUT)/rollout
+
 BENCHMARKS := decode pipeline memory batching index scale search_latency gpu_readiness allocator
 
 bench: setup ## Run every benchmark; each prints its figures against its baseline and writes bench/results/NAME.json
@@ -81,6 +86,9 @@ launch-index: ## Launch the streaming index job on Dataflow (Flex Template; comm
 
 launch-search: ## Create search replicas per shard group (managed instance groups, internal load balancers) and the router
 	$(DEPLOY) launch-search
+
+rollout-deploy: ## Print (DRY_RUN=1) or run the rollout of MODEL/PROJECTION as INDEX_NAME on Google Cloud (docs/DEPLOY.md §5)
+	$(DEPLOY) rollout
 
 lint: setup ## ruff: undefined names, unused imports, syntax errors
 	$(VENV)/bin/ruff check --select F,E9 --exclude $(VENV) .

@@ -11,7 +11,12 @@
 #   deploy/deploy.sh launch-embed     the streaming embed job on Dataflow, GPU workers
 #   deploy/deploy.sh launch-index     the streaming index job on Dataflow: commits per shard to gs://BUCKET/index
 #   deploy/deploy.sh launch-search    search replicas, a managed instance group per shard group behind an
-#                                     internal load balancer, and the router in front of them
+#                                     internal load balancer, and the router in front of them; they serve
+#                                     the index the alias `live` of INDEX_ROOT names (set to INDEX_NAME if unset)
+#   deploy/deploy.sh rollout          a new model (MODEL, PROJECTION) as index INDEX_NAME: its topic and
+#                                     subscriptions, its index job, the re-embed backfill (docs/DEPLOY.md §5)
+#   deploy/deploy.sh rollout-stream   then its streaming embed job, on the changes its subscription held
+#   deploy/deploy.sh rollout-switch   then the gate, the alias switch (from SERVING_NAME), and OLD_JOBS drained
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -f .env ]]; then set -a; source .env; set +a; fi
@@ -42,7 +47,11 @@ NUM_SHARDS="${NUM_SHARDS:-4}"
 SEGMENT_KIND="${SEGMENT_KIND:-hnsw}"  # a new index's kind: hnsw, hnsw_sq8 or ivf_pq (docs/DEPLOY.md §7)
 IVF_NPROBE="${IVF_NPROBE:-32}"  # ivf_pq only: lists probed per search, fixed when the index is made
 FILTERABLE="${FILTERABLE:-}"  # attributes queries filter and facet on, e.g. brand,category,price:float (fixed when made)
-INDEX_DIR="${INDEX_DIR:-gs://${BUCKET}/index}"
+INDEX_ROOT="${INDEX_ROOT:-gs://${BUCKET}/indexes}"  # named indexes and aliases.json (python -m search.aliases)
+INDEX_NAME="${INDEX_NAME:-v1}"  # the index a launch builds; `rollout` builds a new one (e.g. v2) beside it
+INDEX_DIR="${INDEX_DIR:-${INDEX_ROOT}/${INDEX_NAME}}"
+SERVING_NAME="${SERVING_NAME:-}"  # rollout-switch: the index the alias names now (the gate compares with it)
+OLD_JOBS="${OLD_JOBS:-}"  # rollout-switch: the old model's Dataflow job ids to drain, comma-separated
 INDEX_MACHINE_TYPE="${INDEX_MACHINE_TYPE:-n2-highmem-8}"  # index workers: the shards they own are held in memory
 INDEX_MAX_WORKERS="${INDEX_MAX_WORKERS:-${NUM_SHARDS}}"
 INDEX_DISK_GB="${INDEX_DISK_GB:-200}"
@@ -78,6 +87,12 @@ ensure() {
   else
     run "${create[@]}"
   fi
+}
+
+# grant topics|subscriptions NAME publisher|subscriber: the worker account's role on that one resource.
+grant() {
+  run gcloud pubsub "$1" add-iam-policy-binding "$2" --project="$PROJECT" \
+    --member="serviceAccount:${SERVICE_ACCOUNT}" --role="roles/pubsub.$3"
 }
 
 infra() {
@@ -122,18 +137,15 @@ infra() {
     gcloud iam service-accounts create "$SERVICE_ACCOUNT_NAME" --project="$PROJECT" \
       --display-name="product-embeddings Dataflow workers"
   # Least privilege; docs/DEPLOY.md says why each role is needed.
-  for role in roles/dataflow.worker roles/artifactregistry.reader roles/logging.logWriter roles/monitoring.metricWriter; do
+  for role in roles/dataflow.worker roles/artifactregistry.reader roles/logging.logWriter roles/monitoring.metricWriter \
+      roles/bigquery.readSessionUser; do
     run gcloud projects add-iam-policy-binding "$PROJECT" --member="serviceAccount:${SERVICE_ACCOUNT}" \
       --role="$role" --condition=None
   done
-  run gcloud pubsub subscriptions add-iam-policy-binding "$EMBED_SUBSCRIPTION" --project="$PROJECT" \
-    --member="serviceAccount:${SERVICE_ACCOUNT}" --role=roles/pubsub.subscriber
-  run gcloud pubsub subscriptions add-iam-policy-binding "$INDEX_SUBSCRIPTION" --project="$PROJECT" \
-    --member="serviceAccount:${SERVICE_ACCOUNT}" --role=roles/pubsub.subscriber
-  for topic in "$EMBEDDINGS_TOPIC" "$DLQ_TOPIC"; do
-    run gcloud pubsub topics add-iam-policy-binding "$topic" --project="$PROJECT" \
-      --member="serviceAccount:${SERVICE_ACCOUNT}" --role=roles/pubsub.publisher
-  done
+  grant subscriptions "$EMBED_SUBSCRIPTION" subscriber
+  grant subscriptions "$INDEX_SUBSCRIPTION" subscriber
+  grant topics "$EMBEDDINGS_TOPIC" publisher
+  grant topics "$DLQ_TOPIC" publisher
   run gcloud storage buckets add-iam-policy-binding "gs://${BUCKET}" \
     --member="serviceAccount:${SERVICE_ACCOUNT}" --role=roles/storage.objectAdmin
   run bq --project_id="$PROJECT" add-iam-policy-binding --member="serviceAccount:${SERVICE_ACCOUNT}" \
@@ -226,10 +238,13 @@ serve_group() {
 }
 
 launch_search() {
-  # Each shard group's replicas read INDEX_DIR (a local replica of their shards, kept current by
-  # polling); the router asks one replica of every group and merges (docs/DEPLOY.md §4). Run it
-  # once the index job has made the index (INDEX_DIR/index.json): a replica refuses to start without.
+  # Each shard group's replicas serve the index the alias `live` of INDEX_ROOT names, following it when
+  # it moves (a local replica of their shards, kept current by polling); the router asks one replica of
+  # every group and merges (docs/DEPLOY.md §4). Run it once the index job has made the index
+  # (INDEX_DIR/index.json): the alias is set to it only if it names none yet.
   positive NUM_SHARDS; positive SHARDS_PER_REPLICA; positive SEARCH_REPLICAS; positive ROUTER_REPLICAS
+  ensure "${PYTHON:-python}" -m search.aliases --root "$INDEX_ROOT" --show live -- \
+    "${PYTHON:-python}" -m search.aliases --root "$INDEX_ROOT" --set "live=${INDEX_NAME}"
   # The VMs have no external address: they reach the image registry and the bucket through
   # Private Google Access on their subnet.
   run gcloud compute networks subnets update "$SUBNET" --project="$PROJECT" --region="$REGION" \
@@ -247,12 +262,64 @@ launch_search() {
   for ((first = 0; first < NUM_SHARDS; first += SHARDS_PER_REPLICA, group++)); do
     local last=$((first + SHARDS_PER_REPLICA - 1 < NUM_SHARDS - 1 ? first + SHARDS_PER_REPLICA - 1 : NUM_SHARDS - 1))
     serve_group "search-g${group}" "$SEARCH_MACHINE_TYPE" "$SEARCH_REPLICAS" "$SEARCH_DISK_GB" \
-      "exec python -m search.server --index_dir ${INDEX_DIR} --shards ${first}-${last} --cache_dir /var/cache/index --host 0.0.0.0 --port 8080 --device cpu${PROJECTION:+ --projection ${PROJECTION}}"
+      "exec python -m search.server --index_dir ${INDEX_ROOT} --alias live --shards ${first}-${last} --cache_dir /var/cache/index --host 0.0.0.0 --port 8080 --device cpu"
     backends+="${backends:+,}http://$(group_host "$group"):8080"
   done
   serve_group search-router "$ROUTER_MACHINE_TYPE" "$ROUTER_REPLICAS" "$ROUTER_DISK_GB" \
     "exec python -m search.router --backends ${backends} --host 0.0.0.0 --port 8080"
   echo "storefront endpoint: http://search-router.search-router.il4.${REGION}.lb.${PROJECT}.internal:8080/v1/search"
+}
+
+# A new model beside the serving one (docs/DEPLOY.md §5): its own embeddings topic, a subscription to
+# the events topic that holds every change from now on, its index job into INDEX_ROOT/INDEX_NAME, and
+# the backfill from the product state, waited for. The embed job comes next (rollout-stream), once the
+# index job has applied the backfill: a patch needs its product's vector in the new index.
+rollout() {
+  local topic="${EMBEDDINGS_TOPIC}-${INDEX_NAME}" events_sub="${EVENTS_TOPIC}-${INDEX_NAME}"
+  ensure gcloud pubsub topics describe "$topic" --project="$PROJECT" -- \
+    gcloud pubsub topics create "$topic" --project="$PROJECT" --message-retention-duration=7d
+  for pair in "${events_sub}:${EVENTS_TOPIC}" "${topic}-index:${topic}"; do
+    ensure gcloud pubsub subscriptions describe "${pair%%:*}" --project="$PROJECT" -- \
+      gcloud pubsub subscriptions create "${pair%%:*}" --project="$PROJECT" --topic="${pair#*:}" \
+        --ack-deadline=600 --message-retention-duration=7d --dead-letter-topic="$DLQ_TOPIC" --max-delivery-attempts=10
+  done
+  grant topics "$topic" publisher
+  grant subscriptions "$events_sub" subscriber
+  grant subscriptions "${topic}-index" subscriber
+  INDEX_SUBSCRIPTION="${topic}-index" launch_index
+  run "${PYTHON:-python}" -m pipelines.reembed --runner DataflowRunner --project="$PROJECT" --region="$REGION" \
+    --temp_location="gs://${BUCKET}/tmp" --staging_location="gs://${BUCKET}/staging" \
+    --job_name="reembed-${INDEX_NAME}-${JOB_SUFFIX}" --service_account_email="$SERVICE_ACCOUNT" \
+    --sdk_container_image="$IMAGE" --sdk_location=container --experiments=use_runner_v2 \
+    --machine_type="$MACHINE_TYPE" --max_num_workers="$MAX_WORKERS" --device=cuda \
+    --dataflow_service_options="worker_accelerator=type:${GPU_TYPE};count:1;install-nvidia-driver" \
+    --source="bigquery:${PROJECT}:${DATASET}.product_state" --model="$MODEL" ${PROJECTION:+--projection="$PROJECTION"} \
+    --output_topic="projects/${PROJECT}/topics/${topic}" --bigquery_dead_letter_table="${PROJECT}:${DATASET}.dead_letter" \
+    --wait
+  echo "next, once the index job has applied the backfill (the subscription ${topic}-index has no backlog):"
+  echo "  INDEX_NAME=${INDEX_NAME} MODEL=${MODEL}${PROJECTION:+ PROJECTION=${PROJECTION}} deploy/deploy.sh rollout-stream"
+  if [[ "${DRY_RUN:-0}" == "1" ]]; then  # the whole sequence, printed
+    rollout_stream
+    SERVING_NAME="${SERVING_NAME:-v1}" rollout_switch
+  fi
+}
+
+rollout_stream() {
+  EMBED_SUBSCRIPTION="${EVENTS_TOPIC}-${INDEX_NAME}" EMBEDDINGS_TOPIC="${EMBEDDINGS_TOPIC}-${INDEX_NAME}" launch_embed
+  echo "next: INDEX_NAME=${INDEX_NAME} SERVING_NAME=... OLD_JOBS=... deploy/deploy.sh rollout-switch"
+}
+
+# The gate against the serving index; on a pass, the alias switch (search replicas follow it within
+# seconds) and the old model's jobs drained. A refusal stops here, the alias unmoved.
+rollout_switch() {
+  : "${SERVING_NAME:?set SERVING_NAME (python -m search.aliases --root ${INDEX_ROOT} --show live)}"
+  run "${PYTHON:-python}" -m evaluation.gate --root "$INDEX_ROOT" --candidate "$INDEX_NAME" \
+    ${QRELS:+--qrels "$QRELS"} --output "gate-${INDEX_NAME}.json"
+  run "${PYTHON:-python}" -m search.aliases --root "$INDEX_ROOT" --set "live=${INDEX_NAME}" --expect "$SERVING_NAME"
+  local job
+  for job in ${OLD_JOBS//,/ }; do
+    run gcloud dataflow jobs drain "$job" --project="$PROJECT" --region="$REGION"
+  done
 }
 
 case "${1:-}" in
@@ -263,5 +330,8 @@ case "${1:-}" in
   launch-embed) launch_embed ;;
   launch-index) launch_index ;;
   launch-search) launch_search ;;
-  *) sed -n '2,18p' "$0"; exit 2 ;;
+  rollout) rollout ;;
+  rollout-stream) rollout_stream ;;
+  rollout-switch) rollout_switch ;;
+  *) sed -n '2,19p' "$0"; exit 2 ;;
 esac

@@ -13,10 +13,12 @@ from localstack.emulator import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["SearchStack"]
+__all__ = ["SearchStack", "ServiceProcess"]
 
 
-class _Process:
+class ServiceProcess:
+    """`python -m ARGS --port P` on a free loopback port, started once it logs its ready line."""
+
     def __init__(self, args: list[str], log: Path, timeout_s: float):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -53,17 +55,17 @@ class SearchStack:
 
     def __init__(self, index_dir: Path, num_shards: int, log_dir: Path, timeout_s: float = 180):
         self.index_dir, self.num_shards, self.log_dir, self.timeout_s = index_dir, num_shards, log_dir, timeout_s
-        self._processes: list[_Process] = []
+        self._processes: list[ServiceProcess] = []
         self.url = ""
 
     def __enter__(self) -> "SearchStack":
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
-            replicas = [_Process(["search.server", "--index_dir", str(self.index_dir), "--shards", str(n),
+            replicas = [ServiceProcess(["search.server", "--index_dir", str(self.index_dir), "--shards", str(n),
                                   "--device", "cpu"], self.log_dir / f"search-shard-{n}.log", self.timeout_s)
                         for n in range(self.num_shards)]
             self._processes += replicas
-            router = _Process(["search.router", "--backends", ",".join(r.url for r in replicas)],
+            router = ServiceProcess(["search.router", "--backends", ",".join(r.url for r in replicas)],
                               self.log_dir / "search-router.log", self.timeout_s)
             self._processes.append(router)
         except BaseException:

@@ -3,6 +3,7 @@ Elasticsearch name them).
 
     python -m search.aliases --root ROOT                  # the indexes, their models and sizes, the aliases
     python -m search.aliases --root ROOT --set live=v2    # switch an alias (refused if v2 is no index)
+    python -m search.aliases --root ROOT --show live      # the index it names (exit 1: none)
 
 ROOT/NAME/ is an index (pipelines.index --index_dir ROOT/NAME); ROOT/aliases.json is
 `{"aliases": {"live": "v2"}, "history": [...]}`, replaced whole and atomically (storage.replace_if:
@@ -20,7 +21,7 @@ import re
 import storage
 from schemas import format_timestamp, utc_now
 
-__all__ = ["AliasError", "FILE", "index_path", "read_aliases", "resolve", "set_alias"]
+__all__ = ["AliasError", "FILE", "build_parser", "index_path", "main", "read_aliases", "resolve", "set_alias"]
 
 FILE = "aliases.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -99,13 +100,23 @@ def _indexes(root: str) -> dict[str, dict]:
     return found
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m search.aliases", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m search.aliases", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--root", required=True, help="The directory (local or gs://) holding the named indexes.")
     parser.add_argument("--set", metavar="ALIAS=NAME", help="Point ALIAS at the index NAME.")
     parser.add_argument("--expect", metavar="NAME", help="With --set: only if the alias still names NAME.")
+    parser.add_argument("--show", metavar="ALIAS", help="Print the index ALIAS names (exit 1 when none).")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.show:
+            print(resolve(args.root, args.show))
+            return
         if args.set:
             alias, sep, name = args.set.partition("=")
             if not sep:

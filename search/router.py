@@ -11,7 +11,9 @@ answer within `--timeout_secs` costs its shards' hits, not the query: the answer
 `partial: true` and which shards are missing. `/healthz` shows each backend. Which shards a backend
 serves comes from its `/healthz`, asked at start and every few seconds after; two backends may not
 serve the same shard (their hits would be counted twice): a replica group's redundancy comes from
-the load balancer in front of it, one URL per group. `/livez` answers while the process runs (for
+the load balancer in front of it, one URL per group. Backends that follow one alias (`--alias`) serve
+two indexes for the moment of a switch; with the same shard count, each shard is still served once,
+and the answer's `model` names both. `/livez` answers while the process runs (for
 autohealing, which must not recreate a router whose backends are still starting).
 """
 
@@ -78,7 +80,7 @@ class Backends:
         known = {url: h for url, h in self.health.items() if h}
         models = {(h["model"], h["dim"], h["num_shards"]) for h in known.values()}
         self.misconfigured = ""
-        if len(models) > 1:
+        if len(models) > 1 and not self._moving(known):
             self.misconfigured = f"the backends serve different indexes: {sorted(models)}"
         seen: dict[int, str] = {}
         for url, h in known.items():
@@ -88,6 +90,18 @@ class Backends:
                 seen[shard] = url
         if self.misconfigured:
             raise ValueError(self.misconfigured)
+
+    @staticmethod
+    def _moving(known: dict[str, dict]) -> bool:
+        """Backends that follow one alias (search.server --alias) move to a new index a moment apart: while
+        they do, each shard is still served once (the shard count and product hash are the same), so
+        results are merged, each backend's ranked by its own model; another mix is a misconfiguration."""
+        indexed = [h.get("index") for h in known.values()]
+        if all(indexed) and len({h["num_shards"] for h in known.values()}) == 1:
+            _log.info("backends are moving between indexes (an alias switch): %s",
+                      sorted({(h["index"], h["model"]) for h in known.values()}))
+            return True
+        return False
 
     def refresh_in_background(self) -> None:
         """Starts a health check when one is due, without waiting for it: a hung backend's /healthz
@@ -129,6 +143,11 @@ class Backends:
             return 0, None, f"{type(e).__name__}: {e}" if str(e) else f"{type(e).__name__} after {self.timeout:g} s"
 
 
+def _models(answered: list[dict]) -> str:
+    """The model id the answers came from; during an alias switch, each one's, comma-separated."""
+    return ",".join(sorted({a.get("model", "") for a in answered} - {""}))
+
+
 def create_app(backends: Backends) -> FastAPI:
     app = FastAPI(title="product search (router)", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_JsonBody, limit=MAX_BODY_BYTES)
@@ -162,7 +181,8 @@ def create_app(backends: Backends) -> FastAPI:
         hits = list(unique.values())
         took = round((time.perf_counter() - started) * 1000, 3)
         return {"results": hits[offset:offset + k], "facets": _summed([a.get("facets", {}) for a in answered]),
-                "mode": next((a["mode"] for a in answered if a.get("mode")), None), "took_ms": took, **coverage}
+                "mode": next((a["mode"] for a in answered if a.get("mode")), None), "model": _models(answered),
+                "took_ms": took, **coverage}
 
     async def vector_of(product_id: str):
         """(the product's stored vector from whichever replica serves its shard, or None; each replica's
@@ -208,7 +228,8 @@ def create_app(backends: Backends) -> FastAPI:
         kept = collapse_near_copies(((hit, np.asarray(hit.pop("vector"), np.float32)) for hit in candidates),
                                     answer["vector"], k)
         took = round((time.perf_counter() - started) * 1000, 3)
-        return {"results": [hit for hit, _ in kept], "mode": "vector", "took_ms": took, **coverage}
+        return {"results": [hit for hit, _ in kept], "mode": "vector", "model": _models(answered), "took_ms": took,
+                **coverage}
 
     @app.get("/healthz")
     async def healthz():

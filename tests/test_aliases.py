@@ -129,15 +129,21 @@ def test_the_command_line_lists_and_switches(tmp_path):
     assert aliases.resolve(str(tmp_path), "live") == "v1"
 
 
+def two_models(root: Path, head: Path) -> tuple[str, str]:
+    """Index a of tiny CLIP, index b of tiny CLIP behind `head` (kept with it), `live` naming a."""
+    model_a = ModelConfig(spec=TINY_CLIP).model_id
+    model_b = ModelConfig(spec=TINY_CLIP, projection=str(head)).model_id
+    build_index(root / "a", model_a, seed=1)
+    build_index(root / "b", model_b, seed=2)
+    shutil.copy(head, root / "b" / HEAD_FILE)
+    aliases.set_alias(str(root), "live", "a")
+    return model_a, model_b
+
+
 def test_a_service_follows_the_alias_to_a_new_model_without_a_failed_request(tmp_path, head):
     """Index a of tiny CLIP serves; the alias moves to b (tiny CLIP plus a head, kept in the index): queries
     sent all along (text, so the query model must change too) all succeed, and then come from b."""
-    model_a = ModelConfig(spec=TINY_CLIP).model_id
-    model_b = ModelConfig(spec=TINY_CLIP, projection=str(head)).model_id
-    build_index(tmp_path / "a", model_a, seed=1)
-    build_index(tmp_path / "b", model_b, seed=2)
-    shutil.copy(head, tmp_path / "b" / HEAD_FILE)
-    aliases.set_alias(str(tmp_path), "live", "a")
+    model_a, model_b = two_models(tmp_path, head)
     server = ServerProcess(tmp_path, "--alias", "live", "--device", "cpu")
     answers, failures, stop = [], [], threading.Event()
 
@@ -208,3 +214,63 @@ def test_alias_with_a_fixed_model_is_refused(tmp_path):
     assert result.returncode == 2 and "drop --model and --projection" in result.stderr
     missing = cli("search.server", "--index_dir", str(tmp_path), "--alias", "live", "--port", "0")
     assert missing.returncode == 1 and "no alias 'live'" in missing.stderr
+
+
+def test_replicas_behind_the_router_move_with_the_alias_without_a_failed_request(tmp_path, head):
+    """Two replicas (a shard each) follow the alias behind search.router: while they move a moment apart,
+    the router merges them instead of refusing a mix of indexes, and nothing fails."""
+    model_a, model_b = two_models(tmp_path, head)
+    replicas = [ServerProcess(tmp_path, "--alias", "live", "--shards", str(n), "--device", "cpu") for n in (0, 1)]
+    router = ServerProcess(None, "--backends", ",".join(r.url for r in replicas), module="search.router")
+    models, failures = [], []
+    try:
+        def ask():
+            response = requests.post(f"{router.url}/v1/search", json={"text": "shoes", "k": 20}, timeout=30)
+            if response.status_code != 200 or response.json()["partial"]:
+                failures.append(f"{response.status_code} {response.text[:300]}")
+            else:
+                models.append(response.json()["model"])
+                assert len({h["product_id"] for h in response.json()["results"]}) == 20
+
+        for _ in range(20):
+            ask()
+        aliases.set_alias(str(tmp_path), "live", "b")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not models or models[-1] != model_b):
+            ask()
+        for _ in range(300):  # past the router's next health checks, which see both replicas on b
+            ask()
+    finally:
+        router.stop()
+        for replica in replicas:
+            replica.stop()
+    assert not failures, failures[:3]
+    assert models[0] == model_a and models[-1] == model_b
+    assert set(models) <= {model_a, model_b, ",".join(sorted([model_a, model_b]))}
+
+
+def test_the_router_merges_replicas_mid_switch_but_refuses_other_mixes():
+    import asyncio
+
+    from search.router import Backends
+
+    def health(model, shard, index="", num_shards=2):
+        return {"model": model, "dim": 64, "num_shards": num_shards, "shards": [shard], "index": index}
+
+    def checked(*bodies):
+        backends = Backends([f"http://b{n}" for n in range(len(bodies))], 1.0)
+
+        async def get(url):
+            return 200, bodies[int(url.split("/")[2][1])], None
+
+        backends.get = get
+        try:
+            asyncio.run(backends.check())
+        except ValueError:
+            pass
+        return backends.misconfigured
+
+    assert checked(health("A", 0, "a"), health("B", 1, "b")) == ""  # following one alias, a moment apart
+    assert "different indexes" in checked(health("A", 0), health("B", 1))  # fixed --index_dir of two models
+    assert "different indexes" in checked(health("A", 0, "a"), health("B", 1, "b", num_shards=4))
+    assert "served by both" in checked(health("A", 0, "a"), health("A", 0, "a"))

@@ -84,8 +84,12 @@ def beam_options_parser(*classes) -> argparse.ArgumentParser:
 
 
 def _parsers():
+    from evaluation.gate import build_parser as gate_parser
     from evaluation.run import build_parser as evaluation_parser
     from localstack.demo import build_parser as demo_parser
+    from localstack.rollout import build_parser as rollout_parser
+    from pipelines.options import ReembedOptions
+    from search.aliases import build_parser as aliases_parser
     from search.recall import build_parser as recall_parser
     from search.router import build_parser as router_parser
     from search.server import build_parser as server_parser
@@ -98,11 +102,16 @@ def _parsers():
         "search.recall": recall_parser(),
         "evaluation.run": evaluation_parser(),
         "localstack.demo": demo_parser(),
+        "pipelines.reembed": beam_options_parser(SharedOptions, EmbedOptions, ReembedOptions, LaunchOptions),
+        "search.aliases": aliases_parser(),
+        "evaluation.gate": gate_parser(),
+        "localstack.rollout": rollout_parser(),
     }
 
 
 @pytest.mark.parametrize("module", ["pipelines.embed", "pipelines.index", "search.server", "search.router",
-                                    "search.recall", "evaluation.run", "localstack.demo"])
+                                    "search.recall", "evaluation.run", "localstack.demo", "pipelines.reembed",
+                                    "search.aliases", "evaluation.gate", "localstack.rollout"])
 def test_help_lists_every_option_with_its_default(module):
     result = cli(module, "--help", timeout=60)
     assert result.returncode == 0, result.stderr

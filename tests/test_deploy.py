@@ -113,6 +113,7 @@ def make_dry_run(target: str, **env) -> subprocess.CompletedProcess:
     ("launch-embed", {"gcloud"}),
     ("launch-index", {"gcloud"}),
     ("launch-search", {"gcloud"}),
+    ("rollout-deploy", {"gcloud"}),
 ])
 def test_every_deploy_target_dry_runs_to_complete_commands(target, tools):
     result = make_dry_run(target, PROJECT="my-project")
@@ -125,7 +126,7 @@ def test_every_deploy_target_dry_runs_to_complete_commands(target, tools):
         assert not re.search(r"=(\s|$|\\,)|(?<!:)//|\$\{|\$[A-Z]", command), f"unset or empty value in: {command}"
     if target == "launch-index":  # on Dataflow, batched per shard, the index on the bucket
         (run,) = commands
-        for wanted in ("gcloud dataflow flex-template run index-", "index_dir=gs://my-project-product-embeddings/index",
+        for wanted in ("gcloud dataflow flex-template run index-", "index_dir=gs://my-project-product-embeddings/indexes/v1~",
                        "commit_batching=stateful", "segment_kind=hnsw", "--enable-streaming-engine"):
             assert wanted in run.replace("\\", ""), wanted
     if target == "launch-search":  # 4 shards, 2 per replica: two groups behind load balancers, a router
@@ -155,9 +156,11 @@ def test_a_top_tuned_head_reaches_the_embed_job_the_index_updater_and_the_search
     (job,) = [c for c in make_dry_run("launch-index", PROJECT="my-project", PROJECTION=head).stdout.splitlines()
               if c.startswith("+ ")]
     assert f"~projection={head}" in job.replace("\\", "")
-    replicas = [c for c in make_dry_run("launch-search", PROJECT="my-project", PROJECTION=head).stdout.splitlines()
-                if "search.server" in c]
-    assert len(replicas) == 2 and all(f"--projection {head}" in c.replace("\\", "") for c in replicas)
+    # The replicas follow the alias; the head comes with the index (pipelines.index --projection keeps it there).
+    replicas = [c.replace("\\", "") for c in make_dry_run("launch-search", PROJECT="my-project",
+                                                           PROJECTION=head).stdout.splitlines() if "search.server" in c]
+    assert len(replicas) == 2 and all("--index_dir gs://my-project-product-embeddings/indexes --alias live" in c
+                                      and "--projection" not in c for c in replicas)
     assert "projection" not in make_dry_run("launch-index", PROJECT="my-project").stdout
 
 
@@ -212,3 +215,23 @@ def test_the_gpu_check_fails_fast_without_a_gpu(capsys):
     else:
         assert gpu_check.main() == 1
         assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_the_rollout_twin_prints_the_whole_sequence_in_order():
+    head = "gs://my-bucket/heads/packaged-fashion-mnist-v1.pt"
+    result = make_dry_run("rollout-deploy", PROJECT="my-project", INDEX_NAME="v2", PROJECTION=head,
+                          OLD_JOBS="2026-old-embed,2026-old-index")
+    assert result.returncode == 0, result.stderr
+    commands = [line[2:].replace("\\", "") for line in result.stdout.splitlines() if line.startswith("+ ")]
+    steps = [next(i for i, c in enumerate(commands) if wanted in c) for wanted in (
+        "gcloud pubsub subscriptions create product-events-v2 ", "flex-template run index-",
+        "-m pipelines.reembed --runner DataflowRunner", "flex-template run embed-", "-m evaluation.gate",
+        "-m search.aliases", "gcloud dataflow jobs drain 2026-old-embed")]
+    assert steps == sorted(steps)  # subscription before the backfill, embed job after it, switch after the gate
+    index_job, reembed, embed_job = (commands[steps[1]], commands[steps[2]], commands[steps[3]])
+    assert "index_dir=gs://my-project-product-embeddings/indexes/v2~" in index_job
+    assert "input_subscription=projects/my-project/subscriptions/product-embeddings-v2-index" in index_job
+    assert "--source=bigquery:my-project:product_embeddings.product_state" in reembed and "--wait" in reembed
+    assert f"--projection={head}" in reembed and "--output_topic=projects/my-project/topics/product-embeddings-v2" in reembed
+    assert "input_subscription=projects/my-project/subscriptions/product-events-v2~" in embed_job
+    assert "--set live=v2 --expect v1" in commands[steps[5]]
