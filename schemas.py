@@ -239,15 +239,26 @@ class ProductState:
         values = {f.name: data.get(f.name) for f in dataclasses.fields(cls)}
         attributes = values["attributes"]
         values["attributes"] = json.loads(attributes) if isinstance(attributes, str) else dict(attributes or {})
+        if not isinstance(values["attributes"], dict):
+            raise ValueError(f"attributes must be an object, got {type(values['attributes']).__name__}")
+        if not isinstance(values["image_urls"] or [], (list, tuple)):
+            raise ValueError(f"image_urls must be a list, got {type(values['image_urls']).__name__}")
         values["image_urls"] = tuple(values["image_urls"] or ())
-        values["version"] = int(values["version"])
+        if type(values["version"]) is not int:  # noqa: E721 (a bool or a float is no version)
+            raise ValueError(f"version must be an integer, got {values['version']!r}")
         for name in ("title", "description", "shop_id"):
             values[name] = values[name] or ""
         for name in ("event_time", "recorded_at"):
             value = values[name]
             if isinstance(value, str):
                 value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if isinstance(value, dt.datetime) and value.tzinfo is None:
+                value = value.replace(tzinfo=dt.timezone.utc)  # BigQuery TIMESTAMPs are UTC
             values[name] = value
+        if not isinstance(values["recorded_at"], dt.datetime):
+            raise ValueError("recorded_at is missing")
+        if values["event_time"] is not None and not isinstance(values["event_time"], dt.datetime):
+            raise ValueError(f"event_time must be a timestamp, got {values['event_time']!r}")
         return cls(**values)
 
 

@@ -15,7 +15,8 @@ and measured the same way, in process:
   photo's class: what a new image head changes, and text queries do not see.
 
 It prints one table and exits 1 when the candidate is worse than the serving index by more than
-`--tolerance` on any of them (0 when it passes), so a rollout script can stop on it.
+`--tolerance` on any of them (0 when it passes), so a rollout script can stop on it; 2 when it could
+not compare them (a missing index, unreadable judgements, a crash).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import argparse
 import io
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
 
 from evaluation.qrels import read_judgements, score_search
-from search.aliases import AliasError, index_path, resolve
+from search.aliases import AliasError, index_path, read_layout, resolve
 
 __all__ = ["compare", "main", "measure"]
 
@@ -133,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         serving = resolve(args.root, args.alias)
+        for name in (serving, args.candidate):  # both exist, before minutes are spent measuring one
+            read_layout(args.root, name)
         judgements = read_judgements(args.qrels) if args.qrels else None
         photos = _photo_queries(args.photo_queries) if args.photos else None
         figures = {}
@@ -142,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             index.close()
     except (AliasError, OSError, ValueError) as e:
         parser.exit(2, f"evaluation.gate: {e}\n")
+    except RecursionError:
+        parser.exit(2, "evaluation.gate: an input is nested too deep to read\n")
     rows = compare(figures[serving], figures[args.candidate], args.tolerance)
     print(_table(rows, serving, args.candidate, args.tolerance))
     passed = all(passes for *_, passes in rows)
@@ -155,4 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception:  # exit 1 means "worse": a crash must not read as a verdict
+        traceback.print_exc()
+        sys.exit(2)

@@ -41,6 +41,8 @@ def read_judgements(path: str | Path, labels: Sequence[str] = tuple(ESCI_GAINS))
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not JSON ({e.msg})") from e
+            except RecursionError:
+                raise ValueError(f"{where}: nested too deep to read") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected an object with query, product_id and label")
             query, product, label = row.get("query"), row.get("product_id"), row.get("label")

@@ -19,6 +19,8 @@ from model_handlers.config import DEFAULT_MODEL
 from pipelines.cli import configure_logging, launch, parse_options
 from pipelines.embed import EmbedOutputs, summarize as summarize_embed, write_outputs
 from pipelines.options import EmbedOptions, ReembedJobConfig, ReembedOptions, SharedOptions
+from schemas import Stage
+from transforms.dead_letter import from_beam_failure
 from transforms.embedding import EmbedProducts
 from transforms.events import ParseEvents
 from transforms.product_state import LatestStates, ReadProductState
@@ -29,14 +31,16 @@ __all__ = ["build_pipeline", "run"]
 
 def build_pipeline(p: beam.Pipeline, config: ReembedJobConfig) -> EmbedOutputs:
     states, unreadable = p | "ReadState" >> ReadProductState(config.source)
-    events = (states
-              | "LatestStates" >> LatestStates()
-              | "AsEvents" >> beam.Map(lambda state: state.event_json())
-              | "ParseEvents" >> ParseEvents())
-    _ = unreadable | "CountUnreadable" >> CountOutcomes("dead_letters")
-    _ = events[ParseEvents.DEAD_LETTER] | "CountParseFailures" >> CountOutcomes("dead_letters")
+    messages, unwritable = (states
+                            | "LatestStates" >> LatestStates()
+                            | "AsEvents" >> beam.Map(lambda state: state.event_json()).with_exception_handling())
+    unwritable = unwritable | "Unwritable" >> beam.FlatMap(lambda f: from_beam_failure(Stage.PARSE, f))
+    events = messages | "ParseEvents" >> ParseEvents()
+    for n, letters in enumerate((unreadable, unwritable, events[ParseEvents.DEAD_LETTER])):
+        _ = letters | f"CountParseFailures{n}" >> CountOutcomes("dead_letters")
     records, embed_letters = events.events | "EmbedProducts" >> EmbedProducts(config.embed.model, config.embed.images)
-    return write_outputs(records, [unreadable, events[ParseEvents.DEAD_LETTER], embed_letters], config.embed)
+    return write_outputs(records, [unreadable, unwritable, events[ParseEvents.DEAD_LETTER], embed_letters],
+                         config.embed)
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None):

@@ -21,11 +21,13 @@ import re
 import storage
 from schemas import format_timestamp, utc_now
 
-__all__ = ["AliasError", "FILE", "build_parser", "index_path", "main", "read_aliases", "resolve", "set_alias"]
+__all__ = ["AliasError", "FILE", "build_parser", "index_path", "main", "read_aliases", "read_layout", "resolve",
+           "set_alias"]
 
 FILE = "aliases.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 HISTORY = 50  # switches remembered in the file (who served before: the way back)
+MAX_BYTES = 1024 * 1024  # an alias file is a few hundred bytes; a service reads it every second
 
 
 class AliasError(ValueError):
@@ -47,15 +49,22 @@ def read_aliases(root: str) -> dict:
 
 
 def _parse(data: bytes | None, root: str) -> dict:
+    """The file's content, checked: AliasError for anything but an alias file a switch could have written."""
     if data is None:
         return {"aliases": {}, "history": []}
     try:
+        if len(data) > MAX_BYTES:
+            raise ValueError(f"{len(data)} bytes, over {MAX_BYTES}")
         content = json.loads(data)
-        if not isinstance(content.get("aliases"), dict):
+        if not isinstance(content, dict) or not isinstance(content.get("aliases"), dict):
             raise ValueError("no aliases object")
-    except (ValueError, AttributeError) as e:
+        for alias, name in content["aliases"].items():
+            if not (isinstance(name, str) and NAME.match(name)):
+                raise ValueError(f"alias {alias!r} names {name!r}, not an index name")
+    except (ValueError, RecursionError) as e:
         raise AliasError(f"{_path(root)} is not an alias file: {e}") from None
-    content.setdefault("history", [])
+    if not isinstance(content.get("history"), list):
+        content["history"] = []
     return content
 
 
@@ -68,6 +77,20 @@ def resolve(root: str, alias: str) -> str:
     return name
 
 
+def read_layout(root: str, name: str) -> dict:
+    """Index `name`'s index.json; AliasError when there is none or it is not an index's."""
+    path = f"{index_path(root, name)}/index.json"
+    if not storage.exists(path):
+        raise AliasError(f"no index {name!r} under {root} (no {path})")
+    try:
+        layout = json.loads(storage.read_bytes(path))
+        if not all(key in layout for key in ("model", "dim", "num_shards")):
+            raise ValueError("no model, dim and num_shards")
+    except (ValueError, TypeError, RecursionError) as e:
+        raise AliasError(f"{path} is not an index's layout: {e}") from None
+    return layout
+
+
 def set_alias(root: str, alias: str, name: str, expect: str | None = None) -> str | None:
     """Points `alias` at index `name` (which must exist under `root`); returns the index it named before.
     `expect`: the switch is made only if the alias still names that index (a rollout that gated against
@@ -75,8 +98,7 @@ def set_alias(root: str, alias: str, name: str, expect: str | None = None) -> st
     for value, what in ((alias, "alias"), (name, "index name")):
         if not NAME.match(value):
             raise AliasError(f"{what} {value!r}: use letters, digits, '.', '_' or '-' (at most 100)")
-    if not storage.exists(f"{index_path(root, name)}/index.json"):
-        raise AliasError(f"no index {name!r} under {root} (no {index_path(root, name)}/index.json)")
+    read_layout(root, name)
     data, token = storage.read_versioned(_path(root))
     content = _parse(data, root)
     before = content["aliases"].get(alias)
@@ -92,11 +114,18 @@ def set_alias(root: str, alias: str, name: str, expect: str | None = None) -> st
     return before
 
 
-def _indexes(root: str) -> dict[str, dict]:
+def _describe_indexes(root: str) -> dict[str, str]:
+    """name → one line about the index (or why it cannot be read: one broken index hides no other)."""
     found = {}
     for path in storage.match(f"{str(root).rstrip('/')}/*/index.json"):
         name = path.rstrip("/").split("/")[-2]
-        found[name] = json.loads(storage.read_bytes(path))
+        try:
+            layout = read_layout(root, name)
+        except AliasError as e:
+            found[name] = f"unreadable: {e}"
+            continue
+        found[name] = (f"{layout['model']}, {layout['dim']}-d, {layout['num_shards']} shard(s), "
+                       f"{layout.get('segment_kind', 'hnsw')}")
     return found
 
 
@@ -104,15 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m search.aliases", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--root", required=True, help="The directory (local or gs://) holding the named indexes.")
-    parser.add_argument("--set", metavar="ALIAS=NAME", help="Point ALIAS at the index NAME.")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--set", metavar="ALIAS=NAME", help="Point ALIAS at the index NAME.")
+    action.add_argument("--show", metavar="ALIAS", help="Print the index ALIAS names (exit 1 when none).")
     parser.add_argument("--expect", metavar="NAME", help="With --set: only if the alias still names NAME.")
-    parser.add_argument("--show", metavar="ALIAS", help="Print the index ALIAS names (exit 1 when none).")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.expect and not args.set:
+        parser.error("--expect goes with --set")
     try:
         if args.show:
             print(resolve(args.root, args.show))
@@ -128,10 +160,9 @@ def main(argv: list[str] | None = None) -> None:
         by_index: dict[str, list[str]] = {}
         for alias, name in content["aliases"].items():
             by_index.setdefault(name, []).append(alias)
-        for name, layout in sorted(_indexes(args.root).items()):
+        for name, line in sorted(_describe_indexes(args.root).items()):
             names = f"  <- {', '.join(sorted(by_index.get(name, [])))}" if name in by_index else ""
-            print(f"{name}: {layout['model']}, {layout['dim']}-d, {layout['num_shards']} shard(s), "
-                  f"{layout.get('segment_kind', 'hnsw')}{names}")
+            print(f"{name}: {line}{names}")
         for alias, name in sorted(content["aliases"].items()):
             print(f"alias {alias} -> {name}")
     except (AliasError, OSError) as e:

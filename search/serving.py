@@ -37,16 +37,23 @@ class Served:
         self._users = 0
         self._idle = threading.Condition()
 
-    @contextlib.contextmanager
-    def use(self) -> Iterator["Served"]:
+    def hold(self) -> "Served":
         with self._idle:
             self._users += 1
+        return self
+
+    def release(self) -> None:
+        with self._idle:
+            self._users -= 1
+            self._idle.notify_all()
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator["Served"]:
+        self.hold()
         try:
             yield self
         finally:
-            with self._idle:
-                self._users -= 1
-                self._idle.notify_all()
+            self.release()
 
     def warm(self) -> None:
         """One search and (where the model runs here) one text query: the first real request pays for
@@ -92,14 +99,23 @@ class AliasFollower:
         self._opener = opener
         self._served = opener(aliases.resolve(root, alias))
         self._lock = threading.Lock()
+        self._swap = threading.Lock()  # a request takes the pair and counts itself in one step
         self._checked = time.monotonic()
         self._loading: str | None = None
         self._failed: tuple[str, float] | None = None  # (name, when) of the last target that would not open
         self.error = ""  # why the alias's newest target is not served ("" when it is)
         self.switches = 0
 
-    def use(self):
-        return self._served.use()
+    @contextlib.contextmanager
+    def use(self) -> Iterator[Served]:
+        """The pair now served, held until the request ends: it is not closed under the request, even if
+        the alias moves meanwhile (the swap and this take the same lock)."""
+        with self._swap:
+            served = self._served.hold()
+        try:
+            yield served
+        finally:
+            served.release()
 
     def current(self) -> Served:
         return self._served
@@ -113,7 +129,7 @@ class AliasFollower:
             self._checked = now
         try:
             name = aliases.resolve(self.root, self.alias)
-        except (aliases.AliasError, OSError) as e:
+        except Exception as e:  # whatever is wrong with the alias file, the request being served is not failed
             self.error = f"cannot read alias {self.alias!r}: {e}"
             _log.warning("%s; still serving %s", self.error, self._served.name)
             return
@@ -146,7 +162,8 @@ class AliasFollower:
             _log.error("%s; still serving %s", self.error, self._served.name)
             self._loading = None
             return
-        old, self._served = self._served, served
+        with self._swap:
+            old, self._served = self._served, served
         self.switches += 1
         self.error, self._failed, self._loading = "", None, None
         _log.info("alias %s: now serving %s (%s, %d products; opened and warmed in %.1f s), was %s", self.alias,

@@ -274,3 +274,96 @@ def test_the_router_merges_replicas_mid_switch_but_refuses_other_mixes():
     assert "different indexes" in checked(health("A", 0), health("B", 1))  # fixed --index_dir of two models
     assert "different indexes" in checked(health("A", 0, "a"), health("B", 1, "b", num_shards=4))
     assert "served by both" in checked(health("A", 0, "a"), health("A", 0, "a"))
+
+
+def test_a_request_in_flight_finishes_on_the_index_it_started_with(tmp_path):
+    """The old index is closed only once the last request holding it ends, however the switch interleaves."""
+    from search.serving import AliasFollower, Served
+
+    class FakeIndex:
+        dim, model = 4, "m"
+
+        def __init__(self, name):
+            self.name, self.closed = name, threading.Event()
+
+        def search(self, *args, **kwargs):
+            assert not self.closed.is_set(), "searched a closed index"
+            return []
+
+        def stats(self):
+            return {"live_docs": 0}
+
+        def close(self):
+            self.closed.set()
+
+    class NoModel:
+        backend = None
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "index.json").write_text('{"model": "m", "dim": 4, "num_shards": 1}')
+    aliases.set_alias(str(tmp_path), "live", "a")
+    follower = AliasFollower(str(tmp_path), "live", lambda name: Served(FakeIndex(name), NoModel(), name), 0.0)
+    request = follower.use()
+    held = request.__enter__()
+    aliases.set_alias(str(tmp_path), "live", "b")
+    follower.check()
+    assert follower.wait_loaded(10) and follower.current().name == "b"
+    with follower.use() as fresh:
+        assert fresh.name == "b"  # new requests go to the new index at once
+    time.sleep(0.3)
+    assert held.name == "a" and not held.index.closed.is_set()  # still in use: not closed
+    held.index.search(None)
+    request.__exit__(None, None, None)
+    assert held.index.closed.wait(10)  # closed once its last request ended
+    assert not follower.current().index.closed.is_set()
+
+
+def test_hostile_alias_files_are_refused_in_one_line(tmp_path):
+    build_index(tmp_path / "v1", "m-a")
+    path = tmp_path / "aliases.json"
+    for content in (b'{"x":' + b"[" * 5000 + b"]" * 5000 + b"}", b'{"aliases": {"live": "../elsewhere"}}',
+                    b'{"aliases": {"live": 5}}', b'{"aliases": {}, "pad": "' + b"x" * (2 * 1024 * 1024) + b'"}',
+                    b"[1, 2]", b"\xff\xfe"):
+        path.write_bytes(content)
+        with pytest.raises(aliases.AliasError, match="is not an alias file"):
+            aliases.read_aliases(str(tmp_path))
+        shown = cli("search.aliases", "--root", str(tmp_path), "--show", "live")
+        assert shown.returncode == 1 and "is not an alias file" in shown.stderr and "Traceback" not in shown.stderr
+    path.write_text('{"aliases": {"live": "v1"}, "history": 5}')  # a history that is no list is started again
+    assert aliases.set_alias(str(tmp_path), "live", "v1") == "v1"
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "index.json").write_text("{bad")
+    refused = cli("search.aliases", "--root", str(tmp_path), "--set", "live=broken")
+    assert refused.returncode == 1 and "is not an index's layout" in refused.stderr
+    listed = cli("search.aliases", "--root", str(tmp_path))
+    assert listed.returncode == 0 and "broken: unreadable" in listed.stdout and "v1: m-a" in listed.stdout
+    lone = cli("search.aliases", "--root", str(tmp_path), "--expect", "v1")
+    assert lone.returncode == 2 and "--expect goes with --set" in lone.stderr
+    both = cli("search.aliases", "--root", str(tmp_path), "--set", "live=v1", "--show", "live")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_a_service_serves_on_through_a_corrupt_alias_file(tmp_path):
+    build_index(tmp_path / "a", ModelConfig(spec=TINY_CLIP).model_id)
+    aliases.set_alias(str(tmp_path), "live", "a")
+    good = (tmp_path / "aliases.json").read_bytes()
+    server = ServerProcess(tmp_path, "--alias", "live", "--device", "cpu")
+    try:
+        (tmp_path / "aliases.json").write_bytes(b'{"x":' + b"[" * 5000 + b"]" * 5000 + b"}")
+        statuses = []
+        for _ in range(30):
+            statuses.append(requests.post(f"{server.url}/v1/search", json={"vector": [1.0] * DIM}, timeout=30)
+                            .status_code)
+            time.sleep(0.1)
+        degraded = requests.get(f"{server.url}/healthz", timeout=10).json()
+        (tmp_path / "aliases.json").write_bytes(good)
+        time.sleep(1.5)
+        requests.get(f"{server.url}/healthz", timeout=10)
+        time.sleep(0.2)
+        healed = requests.get(f"{server.url}/healthz", timeout=10).json()
+    finally:
+        server.stop()
+    assert set(statuses) == {200}
+    assert degraded["status"] == "degraded" and "is not an alias file" in degraded["errors"]["alias"]
+    assert healed["status"] == "ok" and healed["index"] == "a"

@@ -63,7 +63,7 @@ def test_the_gate_passes_an_equal_candidate_with_judged_queries(root):
 
 def test_the_gate_names_what_it_cannot_compare(root):
     missing = gate(root, "v9")
-    assert missing.returncode == 2 and "no index at" in missing.stderr
+    assert missing.returncode == 2 and "no index 'v9'" in missing.stderr
     no_alias = gate(root, "v1", "--alias", "staging")
     assert no_alias.returncode == 2 and "no alias 'staging'" in no_alias.stderr
 
@@ -74,3 +74,11 @@ def test_coverage_and_tolerance():
     rows = {name: ok for name, _, _, ok in compare(serving, {**serving, "live products": 980.0,
                                                              "photo precision@10": 0.52}, 0.02)}
     assert rows == {"live products": False, "recall@10 vs exact": True, "photo precision@10": False}
+
+
+def test_a_gate_that_cannot_compare_exits_2_not_1(root, tmp_path):
+    """Exit 1 is the verdict "worse": unreadable input (judgements nested thousands deep) must not read as one."""
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"query": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    result = gate(root, "v1-again", "--qrels", str(deep))
+    assert result.returncode == 2 and "nested too deep" in result.stderr and "Traceback" not in result.stderr

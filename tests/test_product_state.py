@@ -180,3 +180,36 @@ def test_reembed_launches_on_dataflow_from_the_table(tmp_path):
                  "--dead_letter_topic", "projects/my-project/topics/product-events-dlq", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reembed: dry run, nothing submitted: DataflowRunner job" in result.stdout
+
+
+def test_reembed_turns_hostile_state_rows_into_dead_letters(tmp_path, image_server):
+    """Lines that are not UTF-8, not JSON, nested thousands deep, not an object, or missing fields are dead
+    letters of stage parse (or validate); the job still embeds the good row."""
+    image_server.routes["/a.jpg"] = Route(body=image_bytes("JPEG"), headers={"Content-Type": "image/jpeg"})
+    good = state("upsert", 7, product_id="good")
+    good = ProductState(**{**good.__dict__, "image_urls": (image_server.url("a.jpg"),)})
+    hostile = [b"\xff\xfe not utf-8 \xc3\x28", b"{not json", b"[" * 5000 + b"]" * 5000,
+               b'{"product_id": "p", "op": "upsert"}', b"[1, 2, 3]",
+               json.dumps({**good.to_dict(), "product_id": "bad-op", "op": "rename"}).encode(),
+               json.dumps({**good.to_dict(), "product_id": "p" * 300}).encode()]
+    row = good.to_dict()
+    hostile += [json.dumps({**row, "product_id": "no-time", "recorded_at": None}).encode(),
+                json.dumps({**row, "product_id": "float-version", "version": 1.9}).encode(),
+                json.dumps({**row, "product_id": "url-string", "image_urls": "http://127.0.0.1/a.jpg"}).encode(),
+                json.dumps({**row, "product_id": "number-attributes", "attributes": "5"}).encode(),
+                json.dumps({**row, "product_id": "int-event-time", "event_time": 12345}).encode()]
+    # One product's two rows at one version, one timestamp without a zone: compared, not a crash.
+    twins = [json.dumps({**row, "product_id": "tz", "recorded_at": "2026-01-01T00:00:00"}).encode(),
+             json.dumps({**row, "product_id": "tz", "recorded_at": "2026-01-01T00:00:01Z"}).encode()]
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "part.jsonl").write_bytes(
+        b"\n".join([good.to_json().encode(), b"", b"   ", *twins, *hostile]) + b"\n")
+    result = cli("pipelines.reembed", "--source_dir", str(tmp_path / "state"), "--model", TINY_CLIP,
+                 "--output_dir", str(tmp_path / "out"), "--device", "cpu", "--allow_private_hosts", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_jsonl(str(tmp_path / "out/embeddings/*.jsonl"))
+    letters = read_jsonl(str(tmp_path / "out/dead_letter/*.jsonl"))
+    assert sorted(r["product_id"] for r in records) == ["good", "tz"]
+    assert len(letters) == len(hostile), letters  # blank lines are no rows
+    assert {letter["stage"] for letter in letters} <= {"parse", "validate"}
+    assert f"2 records, {len(hostile)} dead letters" in result.stdout, result.stdout

@@ -12,6 +12,7 @@ import dataclasses
 import json
 
 import apache_beam as beam
+from apache_beam.coders import BytesCoder
 
 from schemas import ProductState, Stage
 from transforms.dead_letter import from_beam_failure
@@ -89,7 +90,7 @@ class LatestStates(beam.PTransform):
                 | "Live" >> beam.FlatMap(lambda kv: [kv[1]] if kv[1] is not None else []))
 
 
-def _parse_line(line: str) -> ProductState:
+def _parse_line(line: bytes) -> ProductState:
     return ProductState.from_dict(json.loads(line))
 
 
@@ -107,6 +108,9 @@ class ReadProductState(beam.PTransform):
                 table=self._source.removeprefix("bigquery:"), method=beam.io.ReadFromBigQuery.Method.DIRECT_READ)
             states, failed = rows | "ToState" >> beam.Map(ProductState.from_dict).with_exception_handling()
         else:
-            lines = p | "ReadFiles" >> beam.io.ReadFromText(f"{self._source.rstrip('/')}/*.jsonl", validate=False)
-            states, failed = lines | "ToState" >> beam.Map(_parse_line).with_exception_handling()
+            # Bytes, not text: a line that is not UTF-8 is a dead letter, not a failed read of the whole file.
+            lines = p | "ReadFiles" >> beam.io.ReadFromText(f"{self._source.rstrip('/')}/*.jsonl", validate=False,
+                                                            coder=BytesCoder())
+            rows = lines | "SkipBlank" >> beam.Filter(lambda line: bool(line.strip()))
+            states, failed = rows | "ToState" >> beam.Map(_parse_line).with_exception_handling()
         return states, failed | "Unreadable" >> beam.FlatMap(lambda f: from_beam_failure(Stage.PARSE, f))
