@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from model_handlers.projection import build_head, load_projection, save_projecti
 from pipelines import index
 from pipelines.options import EmbedJobConfig
 from search.server import open_service
-from search.sharded import ShardedIndex
+from search.sharded import HEAD_FILE, ShardedIndex
 from tests.conftest import TINY_CLIP, image_bytes
 from tests.support.embed_helpers import config as embed_config, event, run_files
 
@@ -133,11 +134,17 @@ def test_tuned_records_get_their_own_model_id_and_the_index_never_mixes_them(hea
     assert {d["stage"] for d in letters} == {"sink"} and all(tuned_id in d["error"] for d in letters)
     assert set(ShardedIndex.open(tmp_path / "plain-index").shards[0].live_products()) == {"p1", "p2"}
 
-    # With the head, the index pipeline builds a tuned index, and serving it needs the same head.
+    # With the head, the index pipeline builds a tuned index and keeps the head with it: a service loads
+    # it from there; without it (nor --projection) the service refuses to start.
     index.run(["--input_dir", str(tmp_path / "tuned" / "out" / "embeddings"), "--index_dir",
                str(tmp_path / "tuned-index"), "--model", TINY_CLIP, "--projection", head])
     tuned_index = ShardedIndex.open(tmp_path / "tuned-index")
     assert (tuned_index.model, tuned_index.dim) == (tuned_id, TUNED_DIM)
+    kept = tmp_path / "tuned-index" / HEAD_FILE
+    assert kept.read_bytes() == Path(head).read_bytes()
+    _, follows = open_service(str(tmp_path / "tuned-index"), device="cpu")
+    assert follows.backend.model_id == tuned_id
+    kept.unlink()
     with pytest.raises(ValueError, match="pass that --projection"):
         open_service(str(tmp_path / "tuned-index"), device="cpu")
     with pytest.raises(ValueError, match="would not be comparable"):
