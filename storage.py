@@ -122,10 +122,10 @@ def read_versioned(path: str | Path) -> tuple[bytes | None, str]:
     the object's generation on Cloud Storage, a digest of the bytes locally."""
     text = str(path)
     if text.startswith("gs://"):
-        blob = _gcs_blob(text)
-        if not blob.exists():
+        named = _gcs_blob(text)
+        blob = named.bucket.get_blob(named.name)  # its metadata, generation included, in one request
+        if blob is None:
             return None, "0"
-        blob.reload()
         return blob.download_as_bytes(if_generation_match=blob.generation), str(blob.generation)
     if is_remote(path):
         raise NotImplementedError(f"{text}: only gs:// and local paths have a conditional replace")

@@ -36,19 +36,20 @@ from search.aliases import AliasError, index_path, read_layout, resolve
 __all__ = ["compare", "main", "measure"]
 
 K = 10
+COVERAGE = 0.99  # a candidate holds at least this share of the serving index's live products
 
 
 def _photo_queries(count: int, seed: int = 0) -> list[tuple[bytes, str]]:
     """(PNG bytes, class name) of `count` Fashion-MNIST train photos, as the demo catalogue draws its own."""
     from evaluation.fashion_mnist import CLASSES, load_fashion_mnist
-    from localstack.catalogue import _photo
+    from localstack.catalogue import product_photo
 
     images, labels = load_fashion_mnist("train")
     picks = np.random.default_rng(seed).choice(len(images), size=count, replace=False)
     out = []
     for n in picks:
         buffer = io.BytesIO()
-        _photo(images[n], 112).save(buffer, "PNG")
+        product_photo(images[n], 112).save(buffer, "PNG")
         out.append((buffer.getvalue(), CLASSES[int(labels[n])]))
     return out
 
@@ -91,7 +92,7 @@ def measure(index, embedder, judgements=None, photos=None, recall_queries: int =
 
 
 def compare(serving: dict[str, float], candidate: dict[str, float], tolerance: float,
-            coverage: float = 0.99) -> list[tuple[str, float, float, bool]]:
+            coverage: float = COVERAGE) -> list[tuple[str, float, float, bool]]:
     """(metric, serving, candidate, passes) rows: quality metrics may drop by `tolerance` at most; live
     products by (1 - `coverage`) of the serving index's."""
     rows = []
@@ -108,7 +109,7 @@ def _table(rows, serving: str, candidate: str, tolerance: float) -> str:
         number = "{:,.0f}" if name == "live products" else "{:.4f}"
         lines.append(f"| {name} | {number.format(before)} | {number.format(after)} | {after - before:+.4f} | "
                      f"{'ok' if passes else 'WORSE'} |")
-    return "\n".join(lines) + f"\n(tolerance {tolerance}; live products at least 99% of the serving index's)"
+    return "\n".join(lines) + f"\n(tolerance {tolerance}; live products at least {COVERAGE:.0%} of the serving index's)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,7 +53,7 @@ class Product:
     image_path: Path
 
 
-def _photo(pixels: np.ndarray, size: int) -> Image.Image:
+def product_photo(pixels: np.ndarray, size: int) -> Image.Image:
     # Fashion-MNIST is white-on-black; shops show products dark-on-white.
     image = Image.fromarray(255 - pixels, "L").resize((size, size), Image.Resampling.BICUBIC)
     return image.convert("RGB")
@@ -73,7 +73,7 @@ def build_catalogue(directory: Path, base_url: str, count: int, *, split: str = 
         label = int(labels[index])
         category = CLASSES[label]
         name = f"{n:06d}.{'jpg' if n % 2 else 'png'}"
-        _photo(images[index], image_size).save(directory / name, quality=90)
+        product_photo(images[index], image_size).save(directory / name, quality=90)
         style, material, brand = rng.choice(STYLES[category]), rng.choice(MATERIALS[category]), rng.choice(BRANDS)
         low, high = PRICES[category]
         event = {

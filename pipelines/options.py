@@ -287,8 +287,6 @@ class EmbedJobConfig:
                     problems.append(f"--{flag} is not an option of a backfill")
             if not (self.output_topic or self.output_dir or self.bigquery_table):
                 problems.append("give where the records go: --output_topic, --output_dir or --bigquery_table")
-            if self.model.max_batch_duration_secs:
-                problems.append("--max_batch_duration_secs (stateful batching) needs --streaming")
         elif self.streaming:
             for flag in ("input_subscription", "output_topic", "dead_letter_topic"):
                 if not getattr(self, flag):
@@ -306,8 +304,8 @@ class EmbedJobConfig:
             for flag in ("input_subscription", "output_topic", "dead_letter_topic", "timestamp_attribute", "id_label"):
                 if getattr(self, flag):
                     problems.append(f"--{flag} needs --streaming")
-            if self.model.max_batch_duration_secs:
-                problems.append("--max_batch_duration_secs (stateful batching) needs --streaming")
+        if not self.streaming and self.model.max_batch_duration_secs:
+            problems.append("--max_batch_duration_secs (stateful batching) needs --streaming")
         if self.id_label and runner in LOCAL_RUNNERS:
             problems.append(f"--id_label is Dataflow-only: the {runner} cannot deduplicate on it (and stalls)")
         for flag, pattern in (("input_subscription", _SUBSCRIPTION), ("output_topic", _TOPIC),

@@ -104,7 +104,6 @@ class AliasFollower:
         self._loading: str | None = None
         self._failed: tuple[str, float] | None = None  # (name, when) of the last target that would not open
         self.error = ""  # why the alias's newest target is not served ("" when it is)
-        self.switches = 0
 
     @contextlib.contextmanager
     def use(self) -> Iterator[Served]:
@@ -164,7 +163,6 @@ class AliasFollower:
             return
         with self._swap:
             old, self._served = self._served, served
-        self.switches += 1
         self.error, self._failed, self._loading = "", None, None
         _log.info("alias %s: now serving %s (%s, %d products; opened and warmed in %.1f s), was %s", self.alias,
                   name, served.index.model, served.index.stats()["live_docs"], time.monotonic() - started, old.name)

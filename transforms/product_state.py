@@ -42,14 +42,13 @@ def _newer(a: ProductState | None, b: ProductState | None) -> ProductState | Non
 
 def latest_state(rows) -> ProductState | None:
     """A product's rows (any order, repeats allowed) → its current state; None when it has no content
-    (patches only: as the index refuses them) or its newest content is a delete."""
-    content = patch = None
+    (patches only: as the index refuses them) or its newest content is a delete. The fold LatestStates
+    runs on the workers, run here in one piece."""
+    fn = _LatestStateFn()
+    accumulator = fn.create_accumulator()
     for row in rows:
-        if row.op == "patch":
-            patch = _newer(patch, row)
-        else:
-            content = _newer(content, row)
-    return _resolve(content, patch)
+        accumulator = fn.add_input(accumulator, row)
+    return fn.extract_output(accumulator)
 
 
 def _resolve(content: ProductState | None, patch: ProductState | None) -> ProductState | None:
