@@ -129,8 +129,10 @@ class AliasFollower:
         try:
             name = aliases.resolve(self.root, self.alias)
         except Exception as e:  # whatever is wrong with the alias file, the request being served is not failed
-            self.error = f"cannot read alias {self.alias!r}: {e}"
-            _log.warning("%s; still serving %s", self.error, self._served.name)
+            error = f"cannot read alias {self.alias!r}: {e}"
+            if error != self.error:  # once per new fault, not every second it lasts
+                _log.warning("%s; still serving %s", error, self._served.name)
+            self.error = error
             return
         if name == self._served.name:
             self.error = ""

@@ -365,5 +365,7 @@ def test_a_service_serves_on_through_a_corrupt_alias_file(tmp_path):
     finally:
         server.stop()
     assert set(statuses) == {200}
+    warned = [line for line in server.log if "cannot read alias" in line]
+    assert len(warned) == 1, warned  # once per fault, not each second it lasts
     assert degraded["status"] == "degraded" and "is not an alias file" in degraded["errors"]["alias"]
     assert healed["status"] == "ok" and healed["index"] == "a"

@@ -71,6 +71,18 @@ def test_a_state_row_survives_json_and_bigquery_shapes():
     assert "QUALIFY ROW_NUMBER()" in LATEST_STATE_VIEW
 
 
+def test_a_table_row_that_is_no_state_keeps_its_ids_in_its_dead_letter():
+    from transforms.product_state import _unreadable
+
+    row = {**state("upsert", 3, product_id="sku-1").to_dict(), "version": "three", "when": dt.datetime(2026, 1, 1)}
+    letter = _unreadable((row, (ValueError, "version must be an integer", "traceback")))
+    assert (letter.stage, letter.error_type, letter.product_id, letter.event_id) == (
+        "parse", "ValueError", "sku-1", row["event_id"])
+    assert json.loads(letter.payload)["version"] == "three"  # the row as JSON, whatever its values
+    unnamed = _unreadable(({"product_id": "x" * 1000}, (KeyError, "'op'", "")))
+    assert (unnamed.product_id, unnamed.error_type) == ("", "KeyError")
+
+
 def test_the_view_and_the_fold_agree_on_bigquery(bigquery_emulator, unique_name):
     """LATEST_STATE_VIEW's query, run by the BigQuery emulator over the same rows, equals `latest_state`."""
     from google.auth.credentials import AnonymousCredentials
@@ -212,4 +224,7 @@ def test_reembed_turns_hostile_state_rows_into_dead_letters(tmp_path, image_serv
     assert sorted(r["product_id"] for r in records) == ["good", "tz"]
     assert len(letters) == len(hostile), letters  # blank lines are no rows
     assert {letter["stage"] for letter in letters} <= {"parse", "validate"}
+    # Each letter names the product its row names, where that id can be read (not 300 characters long).
+    assert sorted(letter["product_id"] for letter in letters if letter["product_id"]) == sorted(
+        ["p", "bad-op", "no-time", "float-version", "url-string", "number-attributes", "int-event-time"])
     assert f"2 records, {len(hostile)} dead letters" in result.stdout, result.stdout

@@ -20,7 +20,8 @@ from apache_beam.metrics import Metrics
 
 from schemas import MAX_ID_CHARS, MAX_IMAGE_URLS, OPS, DeadLetter, ProductEvent, Stage
 
-__all__ = ["InvalidEvent", "ParseEvents", "parse_event", "parse_outcome", "MAX_MESSAGE_BYTES"]
+__all__ = ["InvalidEvent", "ParseEvents", "ids_in_text", "parse_event", "parse_outcome", "readable_id",
+           "MAX_MESSAGE_BYTES"]
 
 # Pub/Sub allows 10 MB; a product change is a few KB. Anything near the limit is a bug upstream.
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -47,7 +48,7 @@ def parse_event(raw: bytes | str) -> ProductEvent:
     data = _decode(raw)
     event_id = data.get("event_id")
     product_id = data.get("product_id")
-    ids = {"event_id": _readable(event_id), "product_id": _readable(product_id)}
+    ids = {"event_id": readable_id(event_id), "product_id": readable_id(product_id)}
 
     def fail(message: str) -> InvalidEvent:
         return InvalidEvent(Stage.VALIDATE, message, **ids)
@@ -107,7 +108,7 @@ def _decode(raw: bytes | str) -> dict[str, Any]:
         raw = raw.encode("utf-8", errors="surrogatepass")
     if len(raw) > MAX_MESSAGE_BYTES:
         raise InvalidEvent(Stage.PARSE, f"message is {len(raw)} bytes, over the {MAX_MESSAGE_BYTES}-byte limit",
-                           **_ids_in_text(raw))
+                           **ids_in_text(raw))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -117,7 +118,7 @@ def _decode(raw: bytes | str) -> dict[str, Any]:
     except ValueError as e:
         raise InvalidEvent(Stage.PARSE, f"message is not JSON: {e}") from e
     except RecursionError as e:  # the decoder's own stack limit, about a thousand levels
-        raise InvalidEvent(Stage.PARSE, f"message is nested over {MAX_DEPTH} levels deep", **_ids_in_text(raw)) from e
+        raise InvalidEvent(Stage.PARSE, f"message is nested over {MAX_DEPTH} levels deep", **ids_in_text(raw)) from e
     if not isinstance(data, dict):
         raise InvalidEvent(Stage.PARSE, f"message must be a JSON object, got {type(data).__name__}")
     return data
@@ -127,19 +128,19 @@ _ID_IN_TEXT = {name: re.compile(rb'"%s"\s*:\s*("(?:[^"\\]|\\.){1,%d}")' % (name.
                for name in ("event_id", "product_id")}
 
 
-def _ids_in_text(raw: bytes) -> dict[str, str]:
-    """The ids of a message too large to parse, where a plain search finds them (for its dead letter)."""
+def ids_in_text(raw: bytes) -> dict[str, str]:
+    """The ids of a message that cannot be parsed, where a plain search finds them (for its dead letter)."""
     ids = {}
     for name, pattern in _ID_IN_TEXT.items():
         match = pattern.search(raw)
         try:
-            ids[name] = _readable(json.loads(match.group(1))) if match else ""
+            ids[name] = readable_id(json.loads(match.group(1))) if match else ""
         except ValueError:
             ids[name] = ""
     return ids
 
 
-def _readable(value: Any) -> str:
+def readable_id(value: Any) -> str:
     """`value` if it is a string that can stand in a dead letter as an id, else ''."""
     if isinstance(value, str) and 1 <= len(value) <= MAX_ID_CHARS and _encodable(value):
         return value

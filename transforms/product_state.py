@@ -14,8 +14,8 @@ import json
 import apache_beam as beam
 from apache_beam.coders import BytesCoder
 
-from schemas import ProductState, Stage
-from transforms.dead_letter import from_beam_failure
+from schemas import DeadLetter, ProductState, Stage
+from transforms.events import ids_in_text, readable_id
 
 __all__ = ["LATEST_STATE_VIEW", "LatestStates", "ReadProductState", "latest_state"]
 
@@ -93,6 +93,18 @@ def _parse_line(line: bytes) -> ProductState:
     return ProductState.from_dict(json.loads(line))
 
 
+def _unreadable(failure: tuple) -> DeadLetter:
+    """A state row (a table's dict or a file's line) that is no `ProductState` → its dead letter, with the
+    ids that can be read from it, so that the product it names can be found."""
+    row, (error_type, error, _traceback) = failure
+    if isinstance(row, dict):
+        ids = {name: readable_id(row.get(name)) for name in ("event_id", "product_id")}
+        row = json.dumps(row, default=str, ensure_ascii=False)
+    else:
+        ids = ids_in_text(row)
+    return DeadLetter.of_payload(Stage.PARSE, getattr(error_type, "__name__", str(error_type)), error, row, **ids)
+
+
 class ReadProductState(beam.PTransform):
     """`bigquery:P:DATASET.TABLE` (the table or its view) or a directory of JSON lines → (state rows,
     dead letters of rows that cannot be read)."""
@@ -112,4 +124,4 @@ class ReadProductState(beam.PTransform):
                                                             coder=BytesCoder())
             rows = lines | "SkipBlank" >> beam.Filter(lambda line: bool(line.strip()))
             states, failed = rows | "ToState" >> beam.Map(_parse_line).with_exception_handling()
-        return states, failed | "Unreadable" >> beam.FlatMap(lambda f: from_beam_failure(Stage.PARSE, f))
+        return states, failed | "Unreadable" >> beam.Map(_unreadable)
