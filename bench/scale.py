@@ -6,8 +6,9 @@ compressed kinds), per segment kind, unscoped and scoped to one shop.
 Per (kind, N), with the clustered 512-d vectors of bench.index and shops of 500, 5,000 and 50,000
 products (the rest in shops of 1,000), each shop's products spread at random over the index:
 
-1. Build: the vectors go in through `IndexStore.apply` (commits of 20,000), then one compaction
-   makes a single segment of the kind with every core: its build rate.
+1. Build, in a process of its own that ends before the next step (its memory gone with it): the
+   vectors go in through `IndexStore.apply` (commits of 20,000), then one compaction makes a single
+   segment of the kind with every core: its build rate.
 2. Query, in a fresh process that opens the store read-only, so its memory is the served index's
    alone: single-thread p50/p99 latency and QPS at k=10 and k=100, unscoped and per shop, at the
    service's default efSearch, with recall@10/@100 (mean, median, min) against exact search over
@@ -145,23 +146,27 @@ def ingest_at_size(store, n: int, seed: int) -> dict:
             "searchable_s_max": round(float(np.max(to_searchable)), 4)}
 
 
-def run_cell(kind: str, n: int, queries_n: int, ef_search: int, ef_construction: int, work: Path) -> dict:
-    import faiss
-
+def _settings(kind: str, ef_construction: int):
     from search.merge_policy import MergePolicy
     from search.segment import SegmentParams
-    from search.store import IndexStore, StoreSettings
+    from search.store import StoreSettings
+
+    return StoreSettings(segment=SegmentParams(kind, ef_construction=ef_construction),
+                         merge=MergePolicy(delta_limit=10**12, max_delta_segments=10**6), build_threads=0)
+
+
+def build_cell(kind: str, n: int, queries_n: int, ef_construction: int, work: Path) -> dict:
+    """Runs in its own process: the vectors, the exact truth, then the store applied and compacted."""
+    import faiss
+
+    from search.store import IndexStore
 
     data = embedding_like(n + queries_n, DIM)
     vectors, queries = data[:n], np.ascontiguousarray(data[n:])
     shops = shop_of_products(n)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    truth_file = work / "truth.npz"
-    np.savez(truth_file, queries=queries, **exact_truth(vectors, queries, shops))
-    directory = work / f"{kind}-{n}"
-    settings = StoreSettings(segment=SegmentParams(kind, ef_construction=ef_construction),
-                             merge=MergePolicy(delta_limit=10**12, max_delta_segments=10**6), build_threads=0)
-    store = IndexStore(directory, model="bench", dim=DIM, settings=settings)
+    np.savez(work / "truth.npz", queries=queries, **exact_truth(vectors, queries, shops))
+    store = IndexStore(work / f"{kind}-{n}", model="bench", dim=DIM, settings=_settings(kind, ef_construction))
     started = time.perf_counter()
     for start in range(0, n, COMMIT):
         store.apply(records(vectors[start:start + COMMIT], shops[start:start + COMMIT], start))
@@ -170,18 +175,37 @@ def run_cell(kind: str, n: int, queries_n: int, ef_search: int, ef_construction:
     started = time.perf_counter()
     store.compact(force=True)
     build_s = time.perf_counter() - started
+    store.close()
+    return {"apply_s": apply_s, "build_s": build_s}
+
+
+def run_cell(kind: str, n: int, queries_n: int, ef_search: int, ef_construction: int, work: Path) -> dict:
+    """Build, query and ingest each in a process of its own: the builder's memory (millions of floats,
+    and what its allocator keeps) is given back before the query process measures, and its page
+    cache is the OS's to give the index (at 3M, a builder kept alive left 1 GB free, no huge pages)."""
+    from search.store import IndexStore
+
+    directory = work / f"{kind}-{n}"
+    built = json.loads(_child(["--build_cell", kind, str(n), str(queries_n), str(ef_construction), str(work)]))
+    apply_s, build_s = built["apply_s"], built["build_s"]
     print(f"  {kind} {n:,}: applied at {n / apply_s:,.0f}/s, built at {n / build_s:,.0f} vectors/s; querying ...",
           flush=True)
     # The system allocator there: one that keeps freed pages (tcmalloc) would count them as the index's.
     env = {name: value for name, value in os.environ.items() if name != "LD_PRELOAD"}
-    child = subprocess.run([sys.executable, "-m", "bench.scale", "--query_cell", str(directory), str(truth_file),
-                            str(ef_search)], capture_output=True, text=True, check=True, env=env)
-    cell = json.loads(child.stdout.strip().splitlines()[-1])
+    cell = json.loads(_child(["--query_cell", str(directory), str(work / "truth.npz"), str(ef_search)], env))
+    store = IndexStore(directory, settings=_settings(kind, ef_construction))
     cell.update(kind=kind, vectors=n, apply_per_s=round(n / apply_s, 1), build_s=round(build_s, 1),
                 build_per_s=round(n / build_s, 1), ingest=ingest_at_size(store, n, seed=n + 1))
     store.close()
     shutil.rmtree(directory, ignore_errors=True)
     return cell
+
+
+def _child(args: list[str], env: dict[str, str] | None = None) -> str:
+    """`python -m bench.scale ARGS` → the JSON line it prints last (its stderr passes through)."""
+    child = subprocess.run([sys.executable, "-m", "bench.scale", *args], stdout=subprocess.PIPE, text=True,
+                           check=True, env=env)
+    return child.stdout.strip().splitlines()[-1]
 
 
 def targets(cells: dict) -> dict:
@@ -257,7 +281,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ef_search", type=int, default=None, help="default: the service's (search.server)")
     parser.add_argument("--output", type=Path, default=RESULTS, help="where scale.json and scale.png go")
     parser.add_argument("--query_cell", nargs=3, metavar=("DIR", "TRUTH", "EF"), help=argparse.SUPPRESS)
+    parser.add_argument("--build_cell", nargs=5, metavar=("KIND", "N", "QUERIES", "EFC", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.build_cell:
+        kind, n, queries_n, ef_construction, work = args.build_cell
+        print(json.dumps(build_cell(kind, int(n), int(queries_n), int(ef_construction), Path(work))))
+        return {}
     if args.query_cell:
         directory, truth_file, ef = args.query_cell
         print(json.dumps(query_cell(directory, truth_file, int(ef))))
