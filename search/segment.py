@@ -217,16 +217,13 @@ class Segment:
         little bit order; `allowed` of them). The bitmap is handed to FAISS as it is: nothing is
         rebuilt. A compressed kind's candidates are re-scored with the float vectors."""
         kind = self.info.kind
-        wanted = k * RESCORE_FACTOR.get(kind, 1)
-        pool = k if kind == "hnsw" else max(ef_search, wanted)
+        pool = k if kind == "hnsw" else max(ef_search, k * RESCORE_FACTOR.get(kind, 1))
         if kind == "ivf_pq":
             params = faiss.SearchParametersIVF()
             params.nprobe = faiss.extract_index_ivf(self.index).nprobe
         else:
             params = faiss.SearchParametersHNSW()
-            # The graph's beam holds passing and filtered-out nodes alike: to hold `wanted` that pass,
-            # it is widened by the inverse of the share that passes.
-            params.efSearch = max(ef_search, pool, -(-wanted * self.info.count // max(allowed, 1)))
+            params.efSearch = self.filtered_ef(k, ef_search, allowed)
         selector = None  # held here: faiss does not own it, nor the bitmap under it
         if allowed < self.info.count:
             selector = faiss.IDSelectorBitmap(self.info.count, faiss.swig_ptr(bits))
@@ -236,6 +233,14 @@ class Segment:
         if kind != "hnsw":
             return self.search_positions(query, k, positions[0][keep])
         return scores[0][keep], self.ids[positions[0][keep]]
+
+    def filtered_ef(self, k: int, ef_search: int, allowed: int) -> int:
+        """The beam of a graph search among `allowed` of the segment's positions. It holds passing and
+        filtered-out nodes alike: to hold the candidates wanted that pass, it is widened by the inverse
+        of the share that passes."""
+        wanted = k * RESCORE_FACTOR.get(self.info.kind, 1)
+        pool = k if self.info.kind == "hnsw" else max(ef_search, wanted)
+        return max(ef_search, pool, -(-wanted * self.info.count // max(allowed, 1)))
 
     def search_positions(self, query: np.ndarray, k: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, doc ids) exactly, over the given positions only (read from the memory map)."""

@@ -28,3 +28,18 @@ def test_the_scale_benchmark_measures_every_kind_and_scope_and_writes_json_and_a
     assert hnsw["index_file_bytes_per_vector"] > 2048  # the floats are in the graph
     assert (tmp_path / "scale.png").stat().st_size > 10_000
     assert "memory per vector" in result.stdout
+
+
+def test_the_exact_switch_benchmark_compares_the_rule_with_its_baseline_on_one_store(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.exact_switch", "--vectors", "20000", "--queries", "10",
+                             "--ef_construction", "40", "--output", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "exact_switch.json").read_text())
+    assert report["graph_step_cost"] > 0 and report["vectors"] == 20000
+    assert [(row["shop"], row["k"]) for row in report["rows"]] == [
+        (shop, k) for shop in ("shop-500", "shop-5000", "shop-50000") for k in (10, 100)]
+    for row in report["rows"]:
+        for arm in ("rule", "exact_below only"):
+            assert row[arm][f"recall@{row['k']}"]["mean"] >= 0.9 and row[arm]["p50_ms"] > 0
+    assert "exact_below only" in result.stdout

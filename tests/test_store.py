@@ -19,7 +19,7 @@ from search.store import IndexMismatch, IndexStore, StoreSettings
 from tests.support.index_helpers import MODEL, last_writer_wins, live_truth, record
 
 SMALL = StoreSettings(merge=MergePolicy(delta_limit=6, max_delta_segments=3, max_hnsw_segments=2, tombstone_ratio=0.3),
-                      exact_below=0)
+                      exact_below=0, graph_step_cost=0)
 
 
 def of_kind(settings: StoreSettings, kind: str) -> StoreSettings:
@@ -77,7 +77,7 @@ def test_random_streams_equal_last_writer_wins(tmp_path_factory, kind, exact_bel
     records = [record(pid, version, op, shop_id=shop) for pid, version, op, shop in stream]
     records += data.draw(st.lists(st.sampled_from(records), max_size=5))  # redeliveries
     store = new_store(tmp_path_factory.mktemp("store"),
-                      settings=of_kind(dataclasses.replace(SMALL, exact_below=exact_below), kind))
+                      settings=of_kind(dataclasses.replace(SMALL, exact_below=exact_below, graph_step_cost=15.0 if exact_below else 0), kind))
     bounds = sorted({0, len(records), *(c for c in cuts if c < len(records))})
     for n, (start, end) in enumerate(zip(bounds, bounds[1:])):
         store.apply(records[start:end])
@@ -109,7 +109,7 @@ def test_a_delete_remembers_its_version_so_a_late_older_upsert_stays_out(tmp_pat
 
 @pytest.mark.parametrize("kind", SEGMENT_KINDS)
 def test_a_shop_scoped_query_never_returns_another_shops_product(tmp_path, kind):
-    store = new_store(tmp_path, settings=of_kind(StoreSettings(merge=MergePolicy(delta_limit=50), exact_below=0), kind))
+    store = new_store(tmp_path, settings=of_kind(StoreSettings(merge=MergePolicy(delta_limit=50), exact_below=0, graph_step_cost=0), kind))
     records = [record(f"p{i}", 1, shop_id=f"shop-{i % 3}", seed=i) for i in range(150)]
     store.apply(records[:100])
     store.compact(force=True)
@@ -139,7 +139,7 @@ def test_records_of_another_model_or_dimension_are_refused_not_mixed(tmp_path):
 
 @pytest.mark.parametrize("kind", SEGMENT_KINDS)
 def test_k_and_ef_search_are_independent(tmp_path, kind):
-    store = new_store(tmp_path, settings=of_kind(StoreSettings(merge=MergePolicy(delta_limit=10), exact_below=0), kind))
+    store = new_store(tmp_path, settings=of_kind(StoreSettings(merge=MergePolicy(delta_limit=10), exact_below=0, graph_step_cost=0), kind))
     store.apply([record(f"p{i}", 1, seed=i) for i in range(200)])
     store.compact(force=True)
     query = np.array(record("p3", 1, seed=3).embedding)
@@ -149,7 +149,7 @@ def test_k_and_ef_search_are_independent(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", SEGMENT_KINDS)
 def test_compaction_drops_tombstones_and_keeps_results(tmp_path, kind):
-    store = new_store(tmp_path, settings=of_kind(StoreSettings(merge=MergePolicy(delta_limit=10), exact_below=0), kind))
+    store = new_store(tmp_path, settings=of_kind(StoreSettings(merge=MergePolicy(delta_limit=10), exact_below=0, graph_step_cost=0), kind))
     store.apply([record(f"p{i}", 1, seed=i) for i in range(30)])
     store.apply([record(f"p{i}", 2, "delete") for i in range(0, 30, 2)])
     assert store.compaction_plan()
@@ -185,7 +185,7 @@ def test_one_writer_per_store(tmp_path):
 
 def test_recall_cli_reports_the_distribution_and_writes_json_and_a_plot(tmp_path):
     ShardedIndex.ensure_layout(tmp_path, 2, MODEL, 8)
-    writer = ShardedIndex.open(tmp_path, read_only=False, settings=StoreSettings(exact_below=0))
+    writer = ShardedIndex.open(tmp_path, read_only=False, settings=StoreSettings(exact_below=0, graph_step_cost=0))
     records = [record(f"p{i}", 1, seed=i) for i in range(300)]
     for n, shard in enumerate(writer.shards):
         shard.apply([r for r in records if shard_of(r.product_id, 2) == n])
@@ -294,3 +294,35 @@ def test_a_loaded_hnsw_segment_puts_its_graph_and_codes_on_huge_pages(tmp_path, 
     every = np.packbits(np.ones(20_000, bool), bitorder="little")
     scores, docs = segment.search_bitmap(vectors[7], 5, 64, every, 20_000)
     assert docs[0] == 7 and scores[0] == pytest.approx(1.0, abs=1e-2)
+
+
+@pytest.mark.parametrize("kind", ("hnsw", "hnsw_sq8"))
+def test_a_scope_whose_widened_beam_costs_more_than_its_rows_is_scored_exactly(tmp_path, kind, monkeypatch):
+    """A shop too large for `exact_below` is still scored exactly when the graph's beam, widened by the
+    inverse of the shop's share, would cost more steps than the shop has rows; a large share at a small
+    k goes through the graph. Either way the answer is the shop's own top k."""
+    from search.segment import Segment
+
+    settings = of_kind(StoreSettings(exact_below=100), kind)
+    store = new_store(tmp_path, settings=settings)
+    store.apply([record(f"p{i}", 1, shop_id="small" if i < 500 else "large", seed=i) for i in range(5_000)])
+    store.compact(force=True)
+    assert [s["kind"] for s in store.stats()["segments"]] == [kind]
+    graph_searches = []
+    search_bitmap = Segment.search_bitmap
+    monkeypatch.setattr(Segment, "search_bitmap",
+                        lambda self, *a, **kw: graph_searches.append(a[1]) or search_bitmap(self, *a, **kw))
+    query = record("q", 1, seed=99_999).embedding
+    for shop, k, ef_search, by_graph in (("small", 100, 16, False), ("large", 10, 16, True)):
+        graph_searches.clear()
+        found = store.search_ids(query, k, ef_search, shop)
+        assert bool(graph_searches) == by_graph, (shop, k)
+        exact = store.search_ids(query, k, ef_search, shop, exact=True)
+        assert {doc for _, doc in found} == {doc for _, doc in exact} or by_graph
+        assert len(found) == k
+    off = new_store(tmp_path / "off", settings=dataclasses.replace(settings, graph_step_cost=0))
+    off.apply([record(f"p{i}", 1, shop_id="small" if i < 500 else "large", seed=i) for i in range(5_000)])
+    off.compact(force=True)
+    graph_searches.clear()
+    off.search_ids(query, 100, 16, "small")
+    assert graph_searches  # with the cost rule off, only exact_below decides: 500 docs go through the graph

@@ -85,7 +85,7 @@ def passes(attributes: dict, shop: str, condition: dict) -> bool:
        compact=st.booleans(), conditions=st.lists(filters, min_size=1, max_size=4), word=st.sampled_from(WORDS))
 def test_filters_facets_and_keywords_equal_a_brute_force_over_the_live_products(
         tmp_path_factory, kind, exact_below, stream, cuts, compact, conditions, word):
-    settings_ = dataclasses.replace(SETTINGS, exact_below=exact_below, segment=SegmentParams(kind, m=8))
+    settings_ = dataclasses.replace(SETTINGS, exact_below=exact_below, graph_step_cost=15.0 if exact_below else 0, segment=SegmentParams(kind, m=8))
     store = IndexStore(tmp_path_factory.mktemp("s"), model=MODEL, dim=8, settings=settings_)
     records = [with_attributes(record(pid, v, op, shop_id=shop), attrs, f"{w} {pid}")
                for pid, v, op, shop, attrs, w in stream]

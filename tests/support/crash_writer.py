@@ -37,7 +37,7 @@ def batches(seed: int, count: int = 30, size: int = 60) -> list[list]:
 def open_store(directory: str, kind: str) -> IndexStore:
     return IndexStore(directory, model=MODEL, dim=DIM,
                       settings=StoreSettings(segment=SegmentParams(kind, m=8, ef_construction=64, ivf_min=2),
-                                             merge=MergePolicy(delta_limit=400, max_delta_segments=6), exact_below=0,
+                                             merge=MergePolicy(delta_limit=400, max_delta_segments=6), exact_below=0, graph_step_cost=0,
                                              filterable=parse_filterable("brand")))
 
 
