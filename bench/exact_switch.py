@@ -16,13 +16,12 @@ import dataclasses
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.index import RESULTS, embedding_like, summary
-from bench.scale import COMMIT, DIM, SCOPES, _settings, exact_truth, records, shop_of_products
+from bench.index import RESULTS, embedding_like
+from bench.scale import COMMIT, DIM, SCOPES, bench_settings, exact_truth, records, shop_of_products, timed_scope
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     shops = shop_of_products(n)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     truth = exact_truth(vectors, queries, shops)
-    settings = _settings(args.kind, args.ef_construction)
+    settings = bench_settings(args.kind, args.ef_construction)
     result = {"name": "exact_switch", "kind": args.kind, "vectors": n, "ef_search": DEFAULT_EF_SEARCH,
               "graph_step_cost": settings.graph_step_cost, "exact_below": settings.exact_below, "rows": []}
     with tempfile.TemporaryDirectory(prefix="bench-exact-switch-") as work:
@@ -65,17 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
             for k in (10, 100):
                 row = {"shop": scope, "k": k}
                 for name, store in stores.items():
-                    for q in queries[:10]:  # warm-up: the pages a query touches, and the shop's cached bitmap
-                        store.search_ids(q, k, DEFAULT_EF_SEARCH, scope)
-                    latencies, recalls = [], []
-                    for q, expected in zip(queries, truth[scope]):
-                        started = time.perf_counter()
-                        found = store.search_ids(q, k, DEFAULT_EF_SEARCH, scope)
-                        latencies.append((time.perf_counter() - started) * 1000)
-                        recalls.append(len({doc for _, doc in found} & set(expected[:k].tolist())) / k)
-                    row[name] = {"p50_ms": round(float(np.percentile(latencies, 50)), 3),
-                                 "p99_ms": round(float(np.percentile(latencies, 99)), 3),
-                                 f"recall@{k}": summary(recalls)}
+                    row[name] = timed_scope(store, queries, truth[scope], k, DEFAULT_EF_SEARCH, scope)
                 a, b = row["rule"], row["exact_below only"]
                 print(f"  {scope:>10} {k:>4} | {a['p50_ms']:>12.2f}/{a['p99_ms']:<12.2f} "
                       f"{a[f'recall@{k}']['mean']:>7.4f} | {b['p50_ms']:>12.2f}/{b['p99_ms']:<12.2f} "

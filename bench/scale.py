@@ -80,6 +80,21 @@ def _rss() -> dict[str, int]:
     return fields
 
 
+def timed_scope(store, queries: np.ndarray, truth: np.ndarray, k: int, ef_search: int, shop: str | None) -> dict:
+    """One thread's p50/p99 latency, QPS and recall@k against `truth` (doc ids per query) of a scope."""
+    for q in queries[:20]:  # warm-up: the pages a query touches, mapped once, and the scope's cached docs
+        store.search_ids(q, k, ef_search, shop)
+    latencies, recalls = [], []
+    for q, expected in zip(queries, truth):
+        started = time.perf_counter()
+        found = store.search_ids(q, k, ef_search, shop)
+        latencies.append((time.perf_counter() - started) * 1000)
+        recalls.append(len({doc for _, doc in found} & set(expected[:k].tolist())) / k)
+    latencies = np.array(latencies)
+    return {"p50_ms": round(float(np.percentile(latencies, 50)), 3), "p99_ms": round(float(np.percentile(latencies, 99)), 3),
+            "qps": round(1000 / float(latencies.mean()), 1), f"recall@{k}": summary(recalls)}
+
+
 def query_cell(directory: str, truth_file: str, ef_search: int) -> dict:
     """Runs in its own process: opens the store read-only, measures memory, latency and recall."""
     import faiss
@@ -95,21 +110,8 @@ def query_cell(directory: str, truth_file: str, ef_search: int) -> dict:
     out = {"ef_search": ef_search, "scopes": {}}
     for scope in SCOPES:
         shop = None if scope == "all" else scope
-        row = {}
-        for k in (10, 100):
-            for q in queries[:20]:  # warm-up: the pages a query touches, mapped once
-                store.search_ids(q, k, ef_search, shop)
-            latencies, recalls = [], []
-            for q, expected in zip(queries, truth[scope]):
-                started = time.perf_counter()
-                found = store.search_ids(q, k, ef_search, shop)
-                latencies.append((time.perf_counter() - started) * 1000)
-                recalls.append(len({doc for _, doc in found} & set(expected[:k].tolist())) / k)
-            latencies = np.array(latencies)
-            row[f"k{k}"] = {"p50_ms": round(float(np.percentile(latencies, 50)), 3),
-                            "p99_ms": round(float(np.percentile(latencies, 99)), 3),
-                            "qps": round(1000 / float(latencies.mean()), 1), f"recall@{k}": summary(recalls)}
-        out["scopes"][scope] = row
+        out["scopes"][scope] = {f"k{k}": timed_scope(store, queries, truth[scope], k, ef_search, shop)
+                                for k in (10, 100)}
     after = _rss()
     stats = store.stats()
     index_bytes = sum(path.stat().st_size for path in Path(directory).glob("seg-*")
@@ -146,7 +148,7 @@ def ingest_at_size(store, n: int, seed: int) -> dict:
             "searchable_s_max": round(float(np.max(to_searchable)), 4)}
 
 
-def _settings(kind: str, ef_construction: int):
+def bench_settings(kind: str, ef_construction: int):
     from search.merge_policy import MergePolicy
     from search.segment import SegmentParams
     from search.store import StoreSettings
@@ -166,7 +168,7 @@ def build_cell(kind: str, n: int, queries_n: int, ef_construction: int, work: Pa
     shops = shop_of_products(n)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     np.savez(work / "truth.npz", queries=queries, **exact_truth(vectors, queries, shops))
-    store = IndexStore(work / f"{kind}-{n}", model="bench", dim=DIM, settings=_settings(kind, ef_construction))
+    store = IndexStore(work / f"{kind}-{n}", model="bench", dim=DIM, settings=bench_settings(kind, ef_construction))
     started = time.perf_counter()
     for start in range(0, n, COMMIT):
         store.apply(records(vectors[start:start + COMMIT], shops[start:start + COMMIT], start))
@@ -193,7 +195,7 @@ def run_cell(kind: str, n: int, queries_n: int, ef_search: int, ef_construction:
     # The system allocator there: one that keeps freed pages (tcmalloc) would count them as the index's.
     env = {name: value for name, value in os.environ.items() if name != "LD_PRELOAD"}
     cell = json.loads(_child(["--query_cell", str(directory), str(work / "truth.npz"), str(ef_search)], env))
-    store = IndexStore(directory, settings=_settings(kind, ef_construction))
+    store = IndexStore(directory, settings=bench_settings(kind, ef_construction))
     cell.update(kind=kind, vectors=n, apply_per_s=round(n / apply_s, 1), build_s=round(build_s, 1),
                 build_per_s=round(n / build_s, 1), ingest=ingest_at_size(store, n, seed=n + 1))
     store.close()
