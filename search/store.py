@@ -614,7 +614,7 @@ class IndexStore:
                                          view.live_count[seg.info.name]) for seg in view.segments]
         elif not len(scope[1]):
             return []
-        elif exact or self._exact_is_cheaper(view, k, ef_search, len(scope[1])):
+        elif exact or self._exact_is_cheaper(view, k, ef_search, scope):
             # A small scope is searched exactly over its own docs: cost in proportion to the scope.
             hits = [seg.search_positions(query, k, positions)
                     for seg, positions in zip(view.segments, self._per_scope(view, scope, _positions))]
@@ -628,15 +628,19 @@ class IndexStore:
         best = top_k(scores, k)
         return [(float(scores[i]), int(docs[i])) for i in best]
 
-    def _exact_is_cheaper(self, view: _View, k: int, ef_search: int, scope_size: int) -> bool:
-        """Whether a scope of `scope_size` docs costs less scored exactly than searched in the segments'
-        graphs, whose beams widen as the scope's share of them shrinks."""
-        if scope_size < self.settings.exact_below:
+    def _exact_is_cheaper(self, view: _View, k: int, ef_search: int, scope: tuple[tuple, np.ndarray]) -> bool:
+        """Whether the scope's docs cost less scored exactly than searched as the graph path would: in
+        each segment holding some, by its graph with the beam widened by that segment's own share, or
+        exactly where it has no graph, holds too few of them, or is IVF (the same cost either way)."""
+        if len(scope[1]) < self.settings.exact_below:
             return True
-        total = max(1, sum(seg.info.count for seg in view.segments))
-        steps = sum(seg.filtered_ef(k, ef_search, max(1, scope_size * seg.info.count // total))
-                    for seg in view.segments if seg.index is not None and seg.info.kind != "ivf_pq")
-        return scope_size < self.settings.graph_step_cost * steps
+        graph = 0.0
+        for seg, (_bits, allowed) in zip(view.segments, self._per_scope(view, scope, _bitmap)):
+            if not allowed or seg.index is None or allowed < self.settings.exact_below or seg.info.kind == "ivf_pq":
+                graph += allowed
+            else:
+                graph += self.settings.graph_step_cost * seg.filtered_ef(k, ef_search, allowed)
+        return len(scope[1]) < graph
 
     def _search_segment(self, seg: Segment, query: np.ndarray, k: int, ef_search: int, exact: bool,
                         bits: np.ndarray, allowed: int) -> tuple[np.ndarray, np.ndarray]:
