@@ -27,6 +27,7 @@ __all__ = [
     "MAX_PAYLOAD_CHARS",
     "OPS",
     "format_timestamp",
+    "non_finite_number",
     "vector",
 ]
 
@@ -55,6 +56,29 @@ class Stage:
     SINK = "sink"
 
     ALL = (PARSE, VALIDATE, DOWNLOAD, DECODE, INFERENCE, SINK)
+
+
+def non_finite_number(value: Any, where: str = "attributes") -> str | None:
+    """The path of the first number in `value` that is not finite (`attributes.price`), or None.
+
+    JSON readers take `1e400` as inf and many take `NaN`; SQLite's JSON functions take neither, so one
+    such value stored with a product would break every query of its shard on a filterable field."""
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, float) and not np.isfinite(item):
+            return path
+        if isinstance(item, Mapping):
+            stack.extend((v, f"{path}.{k}") for k, v in item.items())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, f"{path}[{n}]") for n, v in enumerate(item))
+    return None
+
+
+def _require_finite(attributes: Mapping[str, Any]) -> None:
+    path = non_finite_number(attributes)
+    if path is not None:
+        raise ValueError(f"{path} is not a finite number (NaN or outside the float range)")
 
 
 def format_timestamp(value: dt.datetime) -> str:
@@ -144,6 +168,7 @@ class EmbeddingRecord:
             value = getattr(self, name)
             if not (isinstance(value, np.ndarray) and value.dtype == np.float32 and value.ndim == 1):
                 object.__setattr__(self, name, vector(value))
+        _require_finite(self.attributes)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, EmbeddingRecord):
@@ -241,6 +266,7 @@ class ProductState:
         values["attributes"] = json.loads(attributes) if isinstance(attributes, str) else dict(attributes or {})
         if not isinstance(values["attributes"], dict):
             raise ValueError(f"attributes must be an object, got {type(values['attributes']).__name__}")
+        _require_finite(values["attributes"])
         if not isinstance(values["image_urls"] or [], (list, tuple)):
             raise ValueError(f"image_urls must be a list, got {type(values['image_urls']).__name__}")
         values["image_urls"] = tuple(values["image_urls"] or ())

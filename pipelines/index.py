@@ -40,7 +40,8 @@ def build_pipeline(p: beam.Pipeline, config: IndexJobConfig) -> IndexOutputs:
     records, unreadable = raw | "ParseRecords" >> beam.Map(parse_record).with_exception_handling()
     updated = records | "UpdateIndex" >> UpdateIndex(
         config.index_dir, config.model, config.dim, config.num_shards, config.commit_batch_size, config.settings,
-        cache_dir=config.cache_dir, stateful=config.stateful_commits, max_delay_secs=config.commit_max_delay_secs)
+        cache_dir=config.cache_dir, stateful=config.stateful_commits, max_delay_secs=config.commit_max_delay_secs,
+        finish_compactions=not config.streaming)
     parse_letters = unreadable | "ParseFailures" >> beam.FlatMap(lambda f: from_beam_failure(Stage.PARSE, f))
     # Counted where they are made (a local runner runs what follows a Flatten only at the end).
     _ = records | "CountRecords" >> CountOutcomes("records")

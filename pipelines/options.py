@@ -419,7 +419,7 @@ class IndexJobConfig:
             if o.num_shards and o.num_shards != layout["num_shards"]:
                 raise SystemExit(f"invalid options: --num_shards {o.num_shards}, but {o.index_dir} has "
                                  f"{layout['num_shards']} shard(s) (resharding is a new index)")
-            if model is not None and (model, dim) != (layout["model"], layout["dim"]):
+            if model is not None and layout["dim"] and (model, dim) != (layout["model"], layout["dim"]):
                 raise SystemExit(f"invalid options: --model makes {model} ({dim}-d) vectors, but {o.index_dir} "
                                  f"indexes {layout['model']} ({layout['dim']}-d)")
             kind = layout.get("segment_kind", "hnsw")
@@ -427,10 +427,12 @@ class IndexJobConfig:
                 raise SystemExit(f"invalid options: --segment_kind {o.segment_kind}, but {o.index_dir} is an index "
                                  f"of {kind} segments (a kind is fixed when the index is made: build a new one)")
             declared = parse_filterable(layout.get("filterable", []))
-            if o.filterable and filterable != declared:
+            if o.filterable and set(filterable) != set(declared):  # the same fields in another order are the same
                 raise SystemExit(f"invalid options: --filterable {o.filterable}, but {o.index_dir} filters on "
                                  f"{','.join(map(str, declared)) or 'no attributes'} (fixed when the index is made)")
-            model, dim, filterable = layout["model"], layout["dim"], declared
+            if layout["dim"]:  # 0: made from a delete by an earlier version; the first upsert repairs it
+                model, dim = layout["model"], layout["dim"]
+            filterable = declared
         else:
             kind = o.segment_kind or "hnsw"
         num_shards = o.num_shards or (layout or {}).get("num_shards", 1)

@@ -109,6 +109,9 @@ class ShardedIndex:
         """Writes `index.json` if there is none (exactly one of racing writers creates it); refuses a
         layout that disagrees (the segment kind included); makes every shard (new ones with
         `settings`), so readers can open them all from the start."""
+        if dim < 1:
+            raise ValueError(f"an index needs a vector dimension of at least 1, not {dim} (it comes from an "
+                             f"upsert's vector or --model)")
         wanted = {"num_shards": num_shards, "model": model, "dim": dim, "segment_kind": settings.segment.kind,
                   "filterable": [str(field) for field in settings.filterable]}
         if not storage.is_remote(index_dir):
@@ -118,7 +121,11 @@ class ShardedIndex:
         except storage.AlreadyExists:
             pass
         current = cls.layout(index_dir)
-        if {"segment_kind": "hnsw", "filterable": [], **current} != wanted:  # index.json from before: defaults
+        if current["dim"] == 0:  # made from a delete by an earlier version: it holds no vector, only tombstones
+            current = cls._repair_dimension(index_dir, current, model, dim, settings)
+        # index.json from before segment kinds and filters: their defaults; the filters in any order.
+        have = {"segment_kind": "hnsw", "filterable": [], **current}
+        if {**have, "filterable": sorted(have["filterable"])} != {**wanted, "filterable": sorted(wanted["filterable"])}:
             raise IndexMismatch(f"{index_dir} holds {current}, not {wanted}")
         for n in range(num_shards):
             if storage.is_remote(index_dir):
@@ -130,6 +137,27 @@ class ShardedIndex:
             elif not (cls.shard_dir(index_dir, n) / "state.sqlite").exists():
                 IndexStore(cls.shard_dir(index_dir, n), model=model, dim=dim, settings=settings).close()
         return current
+
+    @classmethod
+    def _repair_dimension(cls, index_dir: str | Path, current: dict, model: str, dim: int,
+                          settings: StoreSettings) -> dict:
+        """An index.json at 0 dimensions (versions before 2026-12 took the dimension of a new index from
+        its first record, a delete included) takes the first upsert's, keeping the tombstones; its
+        shards, which hold no vector, take it too (IndexStore.adopt_dimension)."""
+        if storage.is_remote(index_dir):
+            raise IndexMismatch(f"{index_dir} records 0 dimensions (made from a delete by an earlier version); "
+                                f"it holds no vectors: remove its index.json and shard-* objects and run again")
+        repaired = {**current, "model": model, "dim": dim}
+        for n in range(current["num_shards"]):
+            if (cls.shard_dir(index_dir, n) / "state.sqlite").exists():
+                store = IndexStore(cls.shard_dir(index_dir, n), settings=settings)
+                try:
+                    store.adopt_dimension(model, dim)
+                finally:
+                    store.close()
+        storage.write_bytes(f"{str(index_dir).rstrip('/')}/index.json", json.dumps(repaired).encode())
+        _log.warning("%s recorded 0 dimensions; repaired to %s (%d-d), its tombstones kept", index_dir, model, dim)
+        return repaired
 
     @staticmethod
     def shard_dir(index_dir: str | Path, shard: int) -> Path:

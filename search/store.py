@@ -33,7 +33,7 @@ from typing import Iterable, Protocol, Sequence
 import faiss
 import numpy as np
 
-from schemas import EmbeddingRecord, format_timestamp
+from schemas import EmbeddingRecord, format_timestamp, non_finite_number
 from search import store_sql
 from search.fields import Field, FieldIndex, parse_filterable, typed
 from search.filters import Filter
@@ -185,6 +185,8 @@ class IndexStore:
             if not meta:
                 if model is None or dim is None:
                     raise FileNotFoundError(f"{self.directory} holds no index; give model and dim to create one")
+                if dim < 1:
+                    raise ValueError(f"an index needs a vector dimension of at least 1, not {dim}")
                 meta = {"model": model, "dim": str(dim), "generation": "0", "next_doc_id": "0",
                         "hnsw_m": str(settings.segment.m),
                         "hnsw_ef_construction": str(settings.segment.ef_construction),
@@ -196,7 +198,7 @@ class IndexStore:
         if model is not None and model != self.model or dim is not None and dim != self.dim:
             raise IndexMismatch(f"{self.directory} indexes {self.model} ({self.dim}-d), not {model} ({dim}-d)")
         filterable = parse_filterable(json.loads(meta.get("filterable", "[]")))
-        if settings.filterable and settings.filterable != filterable:
+        if settings.filterable and set(settings.filterable) != set(filterable):  # the same fields in any order
             raise IndexMismatch(f"{self.directory} filters on {','.join(map(str, filterable)) or 'no attributes'}, "
                                 f"not {','.join(map(str, settings.filterable))}")
         # A store made before segment kinds is an hnsw one.
@@ -210,6 +212,17 @@ class IndexStore:
         if not read_only:
             self._remove_orphans()
         self._view = self._load_view()
+
+    def adopt_dimension(self, model: str, dim: int) -> None:
+        """Gives a store recorded at 0 dimensions (made from a delete by an earlier version, so it holds
+        tombstones and no vector) the model and dimension of its first upsert."""
+        if self.read_only or dim < 1:
+            raise ValueError("adopt_dimension needs a writable store and a dimension of at least 1")
+        with self._write_lock, self._transaction() as db:
+            if int(store_sql.meta(db, "dim")) != 0 or db.execute("SELECT 1 FROM segments LIMIT 1").fetchone():
+                raise IndexMismatch(f"{self.directory} indexes {self.model} ({self.dim}-d): not a 0-d store")
+            db.executemany("UPDATE meta SET value = ? WHERE key = ?", [(model, "model"), (str(dim), "dim")])
+        self.model, self.dim = model, dim
 
     def _take_writer_lock(self) -> None:
         """One writer process per store: generations and views assume it. Readers are unlimited."""
@@ -492,6 +505,31 @@ class IndexStore:
                                                        daemon=True)
             self._compaction_thread.start()
 
+    @property
+    def compacting(self) -> bool:
+        """Whether a background compaction runs now."""
+        return self._compaction_thread is not None
+
+    def wait_for_compaction(self) -> None:
+        """Returns once no background compaction runs (compact_in_background)."""
+        thread = self._compaction_thread
+        if thread is not None:
+            thread.join()
+
+    def finish_compaction(self, progress=None, max_merges: int = 64) -> int:
+        """Waits for a background compaction, then merges until the policy's plan is empty: a batch run
+        ends with the index its merge policy promises, not with hundreds of flat segments, and never
+        exits while a build runs on a thread. `progress(segments, vectors)` hears of each merge."""
+        self.wait_for_compaction()
+        merges = 0
+        while merges < max_merges and (plan := self.compaction_plan()):
+            if progress:
+                progress(len(plan), sum(seg.info.count for seg in plan))
+            if not self.compact():
+                break
+            merges += 1
+        return merges
+
     def compact(self, force: bool = False) -> bool:
         """Merges what the plan (or, forced, everything) says into one segment of the index's kind
         (a small ivf_pq merge stays flat: SegmentParams.kind_for); True if it did."""
@@ -709,12 +747,14 @@ class IndexStore:
         if not scored:
             return {}
         with self._transaction(immediate=False) as db:
-            marks = ",".join("?" * len(scored))
+            # One statement whatever the page size: sqlite3 keeps each distinct statement prepared (128 per
+            # connection, a connection per thread), so `IN (?, ?, ...)` of every length grew memory with k.
             rows = {row[0]: row[1:] for row in db.execute(
-                f"SELECT doc_id, product_id, shop_id, version, title, image_url, attributes, embedded_at "
-                f"FROM products WHERE doc_id IN ({marks})", [doc for _, doc in scored])}
+                "SELECT doc_id, product_id, shop_id, version, title, image_url, attributes, embedded_at "
+                "FROM products WHERE doc_id IN (SELECT value FROM json_each(?))",
+                (json.dumps([doc for _, doc in scored]),))}
         generation = self._view.generation if generation is None else generation
-        return {doc: Hit(row[0], row[1], score, row[2], row[3], row[4], json.loads(row[5]), row[6], generation)
+        return {doc: Hit(row[0], row[1], score, row[2], row[3], row[4], _attributes(row[5]), row[6], generation)
                 for score, doc in scored if (row := rows.get(doc)) is not None}
 
     def vectors_of(self, docs: Sequence[int], view: "_View | None" = None) -> np.ndarray:
@@ -794,19 +834,49 @@ def _strictly_decreasing(scored: list[tuple[float, int]]) -> list[tuple[float, i
 
 
 def _attributes_json(record: EmbeddingRecord) -> str:
-    return json.dumps(dict(record.attributes), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    # allow_nan=False: records refuse non-finite numbers (schemas), and SQLite's JSON could not read them.
+    return json.dumps(dict(record.attributes), ensure_ascii=False, sort_keys=True, separators=(",", ":"),
+                      allow_nan=False)
+
+
+def _attributes(text: str) -> dict:
+    """A product row's attributes. Rows written before non-finite numbers were refused may hold
+    `Infinity` or `NaN`: read as null, so a hit can always be sent as JSON."""
+    values = json.loads(text) if text else {}
+    return values if non_finite_number(values) is None else _finite(values)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _field_index(db, field: Field, next_doc: int) -> FieldIndex:
-    """A field's index from the live products' attributes (SQLite's JSON functions pick the value)."""
+    """A field's index from the live products' attributes (SQLite's JSON functions pick the value;
+    the rare row SQLite cannot read, an old one holding `Infinity`, is read by Python)."""
     path = '$."' + field.name + '"'
     docs, values = [], []
     for doc, kind, value in db.execute(
             "SELECT doc_id, json_type(attributes, ?), json_extract(attributes, ?) FROM products "
-            "WHERE doc_id IS NOT NULL AND json_type(attributes, ?) IN ('true', 'false', 'integer', 'real', 'text')",
+            "WHERE doc_id IS NOT NULL AND json_valid(attributes) "
+            "AND json_type(attributes, ?) IN ('true', 'false', 'integer', 'real', 'text')",
             (path, path, path)):
         docs.append(doc)
         values.append(typed(field, kind == "true" if kind in ("true", "false") else value))
+    for doc, text in db.execute("SELECT doc_id, attributes FROM products "
+                                "WHERE doc_id IS NOT NULL AND NOT json_valid(attributes)"):
+        try:
+            value = typed(field, json.loads(text).get(field.name))
+        except (ValueError, AttributeError):
+            continue  # not an object at all: the product has no value for the field
+        if value is not None:
+            docs.append(doc)
+            values.append(value)
     return FieldIndex.build(field, docs, values, next_doc)
 
 
@@ -816,10 +886,10 @@ def _current_states(db, product_ids: set[str]) -> dict[str, tuple]:
     states = {}
     ids = list(product_ids)
     for start in range(0, len(ids), 500):
-        chunk = ids[start:start + 500]
-        marks = ",".join("?" * len(chunk))
-        for row in db.execute(f"SELECT p.product_id, p.version, p.doc_id, p.shop_id, p.title, p.image_url, "
-                              f"p.attributes, p.embedded_at, coalesce(l.description, '') FROM products p "
-                              f"LEFT JOIN lexical l ON l.rowid = p.doc_id WHERE p.product_id IN ({marks})", chunk):
+        chunk = json.dumps(ids[start:start + 500], ensure_ascii=False)  # one statement shape (see hits_by_doc)
+        for row in db.execute("SELECT p.product_id, p.version, p.doc_id, p.shop_id, p.title, p.image_url, "
+                              "p.attributes, p.embedded_at, coalesce(l.description, '') FROM products p "
+                              "LEFT JOIN lexical l ON l.rowid = p.doc_id "
+                              "WHERE p.product_id IN (SELECT value FROM json_each(?))", (chunk,)):
             states[row[0]] = row[1:]
     return states

@@ -157,13 +157,16 @@ def _encodable(text: str) -> bool:
 
 
 def _check_structure(data: dict[str, Any], fail) -> None:
-    """Every string can be written as UTF-8, and nothing nests deeper than MAX_DEPTH levels."""
+    """Every string can be written as UTF-8, every number is finite, and nothing nests deeper than
+    MAX_DEPTH levels."""
     stack: list[tuple[Any, int, str]] = [(data, 1, "message")]
     while stack:
         value, depth, where = stack.pop()
         if isinstance(value, str):
             if not _encodable(value):
                 raise fail(f"{where} is not valid Unicode (it holds a lone surrogate)")
+        elif isinstance(value, float) and not math.isfinite(value):  # 1e400 reads as inf
+            raise fail(f"{where} is not a finite number (outside the float range)")
         elif isinstance(value, (dict, list)):
             if depth > MAX_DEPTH:
                 raise fail(f"{where} is nested over {MAX_DEPTH} levels deep")

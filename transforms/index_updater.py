@@ -20,7 +20,9 @@ for an HNSW build. A failed commit raises: Beam retries the bundle, and replayin
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import threading
 import time
 import typing
@@ -36,6 +38,8 @@ from search.sharded import ShardedIndex, ShardWriter, shard_of
 from search.store import IndexMismatch, StoreSettings
 
 __all__ = ["UpdateIndex", "parse_record"]
+
+_log = logging.getLogger(__name__)
 
 
 class _ShardWriters:
@@ -54,11 +58,17 @@ class _ShardWriters:
                 self._writers[key] = (writer, threading.Lock())
             return self._writers[key]
 
+    def all(self) -> list[tuple[ShardWriter, threading.Lock]]:
+        with self._lock:
+            return list(self._writers.values())
+
 
 class _CommitFn(beam.DoFn):
     def __init__(self, index_dir: str, model: str | None, dim: int, num_shards: int, batch_size: int,
-                 settings: StoreSettings, background_compaction: bool, cache_dir: str | None):
+                 settings: StoreSettings, background_compaction: bool, cache_dir: str | None,
+                 finish_compactions: bool = False):
         self._index_dir = index_dir
+        self._finish_compactions = finish_compactions
         self._cache_dir = cache_dir
         self._model = model
         self._dim = dim
@@ -74,7 +84,7 @@ class _CommitFn(beam.DoFn):
     def setup(self):
         self._writers = self._shared_writers.acquire(_ShardWriters, tag=self._index_dir)
         self._layout: tuple[str, int] | None = None
-        if self._model is not None:
+        if self._model is not None and self._dim:
             self._layout = self._settle_layout(self._model, self._dim)
 
     def _settle_layout(self, model: str, dim: int) -> tuple[str, int]:
@@ -88,6 +98,27 @@ class _CommitFn(beam.DoFn):
                 raise
             model, dim = layout["model"], layout["dim"]
         return model, dim
+
+    def teardown(self):
+        """A batch job ends with its shards merged as the policy plans (a progress line per merge); a
+        streaming one waits for the build under way. Either way no build is left running on a thread
+        when the process exits (a FAISS build cut off at exit aborts the process)."""
+        for writer, lock in self._writers.all() if hasattr(self, "_writers") else ():
+            store = writer.store
+            if not self._finish_compactions:
+                store.wait_for_compaction()
+                continue
+            started = time.perf_counter()
+            if store.compacting:
+                _log.info("shard %d: waiting for the merge under way before the job ends", writer.shard)
+
+            def progress(segments, vectors, shard=writer.shard):
+                _log.info("shard %d: merging %d segments (%d vectors) before the job ends", shard, segments, vectors)
+            with lock:
+                merges = store.finish_compaction(progress)
+            if merges:
+                _log.info("shard %d: %d merge(s) in %.1f s; %d segments left", writer.shard, merges,
+                          time.perf_counter() - started, len(store.stats()["segments"]))
 
     def start_bundle(self):
         self._pending: dict[int, list[EmbeddingRecord]] = {}
@@ -109,9 +140,32 @@ class _CommitFn(beam.DoFn):
                     yield self._where.with_value(output)
         self._pending = {}
 
-    def _commit(self, shard: int, records: list[EmbeddingRecord]):
+    def _layout_from(self, records: list[EmbeddingRecord]) -> tuple[str, int] | None:
+        """The index's (model, dim) once known. A new index takes them from an upsert (this batch's, or
+        any other this bundle holds), never from a delete or a patch, which carry no vector: an index
+        fixed at 0 dimensions would refuse every upsert after it. None: nothing says them yet."""
         if self._layout is None:
-            self._layout = self._settle_layout(records[0].model, int(records[0].embedding.size))
+            pending = [r for batch in getattr(self, "_pending", {}).values() for r in batch]
+            upsert = next((r for r in itertools.chain(records, pending) if r.op == "upsert" and r.embedding.size),
+                          None)
+            if upsert is not None:
+                self._layout = self._settle_layout(upsert.model, int(upsert.embedding.size))
+            elif (layout := ShardedIndex.layout(self._index_dir)) and layout["dim"] and \
+                    layout["num_shards"] == self._num_shards:
+                self._layout = layout["model"], layout["dim"]  # made meanwhile by another worker
+        return self._layout
+
+    def _commit(self, shard: int, records: list[EmbeddingRecord]):
+        if self._layout_from(records) is None:
+            # Deletes and patches for an index no upsert has made yet: nothing to apply them to, and no
+            # dimension to make it with. They stay replayable as dead letters; never a 0-d index.
+            for record in records:
+                self._counters["refused"].inc()
+                yield beam.pvalue.TaggedOutput(UpdateIndex.DEAD_LETTER, DeadLetter.of_record(
+                    Stage.SINK, "IndexNotCreated",
+                    f"a {record.op} for an index that does not exist yet: its dimension comes from the first "
+                    f"upsert (or --model); replay this record once the index exists", record))
+            return
         model, dim = self._layout
         writer, lock = self._writers.get(self._index_dir, shard, model, dim, self._settings, self._cache_dir)
         started = time.perf_counter()
@@ -159,12 +213,15 @@ class UpdateIndex(beam.PTransform):
 
     def __init__(self, index_dir: str, model: str | None, dim: int, num_shards: int = 1, batch_size: int = 1000,
                  settings: StoreSettings = StoreSettings(), background_compaction: bool = True,
-                 cache_dir: str | None = None, stateful: bool = False, max_delay_secs: float = 1.0):
+                 cache_dir: str | None = None, stateful: bool = False, max_delay_secs: float = 1.0,
+                 finish_compactions: bool = False):
         """`index_dir` local or remote (gs://); for a remote one, `cache_dir` holds the local stores.
-        `model` None: the index's model, or for a new index the first record's (and its dimension).
-        `stateful`: batch per shard with `GroupIntoBatches` (see the module docstring)."""
+        `model` None: the index's model, or for a new index the first upsert's (and its dimension).
+        `stateful`: batch per shard with `GroupIntoBatches` (see the module docstring).
+        `finish_compactions`: a batch job merges what its policy plans before it ends (DoFn teardown)."""
         super().__init__()
-        args = (index_dir, model, dim, num_shards, batch_size, settings, background_compaction, cache_dir)
+        args = (index_dir, model, dim, num_shards, batch_size, settings, background_compaction, cache_dir,
+                finish_compactions)
         self._fn = _CommitBatchFn(*args) if stateful else _CommitFn(*args)
         self._stateful = stateful
         self._num_shards = num_shards
