@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
+import unicodedata
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -63,7 +64,9 @@ def typed(field: Field, value: Any) -> Any:
     """The attribute's value as the field's type, or None when it is absent or of another type (it is
     kept with the product, but neither filtered nor counted)."""
     if field.type == "keyword":
-        return value if isinstance(value, str) else None
+        # NFC: "café" typed as one code point or as e + a combining accent is one value, as keyword
+        # search (FTS5's unicode61) already treats it.
+        return unicodedata.normalize("NFC", value) if isinstance(value, str) else None
     if field.type == "bool":
         return value if isinstance(value, bool) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)):

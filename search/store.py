@@ -168,6 +168,7 @@ class IndexStore:
         elif not (self.directory / "state.sqlite").exists():
             raise FileNotFoundError(f"no index at {self.directory}")
         self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []  # every thread's, closed together by close()
         self._lock_file = None
         if not read_only:
             self._take_writer_lock()
@@ -237,13 +238,27 @@ class IndexStore:
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            uri = f"file:{self.directory / 'state.sqlite'}" + ("?mode=ro" if self.read_only else "")
-            db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=60, check_same_thread=False)
+            db = self._connect("?mode=ro" if self.read_only else "")
             if not self.read_only:
                 db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            try:
+                db.execute("PRAGMA synchronous=FULL")
+            except sqlite3.OperationalError:
+                if not self.read_only:
+                    raise
+                # Read-only media (a copy on a read-only mount, without its -wal and -shm files): a
+                # reader cannot make the -shm file WAL mode needs, so it reads the file as immutable.
+                db.close()
+                db = self._connect("?immutable=1")
+                db.execute("PRAGMA synchronous=FULL")
+            with self._cache_lock:
+                self._connections.append(db)
             self._local.db = db
         return db
+
+    def _connect(self, query: str) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.directory / 'state.sqlite'}{query}", uri=True, isolation_level=None,
+                               timeout=60, check_same_thread=False)
 
     class _Tx:
         def __init__(self, db, immediate):
@@ -809,10 +824,13 @@ class IndexStore:
         }
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
+        """Closes every thread's connection (a service that moved to another index keeps no handle of
+        this one open) and releases the writer lock."""
+        with self._cache_lock:
+            connections, self._connections = self._connections, []
+        for db in connections:
             db.close()
-            self._local.db = None
+        self._local = threading.local()
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
