@@ -17,7 +17,7 @@ setuptools.setup(
     description="Streaming product image+text embeddings on Apache Beam, with a FAISS HNSW index for search.",
     python_requires=">=3.11,<3.12",
     packages=setuptools.find_packages(include=["pipelines*", "model_handlers*", "media*", "transforms*", "search*", "localstack*", "bench*", "evaluation*"]),
-    py_modules=["schemas", "storage"],
+    py_modules=["argtypes", "schemas", "storage"],
     package_data={"model_handlers": ["model_configs/*.json"]},
     install_requires=REQUIRES,
     extras_require={

@@ -314,7 +314,7 @@ rollout_stream() {
 rollout_switch() {
   : "${SERVING_NAME:?set SERVING_NAME (python -m search.aliases --root ${INDEX_ROOT} --show live)}"
   run "${PYTHON:-python}" -m evaluation.gate --root "$INDEX_ROOT" --candidate "$INDEX_NAME" \
-    ${QRELS:+--qrels "$QRELS"} --output "gate-${INDEX_NAME}.json"
+    ${QRELS:+--qrels "$QRELS"} ${PHOTOS:+--photos "$PHOTOS"} --output "gate-${INDEX_NAME}.json"
   run "${PYTHON:-python}" -m search.aliases --root "$INDEX_ROOT" --set "live=${INDEX_NAME}" --expect "$SERVING_NAME"
   local job
   for job in ${OLD_JOBS//,/ }; do

@@ -16,7 +16,11 @@ and measured the same way, in process:
 
 It prints one table and exits 1 when the candidate is worse than the serving index by more than
 `--tolerance` on any of them (0 when it passes), so a rollout script can stop on it; 2 when it could
-not compare them (a missing index, unreadable judgements, a crash).
+not compare them (a missing index, unreadable judgements, a crash). It says what it did not measure,
+and a candidate of another model than the serving index's is compared on quality or not at all: live
+products and recall say nothing about which model ranks better, so without `--qrels` or `--photos`
+(or with a model no backend here runs: a vector-only index) it exits 2 before measuring anything.
+Two indexes of the same model (and dimension) rank alike, so live products and recall compare them.
 """
 
 from __future__ import annotations
@@ -24,19 +28,28 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
 
 import numpy as np
 
+from argtypes import bounded
 from evaluation.qrels import read_judgements, score_search
-from search.aliases import AliasError, index_path, read_layout, resolve
+from model_handlers.config import split_model_id
+from search.aliases import AliasError, check_root, index_path, read_layout, resolve
 
 __all__ = ["compare", "main", "measure"]
 
 K = 10
 COVERAGE = 0.99  # a candidate holds at least this share of the serving index's live products
+PHOTO_POOL = 60_000  # Fashion-MNIST's train split, which the photo queries are drawn from
+MAX_RECALL_QUERIES = 100_000
+
+
+class CannotCompare(ValueError):
+    """The gate cannot judge the candidate against the serving index (exit 2, never a verdict)."""
 
 
 def _photo_queries(count: int, seed: int = 0) -> list[tuple[bytes, str]]:
@@ -91,6 +104,67 @@ def measure(index, embedder, judgements=None, photos=None, recall_queries: int =
     return out
 
 
+def _runs_here(model: str) -> bool:
+    from search.query import runs_here
+
+    return runs_here(split_model_id(model)[0])
+
+
+def not_measured(layouts: dict[str, dict], serving: str, candidate: str, qrels: bool, photos: bool
+                 ) -> tuple[list[str], str]:
+    """What the gate will not measure, in words, and a note on why that leaves a comparison (or ''),
+    decided from the two indexes' layouts before either is opened. CannotCompare when a measure asked
+    for cannot run on one of them, or when the candidate holds another model's vectors and no quality
+    measure is left to compare them by."""
+    models = {name: (layouts[name]["model"], int(layouts[name]["dim"])) for name in (serving, candidate)}
+    vector_only = [name for name in (serving, candidate) if not _runs_here(models[name][0])]
+    asked = [flag for flag, given in (("--qrels", qrels), ("--photos", photos)) if given]
+    same = models[serving] == models[candidate]
+    if asked and vector_only:
+        name = vector_only[0]
+        instead = (f"drop {' and '.join(asked)}: both indexes hold its vectors, so live products and recall@{K} "
+                   f"compare them" if same else "judge the candidate with your own evaluation")
+        raise CannotCompare(f"{' and '.join(asked)}: index {name} holds vectors of {models[name][0]}, which no backend "
+                            f"of this product runs (a vector-only index), so no text or photo query can be embedded "
+                            f"for it here; {instead}")
+    if not (qrels or photos) and not same:
+        why = (f"{' and '.join(vector_only)} hold{'s' if len(vector_only) == 1 else ''} vectors no backend of this "
+               f"product can embed queries for (vector-only), so the gate cannot measure quality at all: judge the "
+               f"candidate with your own evaluation"
+               if vector_only else "measure their quality with --qrels FILE (judged text queries) and/or --photos "
+                                   "fashion-mnist (labelled photo queries)")
+        raise CannotCompare(f"cannot judge {candidate}: it holds vectors of another model than the serving {serving} "
+                            f"({models[candidate][0]}, {models[candidate][1]}-d, against {models[serving][0]}, "
+                            f"{models[serving][1]}-d), and live products and recall@{K} say nothing about which "
+                            f"model ranks better; {why}")
+    missing = []
+    if vector_only:
+        missing.append(f"nDCG@{K} and MRR of judged text queries, photo precision@{K}: {models[serving][0]} runs on "
+                       f"no backend of this product (a vector-only index)")
+    else:
+        if not qrels:
+            missing.append(f"nDCG@{K} and MRR of judged text queries (no --qrels)")
+        if not photos:
+            missing.append(f"photo precision@{K} (no --photos)")
+    note = (f"both indexes hold {models[serving][0]} vectors ({models[serving][1]}-d), which rank alike: live "
+            f"products and recall@{K} compare them" if missing and same else "")
+    return missing, note
+
+
+def _check_judged_live(index, judgements, name: str, path: str) -> None:
+    """CannotCompare when no product judged relevant is live in the serving index: every ranking would
+    score 0 and any candidate would pass on judgements that do not fit this catalogue."""
+    from evaluation.metrics import ESCI_GAINS
+
+    relevant = {product for labels in judgements.values() for product, label in labels.items()
+                if ESCI_GAINS.get(label, 0) > 0}
+    live = {product for shard in index.shards for product in shard.live_products()}
+    if not relevant & live:
+        raise CannotCompare(f"--qrels {path}: none of its {len(relevant)} products judged relevant is live in the "
+                            f"serving index {name}: the judgements do not fit its catalogue, so nDCG and MRR "
+                            f"would be 0 for any candidate")
+
+
 def compare(serving: dict[str, float], candidate: dict[str, float], tolerance: float,
             coverage: float = COVERAGE) -> list[tuple[str, float, float, bool]]:
     """(metric, serving, candidate, passes) rows: quality metrics may drop by `tolerance` at most; live
@@ -120,13 +194,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alias", default="live", help="The alias naming the serving index to compare with.")
     parser.add_argument("--qrels", help="Judged queries (JSON lines of {query, product_id, label}).")
     parser.add_argument("--photos", choices=("fashion-mnist",), help="Labelled photos as image queries.")
-    parser.add_argument("--photo_queries", type=int, default=300, help="How many labelled photos.")
-    parser.add_argument("--recall_queries", type=int, default=200, help="Queries for recall against exact search.")
-    parser.add_argument("--tolerance", type=float, default=0.02,
-                        help="How much lower than the serving index's a candidate's metric may be.")
+    parser.add_argument("--photo_queries", type=bounded(int, 1, PHOTO_POOL), default=300,
+                        help=f"How many labelled photos (1 to {PHOTO_POOL:,}, the train split).")
+    parser.add_argument("--recall_queries", type=bounded(int, 1, MAX_RECALL_QUERIES), default=200,
+                        help=f"Queries for recall against exact search (1 to {MAX_RECALL_QUERIES:,}).")
+    parser.add_argument("--tolerance", type=bounded(float, 0.0, 1.0, high_open=True), default=0.02,
+                        help="How much lower than the serving index's a candidate's metric may be (at least 0, "
+                             "below 1: metrics lie in [0, 1], so 1 would pass any candidate).")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="Where the models run.")
-    parser.add_argument("--output", help="Also write the figures as JSON here.")
+    parser.add_argument("--output", help="Also write the figures as JSON to this local file (its directory is "
+                                         "created if missing, before the gate runs).")
     return parser
+
+
+def _check_output(parser: argparse.ArgumentParser, output: str) -> Path:
+    """The --output file, its directory created now (as `mkdir -p`): a path that cannot be written is
+    refused before minutes of measuring, not after them."""
+    if "://" in output:
+        parser.error(f"--output {output}: give a local file path")
+    path = Path(output)
+    if path.is_dir():
+        parser.error(f"--output {output} is a directory: give a file path, e.g. {path / 'gate.json'}")
+    existing = next(parent for parent in path.absolute().parents if parent.exists())
+    if not existing.is_dir():
+        parser.error(f"--output {output}: {existing} is a file, not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--output {output}: cannot create its directory: {e.strerror or e}")
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        parser.error(f"--output {output}: cannot be written (permission denied)")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,17 +232,24 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    output = _check_output(parser, args.output) if args.output else None
     try:
+        check_root(args.root)
         serving = resolve(args.root, args.alias)
-        for name in (serving, args.candidate):  # both exist, before minutes are spent measuring one
-            read_layout(args.root, name)
+        # both exist, and can be compared, before minutes are spent measuring one
+        layouts = {name: read_layout(args.root, name) for name in (serving, args.candidate)}
+        missing, note = not_measured(layouts, serving, args.candidate, bool(args.qrels), bool(args.photos))
         judgements = read_judgements(args.qrels) if args.qrels else None
         photos = _photo_queries(args.photo_queries) if args.photos else None
         figures = {}
         for name in (serving, args.candidate):
             index, embedder = open_service(index_path(args.root, name), device=args.device)
-            figures[name] = measure(index, embedder, judgements, photos, args.recall_queries)
-            index.close()
+            try:
+                if judgements and name == serving:
+                    _check_judged_live(index, judgements, name, args.qrels)
+                figures[name] = measure(index, embedder, judgements, photos, args.recall_queries)
+            finally:
+                index.close()
     except (AliasError, OSError, ValueError) as e:
         parser.exit(2, f"evaluation.gate: {e}\n")
     except RecursionError:
@@ -152,9 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = compare(figures[serving], figures[args.candidate], args.tolerance)
     print(_table(rows, serving, args.candidate, args.tolerance))
     passed = all(passes for *_, passes in rows)
-    if args.output:
-        Path(args.output).write_text(json.dumps({"serving": serving, "candidate": args.candidate, "passed": passed,
-                                                 "tolerance": args.tolerance, "figures": figures}, indent=2) + "\n")
+    if output is not None:
+        output.write_text(json.dumps({"serving": serving, "candidate": args.candidate, "passed": passed,
+                                      "tolerance": args.tolerance, "figures": figures, "not_measured": missing,
+                                      **({"note": note} if note else {})},
+                                     indent=2) + "\n")
+    for line in missing:
+        print(f"not measured: {line}")
+    if note:
+        print(f"note: {note}")
     if serving == args.candidate:
         print(f"note: {args.candidate} is the index the alias already serves")
     print(f"gate: {args.candidate} {'passes' if passed else 'is WORSE than ' + serving + ': not rolled out'}")

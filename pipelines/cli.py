@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import logging
 import os
 import re
+import shutil
+import sqlite3
 import sys
 import time
+import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions, StandardOptions,
@@ -25,15 +30,35 @@ from apache_beam.runners.runner import PipelineResult
 
 from pipelines.options import LOCAL_RUNNERS, LaunchOptions
 
-__all__ = ["configure_logging", "is_dry_run", "launch", "parse_options"]
+__all__ = ["UsageError", "configure_logging", "describe_failure", "is_dry_run", "launch", "parse_options"]
 
 _log = logging.getLogger(__name__)
 BEAM_OPTIONS_URL = "https://cloud.google.com/dataflow/docs/reference/pipeline-options"
 
 
+class UsageError(SystemExit):
+    """argparse's refusal of a flag or value: exit status 2 as argparse's, with its message kept as
+    the exception's text (what a caller of `run(argv)` sees; the user sees it on stderr)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _Parser(_BeamArgumentParser):
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        text = f"{self.prog}: error: {message}"
+        print(text, file=sys.stderr, flush=True)
+        raise UsageError(text)
+
+
 def _help_parser(prog: str, description: str, option_classes: Sequence[type[PipelineOptions]],
                  defaults: dict) -> argparse.ArgumentParser:
-    parser = _BeamArgumentParser(
+    parser = _Parser(
         prog=prog, usage="%(prog)s [options]", description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog=f"Beam's and Dataflow's own options (--project, --region, --temp_location, --job_name, "
@@ -113,6 +138,10 @@ def configure_logging() -> None:
                   "apache_beam.io.filebasedsink", "apache_beam.io.iobase", "apache_beam.transforms.util",
                   "apache_beam.runners.worker.statecache"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A directory with `[` in its name is read through an escaped glob (`[[]`), which Beam's pattern
+    # translation hands to `re` as a set starting with `[`: correct, but `re` warns about it.
+    warnings.filterwarnings("ignore", message="Possible nested set", category=FutureWarning,
+                            module=r"apache_beam\.")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -126,8 +155,106 @@ def is_remote(options: PipelineOptions) -> bool:
 
 
 def launch(pipeline, options: PipelineOptions, name: str, summary: Callable[[PipelineResult], str]) -> PipelineResult:
-    """Runs `pipeline` as its runner wants (see the module docstring) and prints one closing line."""
+    """Runs `pipeline` as its runner wants (see the module docstring) and prints one closing line.
+    A failure the machine caused (a full disk, a file that cannot be written) ends in one line
+    naming it, not in Beam's tracebacks; any other failure is raised as it is."""
     started = time.monotonic()
+    outputs = _local_outputs(options)
+    quiet = _DropEnvironmentFailures(outputs)
+    handlers = logging.getLogger().handlers
+    for handler in handlers:  # Beam logs a worker's exception (with its traceback) before raising it
+        handler.addFilter(quiet)
+    try:
+        return _launch(pipeline, options, name, summary, started)
+    except Exception as e:
+        message = describe_failure(e, outputs)
+        if message is None:
+            raise
+        raise SystemExit(f"{name}: failed: {message}") from e
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
+_OUTPUT_FLAGS = ("index_dir", "output_dir", "dead_letter_dir", "cache_dir")
+_LOW_SPACE_BYTES = 1 << 20  # a write that failed with less than this free on its disk failed for want of it
+
+
+def _local_outputs(options: PipelineOptions) -> list[tuple[str, str]]:
+    """(flag, path) of each local directory the job writes."""
+    beam_options = logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_options.level
+    beam_options.setLevel(logging.ERROR)  # its warnings about a runner's own flags were given already
+    try:
+        values = options.get_all_options()
+    finally:
+        beam_options.setLevel(level)
+    return [(f"--{flag}", str(values[flag])) for flag in _OUTPUT_FLAGS
+            if values.get(flag) and "://" not in str(values[flag])]
+
+
+def _free_bytes(path: str) -> int | None:
+    try:
+        existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+        return shutil.disk_usage(existing).free
+    except (OSError, StopIteration):
+        return None
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen and len(chain) < 50:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def describe_failure(error: BaseException, outputs: Sequence[tuple[str, str]]) -> str | None:
+    """One line for a failure of the machine, not of the job: the disk under an output directory
+    (`outputs`: (flag, path)) is full, or a file cannot be read or written (an OSError naming it).
+    None for anything else. A full disk shows as ENOSPC (or EDQUOT), as SQLite's "database or disk
+    is full" or "disk I/O error", or as a short write with no errno (numpy): what those have in
+    common is that the disk has (next to) no space left, so that is checked too."""
+    chain = _chain(error)
+    storage_errors = [e for e in chain if isinstance(e, (OSError, sqlite3.Error))]
+    if not storage_errors:
+        return None
+    named_full = any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or
+                     (isinstance(e, sqlite3.Error) and "disk is full" in str(e)) for e in chain)
+    free = {flag_path: _free_bytes(flag_path[1]) for flag_path in outputs}
+    low = [flag_path for flag_path, left in free.items() if left is not None and left < _LOW_SPACE_BYTES]
+    if named_full or low:
+        filename = next((str(e.filename) for e in chain if getattr(e, "filename", None)), "")
+        where = [fp for fp in outputs if filename and filename.startswith(fp[1].rstrip("/") + "/")] or low or \
+            list(outputs)
+        if not where:
+            return f"no space left on device{f' writing {filename}' if filename else ''}: free some space and run again"
+        flag, path = where[0]
+        left = free.get((flag, path))
+        left_text = f", {left:,} bytes free" if left is not None else ""
+        return (f"no space left on device under {path} ({flag}{left_text}): free space there, or point {flag} "
+                f"at a disk with room, and run again")
+    named = next((e for e in storage_errors if isinstance(e, OSError) and e.errno and e.filename), None)
+    if named is not None:
+        return f"{named.strerror or 'error'}: {named.filename}"
+    return None
+
+
+class _DropEnvironmentFailures(logging.Filter):
+    """Drops the log records of exceptions `describe_failure` turns into one line (launch prints it)."""
+
+    def __init__(self, outputs: Sequence[tuple[str, str]]):
+        super().__init__()
+        self.outputs = outputs
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or describe_failure(error, self.outputs) is None
+
+
+def _launch(pipeline, options: PipelineOptions, name: str, summary: Callable[[PipelineResult], str],
+            started: float) -> PipelineResult:
     result = pipeline.run()
     if is_dry_run(options):
         print(f"{name}: dry run, nothing submitted: {_describe_job(result, options)}", flush=True)

@@ -10,13 +10,16 @@ and Pub/Sub answers.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
+import stat
 from pathlib import Path
 
 from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, StandardOptions, TestOptions
 
 import storage
+from argtypes import bounded
 from model_handlers.backends import check_model, embedding_dim
 from model_handlers.config import DEFAULT_MODEL, DEVICES, PRECISIONS, ModelConfig
 from pipelines.preflight import PreflightError, check_pubsub
@@ -85,7 +88,8 @@ class EmbedOptions(PipelineOptions):
         stream.add_argument("--id_label",
                             help="Message attribute Dataflow deduplicates on (e.g. event_id). Dataflow only: "
                                  "the DirectRunner cannot deduplicate.")
-        stream.add_argument("--max_batch_duration_secs", type=float, default=0.0,
+        # Records wait up to this long for a fuller batch: past minutes it is no longer a streaming job.
+        stream.add_argument("--max_batch_duration_secs", type=bounded(float, 0, 300, "seconds"), default=0.0,
                             help="> 0 turns on stateful batching across bundles: fuller batches on bursty "
                                  "topics, at up to this much added latency; 0: in-bundle batching.")
 
@@ -104,26 +108,35 @@ class EmbedOptions(PipelineOptions):
         model.add_argument("--device", default="auto", choices=DEVICES, help="Where the model runs.")
         model.add_argument("--precision", default="fp32", choices=PRECISIONS,
                            help="fp16/bf16 run under autocast on the device.")
-        model.add_argument("--min_batch_size", type=int, default=1, help="Fewest products per inference batch.")
-        model.add_argument("--max_batch_size", type=int, default=32, help="Most products per inference batch.")
-        model.add_argument("--image_batch_size", type=int, default=64, help="Images per forward pass.")
+        # Batches are held in memory and run as one forward pass: 4096 products (up to 8 images each) or
+        # 4096 images (~2.5 GB of fp32 224x224 pixels) is past what one accelerator takes at once.
+        model.add_argument("--min_batch_size", type=bounded(int, 1, 4096), default=1,
+                           help="Fewest products per inference batch.")
+        model.add_argument("--max_batch_size", type=bounded(int, 1, 4096), default=32,
+                           help="Most products per inference batch.")
+        model.add_argument("--image_batch_size", type=bounded(int, 1, 4096), default=64,
+                           help="Images per forward pass.")
         model.add_argument("--share_model_across_processes", type=_flag, nargs="?", const=True, default=False,
                            help="One model per machine shared by all SDK processes (less memory, less throughput).")
-        model.add_argument("--image_weight", type=float, default=0.5,
+        model.add_argument("--image_weight", type=bounded(float, 0, 1, low_open=True, high_open=True), default=0.5,
                            help="Weight of the image part in the fused vector (0..1, exclusive).")
 
         images = parser.add_argument_group("images")
         images.add_argument("--allow_private_hosts", type=_flag, nargs="?", const=True, default=False,
                             help="Allow image hosts on loopback (local runs and tests only); private and link-local stay refused.")
-        images.add_argument("--max_concurrent_downloads", type=int, default=16,
+        # Each download in flight may hold up to --max_image_bytes: 1024 of the default 20 MB is 20 GB
+        # per worker process already. One image body is held whole (1 GiB at most) and decoded (1 Gpx is
+        # ~3 GB of RGB). A request slower than 10 minutes is dead; more than 10 retries (with backoff)
+        # only delays the dead letter.
+        images.add_argument("--max_concurrent_downloads", type=bounded(int, 1, 1024), default=16,
                             help="Images downloading at once per worker process; bounds image memory.")
-        images.add_argument("--max_image_bytes", type=int, default=FetchConfig.max_bytes,
+        images.add_argument("--max_image_bytes", type=bounded(int, 1, 1 << 30), default=FetchConfig.max_bytes,
                             help="Largest image body accepted, in bytes.")
-        images.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+        images.add_argument("--max_image_pixels", type=bounded(int, 1, 1_000_000_000), default=DEFAULT_MAX_PIXELS,
                             help="Largest image accepted, in pixels (decompression-bomb guard).")
-        images.add_argument("--download_timeout_secs", type=float, default=FetchConfig.read_timeout_s,
-                            help="Connect and read timeout of one image request.")
-        images.add_argument("--download_retries", type=int, default=FetchConfig.retries,
+        images.add_argument("--download_timeout_secs", type=bounded(float, 0.1, 600, "seconds"),
+                            default=FetchConfig.read_timeout_s, help="Connect and read timeout of one image request.")
+        images.add_argument("--download_retries", type=bounded(int, 0, 10), default=FetchConfig.retries,
                             help="Retries on 5xx and timeouts, with exponential backoff.")
 
 
@@ -147,25 +160,33 @@ class IndexOptions(PipelineOptions):
                                                 "local stores (none: a directory under the system temp dir).")
         parser.add_argument("--input_dir", help="Directory of JSON-lines records (batch), e.g. out/embeddings.")
         parser.add_argument("--dead_letter_dir", help="Where refused records go in batch mode (JSON lines).")
-        parser.add_argument("--num_shards", type=int,
+        # Every shard is a store (SQLite + segment files) that the job creates up front and every search
+        # replica opens and asks on each query: 3000 took two minutes just to create empty. 1024 shards
+        # of ~1M products each is past any catalogue one index serves; resharding is a new index anyway.
+        parser.add_argument("--num_shards", type=bounded(int, 1, 1024),
                             help="Stores the index is split into (none: index.json's count, or 1 for a new index).")
-        parser.add_argument("--commit_batch_size", type=int, default=1000,
+        # A commit's records are held in memory and written as one segment (100,000 768-d vectors ~300 MB).
+        parser.add_argument("--commit_batch_size", type=bounded(int, 1, 100_000), default=1000,
                             help="Records per commit at most (a shard's records of a bundle are one commit).")
         parser.add_argument("--commit_batching", choices=("auto", "bundle", "stateful"), default="auto",
                             help="How a shard's records become commits: per bundle (no timers: the local "
                                  "runners), or stateful, keyed by shard through GroupIntoBatches, acked by "
                                  "Dataflow only once checkpointed (auto: stateful on a remote runner).")
-        parser.add_argument("--commit_max_delay_secs", type=float, default=1.0,
+        # A record is not searchable before its batch commits: minutes would not be streaming any more.
+        parser.add_argument("--commit_max_delay_secs", type=bounded(float, 0.01, 300, "seconds"), default=1.0,
                             help="Stateful batching: the longest a record waits for its shard's batch to fill.")
         parser.add_argument("--segment_kind", choices=SEGMENT_KINDS,
                             help="What compaction builds, fixed when the index is made (none: the index's, or "
                                  "hnsw for a new one): hnsw (float vectors in the graph), hnsw_sq8 (8-bit "
                                  "scalar-quantised graph, ~0.3x the memory) or ivf_pq (IVF with PQ codes, ~0.05x); "
                                  "the compressed kinds re-score their candidates with the float vectors on disk.")
-        parser.add_argument("--hnsw_m", type=int, default=16, help="HNSW graph degree (FAISS M) of new segments.")
-        parser.add_argument("--hnsw_ef_construction", type=int, default=512,
+        # FAISS's useful ranges: M beyond 256 only costs memory; efConstruction beyond 4096 only build
+        # time; nprobe is capped by the lists a segment has (at most 65,536, search.segment).
+        parser.add_argument("--hnsw_m", type=bounded(int, 2, 256), default=16,
+                            help="HNSW graph degree (FAISS M) of new segments.")
+        parser.add_argument("--hnsw_ef_construction", type=bounded(int, 1, 4096), default=512,
                             help="HNSW build breadth (efConstruction) of new segments.")
-        parser.add_argument("--ivf_nprobe", type=int, default=32,
+        parser.add_argument("--ivf_nprobe", type=bounded(int, 1, 65_536), default=32,
                             help="ivf_pq only: inverted lists probed per search, fixed when the index is made.")
         parser.add_argument("--filterable", default="",
                             help="Attributes queries may filter and facet on, fixed when the index is made: "
@@ -340,7 +361,7 @@ class ReembedJobConfig:
         embed = EmbedJobConfig.from_options(options, preflight, backfill=True)
         if preflight and o.source_dir and not options.view_as(TestOptions).dry_run:
             try:
-                check_input_matches(f"{o.source_dir.rstrip('/')}/*.jsonl", "--source_dir")
+                check_input_matches(f"{glob.escape(o.source_dir.rstrip('/'))}/*.jsonl", "--source_dir")
             except PreflightError as e:
                 raise SystemExit(f"cannot start: {e}") from e
         return cls(source=o.source or o.source_dir, embed=embed)
@@ -450,14 +471,15 @@ class IndexJobConfig:
 
     @property
     def input_files(self) -> str:
-        """The glob of the record files under `input_dir` that the batch job reads."""
-        return f"{self.input_dir.rstrip('/')}/*.jsonl"
+        """The glob of the record files under `input_dir` that the batch job reads; the directory's own
+        glob characters escaped (a directory `sale[2024]` is that directory, not a character class)."""
+        return f"{glob.escape(self.input_dir.rstrip('/'))}/*.jsonl"
 
     def preflight(self, remote: bool = True) -> None:
         """As the embed job's: input, writable output, and (`remote`) Pub/Sub and object storage."""
         try:
             if self.input_dir and (remote or not storage.is_remote(self.input_dir)):
-                check_input_matches(self.input_files, "--input_dir")
+                check_input_dir(self.input_dir, self.input_files, "--input_dir")
             for flag, path in (("--index_dir", self.index_dir), ("--dead_letter_dir", self.dead_letter_dir)):
                 if path:
                     check_writable_dir(path, flag)
@@ -483,6 +505,40 @@ def check_input_matches(pattern: str, flag: str) -> None:
             raise PreflightError(f"{flag}: {pattern} matches no files")
     except storage.Unreachable as e:
         raise PreflightError(f"{flag}: {e}") from e
+
+
+def check_input_dir(directory: str, pattern: str, flag: str) -> None:
+    """PreflightError unless a local `directory` can be listed and holds `*.jsonl` files that are all
+    regular files this process can read: Beam would fail on an unreadable one with a long traceback,
+    and read a directory or a FIFO named *.jsonl as no records. `pattern` (the glob the job reads)
+    is matched instead for object storage."""
+    if storage.is_remote(directory):
+        check_input_matches(pattern, flag)
+        return
+    try:
+        with os.scandir(directory) as entries:
+            names = sorted(entry.name for entry in entries if entry.name.endswith(".jsonl"))
+    except FileNotFoundError as e:
+        raise PreflightError(f"{flag} {directory} does not exist") from e
+    except NotADirectoryError as e:
+        raise PreflightError(f"{flag} {directory} is a file, not the directory of *.jsonl files to read") from e
+    except OSError as e:
+        raise PreflightError(f"{flag} {directory} cannot be read: {e.strerror or e}") from e
+    if not names:
+        raise PreflightError(f"{flag}: {directory.rstrip('/')}/*.jsonl matches no files")
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            mode = os.stat(path).st_mode
+            if stat.S_ISDIR(mode):
+                raise PreflightError(f"{flag}: {path} is a directory, not a file of records")
+            if not stat.S_ISREG(mode):
+                raise PreflightError(f"{flag}: {path} is not a regular file (a FIFO, socket or device is not "
+                                     f"read as records)")
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise PreflightError(f"{flag}: cannot read {path}: {e.strerror or e}") from e
 
 
 def check_writable_dir(path: str, flag: str) -> None:

@@ -13,23 +13,33 @@ whichever arrives last.
 
 from __future__ import annotations
 
-import apache_beam as beam
+from typing import TYPE_CHECKING
 
+# Only what parsing the options needs is imported here: the pipeline's transforms (the model libraries
+# among them) are imported once the options are accepted, so a bad flag or --help answers in a moment.
 from model_handlers.config import DEFAULT_MODEL
 from pipelines.cli import configure_logging, launch, parse_options
-from pipelines.embed import EmbedOutputs, summarize as summarize_embed, write_outputs
 from pipelines.options import EmbedOptions, ReembedJobConfig, ReembedOptions, SharedOptions
-from schemas import Stage
-from transforms.dead_letter import from_beam_failure
-from transforms.embedding import EmbedProducts
-from transforms.events import ParseEvents
-from transforms.product_state import LatestStates, ReadProductState
-from transforms.progress import CountOutcomes
+
+if TYPE_CHECKING:
+    import apache_beam as beam
+
+    from pipelines.embed import EmbedOutputs
 
 __all__ = ["build_pipeline", "run"]
 
 
 def build_pipeline(p: beam.Pipeline, config: ReembedJobConfig) -> EmbedOutputs:
+    import apache_beam as beam
+
+    from pipelines.embed import write_outputs
+    from schemas import Stage
+    from transforms.dead_letter import from_beam_failure
+    from transforms.embedding import EmbedProducts
+    from transforms.events import ParseEvents
+    from transforms.product_state import LatestStates, ReadProductState
+    from transforms.progress import CountOutcomes
+
     states, unreadable = p | "ReadState" >> ReadProductState(config.source)
     messages, unwritable = (states
                             | "LatestStates" >> LatestStates()
@@ -47,6 +57,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     options = parse_options(argv, "python -m pipelines.reembed", __doc__.strip().splitlines()[0],
                             (SharedOptions, EmbedOptions, ReembedOptions), defaults={"model": DEFAULT_MODEL})
     config = ReembedJobConfig.from_options(options)
+    import apache_beam as beam
+
+    from pipelines.embed import summarize as summarize_embed
+
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(pipeline, config)
     return launch(pipeline, options, "reembed", lambda result: f"from {config.source}: "

@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from pathlib import Path
 
 import storage
 from schemas import format_timestamp, utc_now
 
-__all__ = ["AliasError", "FILE", "build_parser", "index_path", "main", "read_aliases", "read_layout", "resolve",
-           "set_alias"]
+__all__ = ["AliasError", "FILE", "build_parser", "check_root", "index_path", "main", "read_aliases", "read_layout",
+           "resolve", "set_alias"]
 
 FILE = "aliases.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -129,9 +130,30 @@ def _describe_indexes(root: str) -> dict[str, str]:
     return found
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default, and the description as written (its sentence, then the usage lines)."""
+
+
+def check_root(root: str) -> None:
+    """AliasError unless `root` can be a root of named indexes: an existing directory (locally; on object
+    storage a prefix needs no creating) that is not itself an index."""
+    root = str(root)
+    if not storage.is_remote(root):
+        path = Path(root)
+        if not path.exists():
+            raise AliasError(f"--root {root}: no such directory")
+        if not path.is_dir():
+            raise AliasError(f"--root {root} is a file, not a directory of named indexes")
+    if storage.exists(f"{root.rstrip('/')}/index.json"):
+        parent, _, name = root.rstrip("/").rpartition("/")
+        raise AliasError(f"--root {root} is an index (it holds index.json), not a root of named indexes: give "
+                         f"the directory above it (--root {parent or '.'}), where it is the index {name!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m search.aliases", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # The module docstring's first paragraph (one sentence over two lines) and its usage lines.
+    parser = argparse.ArgumentParser(prog="python -m search.aliases",
+                                     description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=_HelpFormatter)
     parser.add_argument("--root", required=True, help="The directory (local or gs://) holding the named indexes.")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--set", metavar="ALIAS=NAME", help="Point ALIAS at the index NAME.")
@@ -146,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.expect and not args.set:
         parser.error("--expect goes with --set")
     try:
+        check_root(args.root)
         if args.show:
             print(resolve(args.root, args.show))
             return
@@ -160,7 +183,11 @@ def main(argv: list[str] | None = None) -> None:
         by_index: dict[str, list[str]] = {}
         for alias, name in content["aliases"].items():
             by_index.setdefault(name, []).append(alias)
-        for name, line in sorted(_describe_indexes(args.root).items()):
+        indexes = _describe_indexes(args.root)
+        if not indexes and not content["aliases"]:
+            raise AliasError(f"no index under {args.root} yet (an index is ROOT/NAME/index.json: python -m "
+                             f"pipelines.index --index_dir {args.root.rstrip('/')}/NAME makes one)")
+        for name, line in sorted(indexes.items()):
             names = f"  <- {', '.join(sorted(by_index.get(name, [])))}" if name in by_index else ""
             print(f"{name}: {line}{names}")
         for alias, name in sorted(content["aliases"].items()):

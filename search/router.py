@@ -6,15 +6,21 @@
 
 It answers the search service's API and page. Each search goes to every backend at once, as it came
 (the same k, ef_search and shop: each backend returns its shards' best k), and the hits are merged by
-score, so the answer equals one service's over all the shards. A backend that fails or does not
-answer within `--timeout_secs` costs its shards' hits, not the query: the answer says
-`partial: true` and which shards are missing. `/healthz` shows each backend. Which shards a backend
-serves comes from its `/healthz`, asked at start and every few seconds after; two backends may not
+score, so the answer equals one service's over all the shards. A backend that fails, does not give
+its whole answer within `--timeout_secs` (a deadline on the exchange, not per read: a trickling
+backend is cut off) or answers in a shape the server never does (checked field by field) costs its
+shards' hits, not the query: the answer says `partial: true`, which shards are missing and (`errors`)
+why. `/healthz` shows each backend. Which shards a backend serves comes from its `/healthz`, asked at
+start and every `--health_every_secs` after, each call with the same deadline; two backends may not
 serve the same shard (their hits would be counted twice): a replica group's redundancy comes from
-the load balancer in front of it, one URL per group. Backends that follow one alias (`--alias`) serve
-two indexes for the moment of a switch; with the same shard count, each shard is still served once,
-and the answer's `model` names both. `/livez` answers while the process runs (for
-autohealing, which must not recreate a router whose backends are still starting).
+the load balancer in front of it, one URL per group. A search answer that covers a shard another
+covers too (a backend restarted with other shards since its last check: the shards it names, or
+else those its hits hash to) is left out at once and a check started. Backends that follow one
+alias (`--alias`) serve two indexes for the moment of a switch; with the same shard count, each shard
+is still served once, and the answer's `model` names both; a mix that lasts over `--max_switch_secs`
+is refused as a misconfiguration. Product ids may hold any character (`/`, or be `.`): they are
+routed as paths and sent to a backend as one percent-encoded segment. `/livez` answers while the
+process runs (for autohealing, which must not recreate a router whose backends are still starting).
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ import argparse
 import asyncio
 import json
 import logging
-import math
+import re
 import time
+from collections import defaultdict
+from typing import Annotated
 
 from urllib.parse import quote
 
@@ -33,30 +41,128 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
 from starlette.exceptions import HTTPException
 
+from argtypes import bounded
 from search.hybrid import FUSION_WINDOW
 from search.filters import FilterError
 from search.server import MAX_BODY_BYTES, MAX_DEPTH, PAGE, _json_param, _JsonBody, _error, _listen, _port, serve
-from search.sharded import collapse_near_copies
+from search.sharded import collapse_near_copies, shard_of
 
 __all__ = ["Backends", "create_app", "main"]
 
 _log = logging.getLogger("search.router")
 HEALTH_EVERY_SECS = 5.0
+# Backends that follow one alias serve two indexes only for the moments of a switch; a mix that lasts
+# longer is two alias roots (or an index dir and an alias), and is refused as a misconfiguration.
+MAX_SWITCH_SECS = 60.0
+# Each numeric flag's range: (low, high, whether low itself is allowed).
+SIMILAR_K, SIMILAR_EF_SEARCH = (1, 100), (1, 20_000)  # as search.server's /v1/products/{id}/similar
+
+
+# What a backend (search.server) answers, checked before anything is merged: a backend that answers
+# another shape (or a score of true, NaN, a count as a string) counts as failing, never as a 500.
+_Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # an int or a finite float, never a bool
+_Count = Annotated[int, Field(strict=True, ge=0)]
+_Bucket = Annotated[list[_Number], Field(min_length=2, max_length=2)]
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="allow")  # fields a newer server adds pass through
+
+
+class _Health(_Answer):
+    status: StrictStr = "unknown"  # anything but ok counts as degraded
+    model: StrictStr
+    dim: Annotated[int, Field(strict=True, ge=1)]
+    index: StrictStr = ""
+    live_docs: _Count = 0
+    num_shards: Annotated[int, Field(strict=True, ge=1)]
+    shards: list[_Count]
+    queries: list[StrictStr] = []
+    filterable: list[StrictStr] = []
+
+    @model_validator(mode="after")
+    def shards_exist(self):
+        if any(shard >= self.num_shards for shard in self.shards) or len(set(self.shards)) != len(self.shards):
+            raise ValueError(f"shards {self.shards} are not distinct shards of {self.num_shards}")
+        return self
+
+
+class _Hit(_Answer):
+    product_id: StrictStr
+    shop_id: StrictStr
+    score: _Number
+    version: StrictInt
+    title: StrictStr
+    image_url: StrictStr
+    attributes: dict = {}
+    embedded_at: StrictStr = ""
+    generation: StrictInt = 0
+
+
+class _FacetCount(_Answer):
+    value: StrictStr | StrictBool | _Number | _Bucket | None
+    count: _Count
+
+
+class _SearchAnswer(_Answer):
+    results: list[_Hit]
+    facets: dict[str, list[_FacetCount]] = {}
+    mode: StrictStr | None = None
+    model: StrictStr = ""
+    index: StrictStr = ""
+    missing_shards: list[_Count] = []
+    shards: list[_Count] | None = None  # the shards that answered, where the backend says
+
+
+class _SimilarHit(_Hit):
+    vector: Annotated[list[_Number], Field(min_length=1)]
+
+
+class _SimilarAnswer(_SearchAnswer):
+    results: list[_SimilarHit]
+
+
+class _VectorAnswer(_Answer):
+    product_id: StrictStr
+    vector: Annotated[list[_Number], Field(min_length=1)]
+    model: StrictStr = ""
+
+
+def _validated(model: type[BaseModel], answer, what: str) -> tuple[dict | None, str]:
+    """(the answer as `model` reads it, or None; why not)."""
+    try:
+        return model.model_validate(answer).model_dump(), ""
+    except ValidationError as e:
+        reasons = [f"{'.'.join(map(str, error['loc'])) or 'the answer'}: {error['msg']}" for error in e.errors()[:3]]
+        more = f" (and {e.error_count() - 3} more)" if e.error_count() > 3 else ""
+        return None, f"an unexpected answer to {what}: {'; '.join(reasons)}{more}"
+
+
+def _error_text(answer) -> str | None:
+    """The `error` of a backend's error answer, if it has one of the expected shape."""
+    return answer["error"] if isinstance(answer, dict) and isinstance(answer.get("error"), str) else None
 
 
 class Backends:
     """The backends, the shards each serves (from its /healthz), and the index they share."""
 
-    def __init__(self, urls: list[str], timeout_secs: float):
+    def __init__(self, urls: list[str], timeout_secs: float, health_every_secs: float = HEALTH_EVERY_SECS,
+                 max_switch_secs: float = MAX_SWITCH_SECS):
         self.urls = [url.rstrip("/") for url in urls]
         self.timeout = timeout_secs
+        self.health_every = health_every_secs
+        self.max_switch = max_switch_secs
         self.health: dict[str, dict | None] = {url: None for url in self.urls}
         self.errors: dict[str, str] = {}
         self.misconfigured = ""  # why the backends cannot be merged (searches are refused meanwhile)
+        self.mixed_since: float | None = None  # since when the backends have served different indexes
+        self.mixed = ""  # which, while they do
         self.checked = 0.0
         self._checking: asyncio.Task | None = None
+        self._checking_since = 0.0
         self._client: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient] | None = None
 
     @property
@@ -71,25 +177,50 @@ class Backends:
         """Asks every backend's /healthz; refuses backends of different indexes or overlapping shards."""
         answers = await asyncio.gather(*(self.get(url + "/healthz") for url in self.urls))
         for url, (status, body, error) in zip(self.urls, answers):
-            if status == 200:
-                self.health[url] = body
+            health, why = _validated(_Health, body, "GET /healthz") if status == 200 else (None, "")
+            if health is not None:
+                self.health[url] = health
                 self.errors.pop(url, None)
-            else:
-                self.errors[url] = error or f"HTTP {status}"
+            else:  # its last good answer stays known (its shards are then reported missing)
+                self.errors[url] = why or error or _error_text(body) or f"HTTP {status}"
         self.checked = time.monotonic()
         known = {url: h for url, h in self.health.items() if h}
         models = {(h["model"], h["dim"], h["num_shards"]) for h in known.values()}
         self.misconfigured = ""
-        if len(models) > 1 and not self._moving(known):
-            self.misconfigured = f"the backends serve different indexes: {sorted(models)}"
+        if len(models) > 1:
+            self.mixed = str(sorted({(h["index"], h["model"], h["dim"], h["num_shards"]) for h in known.values()}))
+            self.mixed_since = self.mixed_since or time.monotonic()
+            if not self._moving(known):
+                self.misconfigured = f"the backends serve different indexes: {sorted(models)}"
+        else:
+            self.mixed_since, self.mixed = None, ""
         seen: dict[int, str] = {}
         for url, h in known.items():
             for shard in h.get("shards", ()):
                 if shard in seen and not self.misconfigured:
                     self.misconfigured = f"shard {shard} is served by both {seen[shard]} and {url}"
                 seen[shard] = url
+        if self.problem:
+            raise ValueError(self.problem)
+
+    @property
+    def problem(self) -> str:
+        """Why the backends cannot be merged ('' when they can): a misconfiguration the last check found,
+        or backends that have served different indexes for longer than an alias switch takes."""
         if self.misconfigured:
-            raise ValueError(self.misconfigured)
+            return self.misconfigured
+        if self.mixed_since is not None and time.monotonic() - self.mixed_since > self.max_switch:
+            return (f"the backends have served different indexes for over {self.max_switch:g} s "
+                    f"(--max_switch_secs; do they follow different alias roots?): {self.mixed}")
+        return ""
+
+    async def first_check(self) -> None:
+        """The start-up check, in a loop of its own: its connections are closed with it."""
+        try:
+            await self.check()
+        finally:
+            await self.client.aclose()
+            self._client = None
 
     @staticmethod
     def _moving(known: dict[str, dict]) -> bool:
@@ -105,15 +236,32 @@ class Backends:
 
     def refresh_in_background(self) -> None:
         """Starts a health check when one is due, without waiting for it: a hung backend's /healthz
-        must not add its timeout to a search's."""
-        if time.monotonic() - self.checked >= HEALTH_EVERY_SECS and (self._checking is None or self._checking.done()):
+        must not add its timeout to a search's. Each call in a check has a deadline; a check still running
+        past its own is cancelled, so one hung check never blocks the later ones."""
+        now = time.monotonic()
+        if self._checking is not None and not self._checking.done():
+            if now - self._checking_since <= self.timeout + 1:
+                return
+            self._checking.cancel()
+        if now - self.checked >= self.health_every:
+            self._checking_since = now
             self._checking = asyncio.get_running_loop().create_task(self._check_logged())
+
+    def recheck_soon(self) -> None:
+        """A search answer showed a backend's shards or index changed: the next request checks again."""
+        self.checked = 0.0
+        self.refresh_in_background()
 
     async def _check_logged(self) -> None:
         try:
-            await self.check()
+            async with asyncio.timeout(self.timeout + 1):
+                await self.check()
         except ValueError as e:
             _log.error("%s; searches are refused until it is fixed", e)
+        except TimeoutError:
+            _log.error("a health check took over %g s", self.timeout + 1)
+        except Exception:  # a check's failure must not be lost as "task exception was never retrieved"
+            _log.exception("a health check failed")
 
     def shards_of(self, url: str) -> list[int]:
         return list((self.health.get(url) or {}).get("shards", ()))
@@ -129,17 +277,21 @@ class Backends:
         return sorted(set(range(total)) - served) if total is not None else []
 
     async def get(self, url: str):
-        try:
-            response = await self.client.get(url)
-            return response.status_code, response.json(), None
-        except (httpx.HTTPError, ValueError) as e:
-            return 0, None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        return await self._call("GET", url)
 
     async def post(self, url: str, body: bytes, path: str = "/v1/search"):
+        return await self._call("POST", url + path, content=body, headers={"Content-Type": "application/json"})
+
+    async def _call(self, method: str, url: str, **request) -> tuple[int, object, str | None]:
+        """(status, the answer's JSON, why there is none): the whole exchange, the body's last byte
+        included, within the timeout (httpx's own is per read: a backend trickling bytes never hits it)."""
         try:
-            response = await self.client.post(url + path, content=body, headers={"Content-Type": "application/json"})
+            async with asyncio.timeout(self.timeout):
+                response = await self.client.request(method, url, **request)
             return response.status_code, response.json(), None
-        except (httpx.HTTPError, ValueError) as e:
+        except TimeoutError:
+            return 0, None, f"no whole answer within {self.timeout:g} s"
+        except (httpx.HTTPError, ValueError, RecursionError) as e:
             return 0, None, f"{type(e).__name__}: {e}" if str(e) else f"{type(e).__name__} after {self.timeout:g} s"
 
 
@@ -164,11 +316,11 @@ def create_app(backends: Backends) -> FastAPI:
     async def search(request: Request):
         started = time.perf_counter()
         backends.refresh_in_background()
-        if backends.misconfigured:
-            return _error(503, f"the router's backends cannot be merged: {backends.misconfigured}")
+        if backends.problem:
+            return _error(503, f"the router's backends cannot be merged: {backends.problem}")
         body, (k, offset) = _deepened(await request.body())
         answers = await asyncio.gather(*(backends.post(url, body) for url in backends.urls))
-        answered, coverage, bad = _sorted_out(backends, answers)
+        answered, coverage, bad = _sorted_out(backends, answers, _SearchAnswer, "POST /v1/search")
         if bad is not None:
             return bad
         if len(coverage.get("errors", ())) == len(backends.urls):
@@ -185,33 +337,53 @@ def create_app(backends: Backends) -> FastAPI:
                 "took_ms": took, **coverage}
 
     async def vector_of(product_id: str):
-        """(the product's stored vector from whichever replica serves its shard, or None; each replica's
-        (status, answer, error))."""
-        path = f"/v1/products/{quote(product_id, safe='')}/vector"
+        """(the product's stored vector from whichever replica serves its shard, or None; why each replica
+        that neither gave it nor said 404 failed)."""
+        path = f"/v1/products/{_segment(product_id)}/vector"
         found = await asyncio.gather(*(backends.get(url + path) for url in backends.urls))
-        return next((answer for status, answer, _ in found if status == 200), None), found
+        vector, down = None, {}
+        for url, (status, answer, error) in zip(backends.urls, found):
+            if status == 404:
+                continue
+            checked, why = _validated(_VectorAnswer, answer, "GET /v1/products/ID/vector") if status == 200 \
+                else (None, error or _error_text(answer) or f"HTTP {status}")
+            if checked is not None and checked["product_id"] != product_id:
+                checked, why = None, f"answered for product {checked['product_id']!r}, not {product_id!r}"
+            if checked is None:
+                down[url] = why
+            elif vector is None:
+                vector = checked
+        return vector, down
 
-    @app.get("/v1/products/{product_id}/vector")
+    def no_vector(product_id: str, down: dict[str, str]) -> JSONResponse:
+        if down:
+            return _error(503, f"no live product {product_id!r} among the backends that answered "
+                               f"({len(down)} did not: {down})")
+        return _error(404, f"no live product {product_id!r} in the index")
+
+    # `:path`: a product id may hold slashes (Shopify's gid://shopify/Product/1), raw or as %2F.
+    @app.get("/v1/products/{product_id:path}/vector")
     async def product_vector(product_id: str):
-        answer, _ = await vector_of(product_id)
-        return answer if answer is not None else _error(404, f"no live product {product_id!r} in the index")
+        answer, down = await vector_of(product_id)
+        return answer if answer is not None else no_vector(product_id, down)
 
-    @app.get("/v1/products/{product_id}/similar")
-    async def similar(product_id: str, k: int = 10, shop_id: str | None = None, filter: str | None = None,
-                      ef_search: int | None = None):
+    @app.get("/v1/products/{product_id:path}/similar")
+    async def similar(product_id: str, k: str | None = None, shop_id: str | None = None, filter: str | None = None,
+                      ef_search: str | None = None):
         """The product's vector from the replica that serves its shard, then every replica's candidates
         like it (POST /v1/similar), merged and collapsed across replicas as one server collapses them."""
         started = time.perf_counter()
+        try:  # whole numbers only, as the body's k is (2.0 is not a k), in search.server's ranges
+            k = _query_int("k", k, 10, *SIMILAR_K)
+            ef_search = _query_int("ef_search", ef_search, None, *SIMILAR_EF_SEARCH)
+        except ValueError as e:
+            return _error(400, str(e))
         backends.refresh_in_background()
-        if backends.misconfigured:
-            return _error(503, f"the router's backends cannot be merged: {backends.misconfigured}")
-        answer, found = await vector_of(product_id)
+        if backends.problem:
+            return _error(503, f"the router's backends cannot be merged: {backends.problem}")
+        answer, down = await vector_of(product_id)
         if answer is None:
-            down = [url for url, (status, _, _) in zip(backends.urls, found) if status not in (200, 404)]
-            if down:
-                return _error(503, f"no live product {product_id!r} among the backends that answered "
-                                   f"({len(down)} did not)")
-            return _error(404, f"no live product {product_id!r} in the index")
+            return no_vector(product_id, down)
         try:
             scope = _json_param("filter", filter)
         except FilterError as e:
@@ -219,7 +391,13 @@ def create_app(backends: Backends) -> FastAPI:
         body = json.dumps({"vector": answer["vector"], "exclude": product_id, "k": k, "shop_id": shop_id,
                            "filter": scope, **({"ef_search": ef_search} if ef_search is not None else {})}).encode()
         answers = await asyncio.gather(*(backends.post(url, body, "/v1/similar") for url in backends.urls))
-        answered, coverage, bad = _sorted_out(backends, answers)
+        dim = len(answer["vector"])
+
+        def same_dim(candidates: dict) -> str:
+            sizes = {len(hit["vector"]) for hit in candidates["results"]} - {dim}
+            return f"candidate vectors of {sorted(sizes)} dimensions, the product's has {dim}" if sizes else ""
+
+        answered, coverage, bad = _sorted_out(backends, answers, _SimilarAnswer, "POST /v1/similar", same_dim)
         if bad is not None:
             return bad
         candidates = sorted((hit for answer in answered for hit in answer["results"]),
@@ -263,23 +441,75 @@ def create_app(backends: Backends) -> FastAPI:
     return app
 
 
-def _sorted_out(backends: Backends, answers) -> tuple[list[dict], dict, JSONResponse | None]:
-    """The backends' (status, answer, error) sorted out: the answers of those that answered, the
-    coverage a response carries (partial, missing_shards, errors: why each other failed), and, when a
-    backend found the request itself bad (400, 413: every backend would say so), that answer to pass on."""
-    answered, missing, errors = [], set(backends.missing()), {}
+def _sorted_out(backends: Backends, answers, model: type[BaseModel], what: str,
+                extra=None) -> tuple[list[dict], dict, JSONResponse | None]:
+    """The backends' (status, answer, error) sorted out: the answers of those that answered as `model`
+    reads them (and `extra(answer)` finds nothing wrong), the coverage a response carries (partial,
+    missing_shards, errors: why each other failed), and, when a backend found the request itself bad
+    (400, 413: every backend would say so), that answer to pass on. While the backends move between
+    indexes (an alias switch), a request one index refuses (a vector of the other's dimension) is
+    answered by the others, partially."""
+    if backends.problem:  # a health check found it while the backends were asked
+        return [], {}, _error(503, f"the router's backends cannot be merged: {backends.problem}")
+    answered, missing, errors, refused = {}, set(backends.missing()), {}, {}
     for url, (status, answer, error) in zip(backends.urls, answers):
-        if status == 200:
-            answered.append(answer)
-            missing.update(answer.get("missing_shards", ()))
-        elif status in (400, 413):
-            return [], {}, JSONResponse(answer, status_code=status)
+        checked, why = _validated(model, answer, what) if status == 200 else (None, "")
+        why = why or (extra(checked) if checked is not None and extra else "")
+        if checked is not None and not why:
+            answered[url] = checked
+        elif status in (400, 413) and _error_text(answer) is not None:
+            refused[url] = (status, {"error": answer["error"]})
         else:
-            errors[url] = error or (answer or {}).get("error") or f"HTTP {status}"
-            missing.update(backends.shards_of(url))
-    coverage = {"partial": bool(missing or errors), "missing_shards": sorted(missing),
+            errors[url] = why or error or _error_text(answer) or f"HTTP {status}"
+    if refused and (not answered or backends.mixed_since is None):
+        status, answer = next(iter(refused.values()))
+        return [], {}, JSONResponse(answer, status_code=status)
+    errors.update({url: f"HTTP {status}: {answer['error']}" for url, (status, answer) in refused.items()})
+    for url, why in _overlapping(backends, answered).items():
+        del answered[url]
+        errors[url] = why
+    if len({answer["model"] for answer in answered.values()}) > 1 and backends.mixed_since is None:
+        backends.recheck_soon()  # an index moved since the last check
+    for url in errors:
+        missing.update(backends.shards_of(url))
+    for answer in answered.values():
+        missing.update(answer.get("missing_shards", ()))
+    served = {shard for url, answer in answered.items()
+              for shard in (answer.get("shards") if answer.get("shards") is not None else backends.shards_of(url))}
+    coverage = {"partial": bool(missing or errors), "missing_shards": sorted(missing), "shards": sorted(served),
                 **({"errors": errors} if errors else {})}
-    return answered, coverage, None
+    return list(answered.values()), coverage, None
+
+
+def _overlapping(backends: Backends, answered: dict[str, dict]) -> dict[str, str]:
+    """The answers to leave out, and why: those of backends whose answer covers a shard another answer
+    covers too (a backend restarted with other shards since the last health check: its hits and facet
+    counts would count twice). An answer covers the shards it names (`shards`) or else the shards its
+    backend last said it serves plus those its hits hash to. Whichever backend changed is left out."""
+    total = backends.num_shards
+    known = {url: set(backends.shards_of(url)) for url in answered}
+    covered = {}
+    for url, answer in answered.items():
+        if answer.get("shards") is not None:
+            covered[url] = set(answer["shards"])
+        else:
+            covered[url] = known[url] | ({shard_of(hit["product_id"], total) for hit in answer["results"]}
+                                         if total else set())
+    if any(covered[url] != known[url] for url in answered):
+        backends.recheck_soon()
+    owners = defaultdict(list)
+    for url, shards in covered.items():
+        for shard in shards:
+            owners[shard].append(url)
+    dropped = {}
+    for shard, urls in sorted(owners.items()):
+        if len(urls) > 1:
+            changed = [url for url in urls if covered[url] != known[url]] or urls
+            for url in changed:
+                others = ", ".join(other for other in urls if other != url)
+                dropped.setdefault(url, f"its answer covers shard {shard}, which {others} serves too (its "
+                                        f"last /healthz said shards {sorted(known[url])}): left out, re-checking")
+    return dropped
 
 
 def _deepened(body: bytes) -> tuple[bytes, tuple[int, int]]:
@@ -300,6 +530,23 @@ def _deepened(body: bytes) -> tuple[bytes, tuple[int, int]]:
 
 def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _segment(product_id: str) -> str:
+    """A product id as one path segment of a backend URL: every byte but the unreserved ones
+    percent-encoded (a / as %2F), and the ids . and .. as %2E and %2E%2E, which httpx and the server's
+    router leave as they are (a literal . or .. would be resolved away, naming another path)."""
+    encoded = quote(product_id, safe="")
+    return encoded.replace(".", "%2E") if encoded in (".", "..") else encoded
+
+
+def _query_int(name: str, value: str | None, default, low: int, high: int):
+    """A query parameter that must be a whole number in [low, high]: '2.0' and 'true' are not."""
+    if value is None:
+        return default
+    if not re.fullmatch(r"[0-9]{1,9}", value) or not low <= int(value) <= high:
+        raise ValueError(f"{name}: must be a whole number from {low} to {high} (got {value!r})")
+    return int(value)
 
 
 def _summed(facets: list[dict]) -> dict:
@@ -326,8 +573,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Comma-separated URLs of search.server replicas, each serving some shards (--shards).")
     parser.add_argument("--port", type=_port, default=8080, help="Port to serve on (0: any free port).")
     parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0: every interface).")
-    parser.add_argument("--timeout_secs", type=float, default=2.0,
-                        help="A backend that has not answered a search within this is left out (partial: true).")
+    parser.add_argument("--timeout_secs", type=bounded(float, 0, 600, "seconds", low_open=True), default=2.0,
+                        help="A backend that has not answered a search (its whole answer) within this is left "
+                             "out (partial: true); each health check's call has the same deadline (0-600).")
+    parser.add_argument("--health_every_secs", type=bounded(float, 0.1, 3600, "seconds"), default=HEALTH_EVERY_SECS,
+                        help="How often the backends' /healthz are asked, while requests come (0.1-3600).")
+    parser.add_argument("--max_switch_secs", type=bounded(float, 1, 86400, "seconds"), default=MAX_SWITCH_SECS,
+                        help="The most backends may serve different indexes of one alias (an alias switch, "
+                             "a moment apart) before the mix is refused as a misconfiguration (1-86400).")
     return parser
 
 
@@ -341,15 +594,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--backends: give one or more http(s):// URLs, comma-separated")
     if len(set(urls)) != len(urls):
         parser.error("--backends: a URL is listed twice (its shards would be counted twice)")
-    if not (math.isfinite(args.timeout_secs) and args.timeout_secs > 0):
-        parser.error("--timeout_secs must be a positive number")
     try:
         sock = _listen(args.host, args.port)
     except OSError as e:
         parser.exit(1, f"search.router: {e}\n")
-    backends = Backends(urls, args.timeout_secs)
+    backends = Backends(urls, args.timeout_secs, args.health_every_secs, args.max_switch_secs)
     try:
-        asyncio.run(backends.check())
+        asyncio.run(backends.first_check())
     except ValueError as e:
         sock.close()
         parser.exit(1, f"search.router: {e}\n")

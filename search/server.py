@@ -24,19 +24,21 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 import storage
+from argtypes import bounded
+from schemas import non_finite_number
 from model_handlers.config import ModelConfig, model_id, split_model_id
 from search.aliases import index_path
 from search.filters import FilterError, parse_filter
@@ -59,11 +61,25 @@ MAX_FACET_VALUES = 100  # values per facet returned, the most frequent
 PAGE = (Path(__file__).resolve().parent / "static" / "index.html").read_text(encoding="utf-8")
 
 
+def _digits(value: Any) -> Any:
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be a whole number, like 10")
+    return value
+
+
+# A whole number in a query string: `k=2.0` or `k=true` is as wrong there as `"k": 2.0` in a body.
+WholeNumber = Annotated[int, BeforeValidator(_digits)]
+# A query vector: numbers only (a string or a boolean is a mistake, not a number), all finite.
+QueryVector = list[Annotated[float, Strict()]]
+
+
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN, Infinity and 1e400 (read as inf) are refused wherever a number goes: a bucket edge of inf
+    # made null edges and a NaN one negative counts.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     text: str | None = Field(None, max_length=10_000, description="a text query (needs the index's model)")
-    vector: list[float] | None = Field(None, description="a query vector of the index's dimension")
+    vector: QueryVector | None = Field(None, description="a query vector of the index's dimension")
     image_url: str | None = Field(None, max_length=4096, description="an image to search by (needs the model)")
     k: int = Field(10, ge=1, le=1000, strict=True, description="results wanted (the page size)")
     ef_search: int = Field(DEFAULT_EF_SEARCH, ge=1, le=20_000, strict=True,
@@ -126,12 +142,14 @@ class SimilarCandidates(BaseModel):
     mode: str = "vector"
     model: str = ""
     took_ms: float
+    shards: list[int] = Field([], description="the index's shards that answered (search.router checks that no "
+                                               "shard is counted twice)")
 
 
 class SimilarRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    vector: list[float] = Field(description="the product's stored vector (GET /v1/products/{id}/vector)")
+    vector: QueryVector = Field(description="the product's stored vector (GET /v1/products/{id}/vector)")
     exclude: str = Field("", max_length=256, description="the product itself, left out")
     k: int = Field(10, ge=1, le=100, strict=True)
     ef_search: int = Field(DEFAULT_EF_SEARCH, ge=1, le=20_000, strict=True)
@@ -162,6 +180,8 @@ class SearchResponse(BaseModel):
     partial: bool = Field(False, description="true when some shards did not answer (search.router): the "
                                              "results are the best of the others")
     missing_shards: list[int] = Field([], description="the shards whose results are missing")
+    shards: list[int] = Field([], description="the index's shards that answered: a service's own, or through "
+                                               "search.router every backend's (it checks that none is counted twice)")
 
 
 class ErrorResponse(BaseModel):
@@ -358,14 +378,17 @@ def create_app(index: ShardedIndex | None, embedder: QueryEmbedder | None, refre
                 requests_total.labels("bad_request").inc()
                 return _error(400, str(e))
             return {"results": [hit.__dict__ for hit in hits], "facets": facets, "mode": request.search_mode,
-                    "model": index.model, "index": served.name, "took_ms": answered(kind, started)}
+                    "model": index.model, "index": served.name, "took_ms": answered(kind, started),
+                    "shards": index.shard_ids}
 
-    @app.get("/v1/products/{product_id}/similar", response_model=SearchResponse,
+    # `:path`: a product id may hold `/` (Shopify's gid://shopify/Product/1), raw or as %2F.
+    @app.get("/v1/products/{product_id:path}/similar", response_model=SearchResponse,
              responses={400: {"model": ErrorResponse, "description": "a bad filter or parameter"},
                         404: {"model": ErrorResponse, "description": "no live product of that id here"}})
-    def similar(product_id: str, k: int = Query(10, ge=1, le=100), shop_id: str | None = Query(None, max_length=256),
+    def similar(product_id: str, k: Annotated[WholeNumber, Query(ge=1, le=100)] = 10,
+                shop_id: str | None = Query(None, max_length=256),
                 filter: str | None = Query(None, max_length=10_000, description="a filter, as JSON"),
-                ef_search: int = Query(DEFAULT_EF_SEARCH, ge=1, le=20_000)):
+                ef_search: Annotated[WholeNumber, Query(ge=1, le=20_000)] = DEFAULT_EF_SEARCH):
         """Products like this one, by its stored vector: the product itself left out and near-duplicates
         (cosine ≥ search.sharded.DUPLICATE_COSINE with one already listed) collapsed."""
         started = time.perf_counter()
@@ -384,7 +407,7 @@ def create_app(index: ShardedIndex | None, embedder: QueryEmbedder | None, refre
             return {"results": [hit.__dict__ for hit in hits], "mode": "vector", "model": index.model,
                     "index": served.name, "took_ms": answered("similar", started)}
 
-    @app.get("/v1/products/{product_id}/vector", response_model=ProductVector,
+    @app.get("/v1/products/{product_id:path}/vector", response_model=ProductVector,
              responses={404: {"model": ErrorResponse, "description": "no live product of that id here"}})
     def product_vector(product_id: str):
         """A product's stored vector (from the replica that serves its shard: search.router asks them all)."""
@@ -413,7 +436,7 @@ def create_app(index: ShardedIndex | None, embedder: QueryEmbedder | None, refre
             pairs = index.similar(vector, request.k, request.ef_search, request.shop_id, parsed,
                                   exclude=request.exclude, with_vectors=True)
             return {"results": [{**hit.__dict__, "vector": v.tolist()} for hit, v in pairs], "mode": "vector",
-                    "model": index.model, "took_ms": answered("similar", started)}
+                    "model": index.model, "took_ms": answered("similar", started), "shards": index.shard_ids}
 
     @app.get("/healthz", response_model=Health)
     def healthz():
@@ -462,6 +485,9 @@ def _json_param(name: str, value: str | None) -> Any:
 
 def _checked_scope(filter_data: Any, facets: list[str], buckets: dict[str, list[float]], fields) -> Any:
     """The parsed filter (None without one); FilterError naming what does not fit the index's fields."""
+    where = non_finite_number(filter_data, "filter")
+    if where is not None:
+        raise FilterError(f"{where} is not a finite number")
     by_name = {f.name: f for f in fields}
     for name in facets:
         if name not in by_name:
@@ -535,7 +561,9 @@ def _port(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m search.server", description=__doc__.splitlines()[0],
+    # A one-line usage, as the pipelines': a refused value is that line and the one naming the flag.
+    parser = argparse.ArgumentParser(prog="python -m search.server", usage="%(prog)s --index_dir DIR [options]",
+                                     description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--index_dir", required=True, help="A local path, or gs://... (replicated locally); with "
                                                           "--alias, the root of named indexes.")
@@ -554,12 +582,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="Where the query model runs.")
     parser.add_argument("--allow_private_hosts", action="store_true",
                         help="Allow image-URL queries on loopback (local runs and tests).")
-    parser.add_argument("--image_timeout_secs", type=float, default=10.0,
+
+    # An image query longer than 5 minutes has lost its shopper; each slot holds one image download
+    # (up to 20 MB) in memory. A header timeout is the slow-client guard: 0 or less closed every
+    # connection, and minutes let a slow client hold a connection as long as it likes.
+    parser.add_argument("--image_timeout_secs", type=bounded(float, 0.1, 300, "seconds"), default=10.0,
                         help="The most an image-URL query may take, its wait for a fetch slot included.")
-    parser.add_argument("--image_query_slots", type=int, default=IMAGE_QUERY_SLOTS,
+    parser.add_argument("--image_query_slots", type=bounded(int, 1, 1024), default=IMAGE_QUERY_SLOTS,
                         help="Image-URL queries fetching at once; more wait, holding no thread.")
-    parser.add_argument("--header_timeout_secs", type=float, default=HEADER_TIMEOUT_SECS,
-                        help="A connection whose request headers take longer is closed.")
+    parser.add_argument("--header_timeout_secs", type=bounded(float, 0.5, 300, "seconds"),
+                        default=HEADER_TIMEOUT_SECS, help="A connection whose request headers take longer is closed.")
     return parser
 
 

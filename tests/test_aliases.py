@@ -369,3 +369,35 @@ def test_a_service_serves_on_through_a_corrupt_alias_file(tmp_path):
     assert len(warned) == 1, warned  # once per fault, not each second it lasts
     assert degraded["status"] == "degraded" and "is not an alias file" in degraded["errors"]["alias"]
     assert healed["status"] == "ok" and healed["index"] == "a"
+
+
+def test_a_root_that_holds_no_named_indexes_is_refused_in_one_line(tmp_path):
+    """A missing path, a file, an index itself (its parent is the root) or an empty directory: said, exit 1."""
+    build_index(tmp_path / "indexes" / "v1", "m-a")
+    (tmp_path / "plain-file").write_text("")
+    (tmp_path / "empty").mkdir()
+    cases = [(tmp_path / "missing", "no such directory"),
+             (tmp_path / "plain-file", "is a file, not a directory of named indexes"),
+             (tmp_path / "indexes" / "v1", f"is an index (it holds index.json), not a root of named indexes: give "
+                                           f"the directory above it (--root {tmp_path / 'indexes'}), where it is "
+                                           f"the index 'v1'"),
+             (tmp_path / "empty", "no index under")]
+    for root, message in cases:
+        for action in ([], ["--show", "live"], ["--set", "live=v1"]):
+            if root.name == "empty" and action:
+                continue  # an empty root is a root: --show and --set say what they lack there
+            result = cli("search.aliases", "--root", str(root), *action)
+            assert result.returncode == 1, (root, action, result.stdout, result.stderr)
+            assert not result.stdout and len(result.stderr.splitlines()) == 1, (root, action, result.stderr)
+            assert result.stderr.startswith("search.aliases: ") and message in result.stderr, result.stderr
+    listed = cli("search.aliases", "--root", str(tmp_path / "indexes"))
+    assert listed.returncode == 0 and "v1: m-a, 64-d" in listed.stdout, listed.stderr
+
+
+def test_help_says_what_the_command_does_in_whole_sentences():
+    result = cli("search.aliases", "--help")
+    assert result.returncode == 0, result.stderr
+    description = result.stdout.split("\n\n")[1]  # between the usage line and the examples
+    assert " ".join(description.split()) == ("Named indexes under one root, and the aliases that say which one "
+                                             "serves (as Qdrant, Milvus and Elasticsearch name them).")
+    assert "python -m search.aliases --root ROOT --set live=v2" in result.stdout

@@ -228,3 +228,19 @@ def test_reembed_turns_hostile_state_rows_into_dead_letters(tmp_path, image_serv
     assert sorted(letter["product_id"] for letter in letters if letter["product_id"]) == sorted(
         ["p", "bad-op", "no-time", "float-version", "url-string", "number-attributes", "int-event-time"])
     assert f"2 records, {len(hostile)} dead letters" in result.stdout, result.stdout
+
+
+def test_reembed_answers_a_bad_option_and_help_before_loading_the_pipeline():
+    """Parsing needs Beam's options only: the model libraries and the transforms are imported once the options
+    are accepted, so a typo is answered in a moment, not after torch has loaded."""
+    cases = [(["--modle", TINY_CLIP], 1, "did you mean --model?"),
+             (["--image_weight", "abc"], 2, "argument --image_weight:"),
+             (["--output_dir", "out"], 1, "give exactly one of --source"),
+             (["--help"], 0, "")]
+    for args, status, message in cases:
+        result = cli("pipelines.reembed", *args, env={"PYTHONPROFILEIMPORTTIME": "1"})
+        assert result.returncode == status and message in result.stderr, (args, result.stderr[-2000:])
+        imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                    if line.startswith("import time:") and line.count("|") == 2}
+        assert "apache_beam.options.pipeline_options" in imported, args  # the profile was read
+        assert not {"torch", "open_clip", "pipelines.embed", "transforms.embedding"} & imported, args

@@ -150,7 +150,7 @@ def test_replicas_may_not_overlap_and_shards_must_exist(index_dir):
 @pytest.mark.parametrize("argv, message", [
     (["--backends", "localhost:8081"], "http(s):// URLs"),
     (["--backends", "http://127.0.0.1:1,http://127.0.0.1:1/"], "a URL is listed twice"),
-    (["--backends", "http://127.0.0.1:1", "--timeout_secs", "nan"], "--timeout_secs must be a positive number"),
+    (["--backends", "http://127.0.0.1:1", "--timeout_secs", "nan"], "--timeout_secs: must be a number over 0"),
 ])
 def test_the_router_refuses_a_bad_backend_list(argv, message):
     result = subprocess.run([sys.executable, "-m", "search.router", *argv], cwd=ROOT, capture_output=True, text=True,

@@ -9,6 +9,7 @@ version, with the attributes of a newer patch over it: `latest_state` is that fo
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 
 import apache_beam as beam
@@ -120,7 +121,7 @@ class ReadProductState(beam.PTransform):
             states, failed = rows | "ToState" >> beam.Map(ProductState.from_dict).with_exception_handling()
         else:
             # Bytes, not text: a line that is not UTF-8 is a dead letter, not a failed read of the whole file.
-            lines = p | "ReadFiles" >> beam.io.ReadFromText(f"{self._source.rstrip('/')}/*.jsonl", validate=False,
+            lines = p | "ReadFiles" >> beam.io.ReadFromText(f"{glob.escape(self._source.rstrip('/'))}/*.jsonl", validate=False,
                                                             coder=BytesCoder())
             rows = lines | "SkipBlank" >> beam.Filter(lambda line: bool(line.strip()))
             states, failed = rows | "ToState" >> beam.Map(_parse_line).with_exception_handling()
