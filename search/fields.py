@@ -131,10 +131,12 @@ class FieldIndex:
             if gone.any():
                 values, docs_sorted = values[~gone], docs_sorted[~gone]
         if new:
-            values = np.concatenate([values, add_values])
-            docs_sorted = np.concatenate([docs_sorted, add_docs])
-            order = np.lexsort((docs_sorted, values))
-            values, docs_sorted = values[order], docs_sorted[order]
+            # Only the new pairs are sorted, then put in place: a copy of the arrays, not a sort of them.
+            # New doc ids are above every existing one, so among equal values they go last.
+            order = np.lexsort((add_docs, add_values))
+            at = np.searchsorted(values, add_values[order], side="right")
+            values = np.insert(values, at, add_values[order])
+            docs_sorted = np.insert(docs_sorted, at, add_docs[order])
         return dataclasses.replace(self, values=values, docs=docs_sorted, by_doc=by_doc)
 
     # Reads ------------------------------------------------------------------------------

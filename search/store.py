@@ -11,7 +11,10 @@
   8-bit HNSW or IVF-PQ) without holding up commits; docs
   tombstoned meanwhile stay tombstoned, because liveness comes from the product table.
 - Readers hold an immutable `_View` (segments + liveness arrays); writers swap in a new one,
-  so a search never sees half a commit. Other processes pick up commits through `refresh()`.
+  so a search never sees half a commit. Other processes pick up commits through `refresh()`, by
+  applying each commit's change (kept in the `changes` table for the last few commits) with the
+  same function the writer used (`_after`): in proportion to the commit, not the shard. A reader
+  further behind than the log, or one that finds a segment merged away, loads the store anew.
 """
 
 from __future__ import annotations
@@ -328,12 +331,37 @@ class IndexStore:
         if self._broken and self._broken[0] == generation and time.monotonic() - self._broken[1] < retry_secs:
             raise self._broken[2]
         try:
-            self._view = self._load_consistent_view()
+            self._view = self._applied_changes() or self._load_consistent_view()
         except Exception as e:
             self._broken = (generation, time.monotonic(), e)
             raise
         self._broken = None
         return True
+
+    def _applied_changes(self) -> _View | None:
+        """The view moved to the newest generation by applying each commit's change to it (as the writer
+        did), in proportion to what the commits changed; None when that cannot be done (the log no
+        longer reaches back to this view, or a segment it names is gone: merged away meanwhile), and
+        the store is read anew."""
+        view = self._view
+        marked = self._marked_generation()
+        with self._transaction(immediate=False) as db:
+            newest = int(store_sql.meta(db, "generation"))
+            changes = store_sql.changes_since(db, view.generation, newest)
+        if changes is None or newest < marked or newest <= view.generation:  # behind its marker, or rewound
+            return None
+        try:
+            for generation, change in enumerate(changes, view.generation + 1):
+                if not set(change["segments_removed"]) <= {seg.info.name for seg in view.segments}:
+                    return None
+                added = {name: Segment(self.directory, SegmentInfo(name, kind, count), self._require_sums)
+                         for name, kind, count in change["segments_added"]}
+                view = self._after(view, change, generation, added)
+        except SegmentCorrupted as e:
+            if isinstance(e.__cause__, FileNotFoundError):
+                return None  # added, then merged away and deleted before this reader got to it
+            raise
+        return view
 
     def _load_consistent_view(self) -> _View:
         for attempt in range(5):
@@ -433,23 +461,25 @@ class IndexStore:
                     segment = Segment(self.directory, info, self._require_sums)  # verified before it is committed
                     if self._listener:
                         self._listener.segment_written(self.directory, info)
-                store_sql.write_commit(db, generation=view.generation + 1,
-                                    products=[(pid, *state) for pid, state in changed.items()],
-                                    added=[(info.name, info.kind, info.count)] if info else (),
-                                    next_doc_id=next_doc)
+                change = store_sql.write_commit(db, generation=view.generation + 1,
+                                                products=[(pid, *state) for pid, state in changed.items()],
+                                                added=[(info.name, info.kind, info.count)] if info else (),
+                                                next_doc_id=next_doc)
             self._committed(view.generation + 1)
-            self._view = self._next_view(view, changed, current, segment, next_doc)
+            self._view = self._after(view, change, view.generation + 1, {info.name: segment} if info else {})
             if self._listener:
                 self._listener.committed(CommitDelta(
                     self._view.generation, next_doc, tuple((pid, *state) for pid, state in changed.items()),
                     (info,) if info else ()))
         return result
 
-    def _next_view(self, view: _View, changed: dict, before: dict, segment: Segment | None, next_doc: int) -> _View:
-        """The view after a commit: only the bitmaps of segments that lost docs, and the postings of
-        shops that changed, are copied and updated."""
-        dead = np.array(sorted(old[1] for pid, old in before.items() if pid in changed and old[1] is not None),
-                        np.int64)
+    def _after(self, view: _View, change: dict, generation: int, added: dict[str, Segment]) -> _View:
+        """The view after one commit's change (store_sql.write_commit): the one function that moves a view
+        on, used by the writer's commits, its merges and every reader's refresh. Copy-on-write: only
+        the bitmaps of segments that lost docs, the postings of shops that changed and the field
+        indexes are copied; a merged segment's docs are live as they are in the segments it replaced."""
+        dead = np.array(sorted(doc for doc, _ in change["dead"]), np.int64)
+        removed = set(change["segments_removed"])
         live, live_count = dict(view.live), dict(view.live_count)
         for seg in view.segments if len(dead) else ():
             _, positions = seg.locate(dead)
@@ -457,35 +487,45 @@ class IndexStore:
                 bits = live[seg.info.name].copy()
                 np.bitwise_and.at(bits, positions >> 3, ~(1 << (positions & 7)).astype(np.uint8))
                 live[seg.info.name], live_count[seg.info.name] = bits, live_count[seg.info.name] - len(positions)
-        if segment is not None:
-            live[segment.info.name], live_count[segment.info.name] = _ones(segment.info.count), segment.info.count
-        removed: dict[str, list[int]] = {}
-        added: dict[str, list[int]] = {}
-        for pid, (_, doc, shop, *_rest) in changed.items():
-            old = before.get(pid)
-            if old and old[1] is not None:
-                removed.setdefault(old[2], []).append(old[1])
-            if doc is not None:
-                added.setdefault(shop, []).append(doc)
+        merged_from = [seg for seg in view.segments if seg.info.name in removed]
+        for name, _kind, count in change["segments_added"]:
+            if merged_from:
+                # Docs that died while the merge was built are dead in the segments it replaced.
+                survivors = np.sort(np.concatenate([seg.ids[_unpack(live[seg.info.name], seg.info.count)]
+                                                    for seg in merged_from]))
+                alive = np.isin(added[name].ids, survivors, assume_unique=True)
+                live[name], live_count[name] = np.packbits(alive, bitorder="little"), int(alive.sum())
+            else:  # a commit's own segment: every doc in it is new and live
+                live[name], live_count[name] = _ones(count), count
+        for name in removed:
+            live.pop(name, None)
+            live_count.pop(name, None)
+        gone: dict[str, list[int]] = {}
+        for doc, shop in change["dead"]:
+            gone.setdefault(shop, []).append(doc)
+        born: dict[str, list[int]] = {}
+        for doc, shop, _values in change["added"]:
+            born.setdefault(shop, []).append(doc)
         postings = dict(view.postings)
-        for shop in removed.keys() | added.keys():
-            docs = postings.get(shop, np.zeros(0, np.int64))
-            if shop in removed:
-                docs = docs[~np.isin(docs, removed[shop], assume_unique=True)]
+        for shop in gone.keys() | born.keys():
+            docs = postings.get(shop, _NONE)
+            if shop in gone:
+                docs = docs[~np.isin(docs, gone[shop], assume_unique=True)]
             # New doc ids are above every existing one: appended in order, the postings stay sorted.
-            docs = np.concatenate([docs, np.sort(np.array(added.get(shop, ()), np.int64))])
+            docs = np.concatenate([docs, np.sort(np.array(born.get(shop, ()), np.int64))])
             if len(docs):
                 postings[shop] = docs
             else:
                 postings.pop(shop, None)
-        segments = view.segments + ((segment,) if segment else ())
-        fields = {}
-        if view.fields:
-            new = {state[1]: json.loads(state[5]) for state in changed.values() if state[1] is not None}
-            for name, index in view.fields.items():
-                fields[name] = index.changed(dead, {doc: typed(index.field, attributes.get(name))
-                                                    for doc, attributes in new.items()}, next_doc)
-        return _View(view.generation + 1, next_doc, segments, live, live_count, postings, fields)
+        next_doc = view.next_doc if change["next_doc"] is None else change["next_doc"]
+        fields = view.fields
+        if fields and (len(dead) or change["added"]):
+            fields = {name: index.changed(dead, {doc: typed(index.field, values.get(name))
+                                                 for doc, _shop, values in change["added"]}, next_doc)
+                      for name, index in view.fields.items()}
+        segments = tuple(seg for seg in view.segments if seg.info.name not in removed) + tuple(
+            added[name] for name, _kind, _count in change["segments_added"])
+        return _View(generation, next_doc, segments, live, live_count, postings, fields)
 
     def _committed(self, generation: int) -> None:
         self._checkpoint_wal()
@@ -571,24 +611,16 @@ class IndexStore:
                     self._listener.segment_written(self.directory, info)
             merged = Segment(self.directory, info, self._require_sums) if info else None
             with self._write_lock:
-                with self._transaction() as db:
-                    store_sql.write_commit(db, generation=self._view.generation + 1,
-                                        removed=[seg.info.name for seg in plan],
-                                        added=[(info.name, info.kind, info.count)] if info else ())
-                self._committed(self._view.generation + 1)
                 current = self._view
                 names = {seg.info.name for seg in plan}
-                segments = tuple(seg for seg in current.segments if seg.info.name not in names)
-                live = {name: bits for name, bits in current.live.items() if name not in names}
-                live_count = {name: n for name, n in current.live_count.items() if name not in names}
-                if merged:
-                    # Commits during the build may have tombstoned merged docs: liveness is as of now.
-                    alive = np.concatenate([_unpack(current.live[seg.info.name], seg.info.count) for seg in plan])[keep]
-                    live[merged.info.name] = np.packbits(alive, bitorder="little")
-                    live_count[merged.info.name] = int(alive.sum())
-                self._view = dataclasses.replace(current, generation=current.generation + 1,
-                                                 segments=segments + ((merged,) if merged else ()), live=live,
-                                                 live_count=live_count)
+                with self._transaction() as db:
+                    change = store_sql.write_commit(db, generation=current.generation + 1,
+                                                    removed=[seg.info.name for seg in plan],
+                                                    added=[(info.name, info.kind, info.count)] if info else ())
+                self._committed(current.generation + 1)
+                # Commits during the build may have tombstoned merged docs: _after takes liveness as of now.
+                self._view = self._after(current, change, current.generation + 1,
+                                         {merged.info.name: merged} if merged else {})
                 if self._listener:
                     self._listener.committed(CommitDelta(self._view.generation, current.next_doc, (),
                                                          (info,) if info else (), tuple(names)))

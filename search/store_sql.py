@@ -14,7 +14,8 @@ from typing import Iterable, Sequence
 
 from search.fields import parse_filterable
 
-__all__ = ["PRODUCT_COLUMNS", "SCHEMA", "generation", "lexical_text", "meta", "migrate", "write_commit"]
+__all__ = ["CHANGES_KEPT", "PRODUCT_COLUMNS", "SCHEMA", "changes_since", "generation", "lexical_text", "meta", "migrate",
+           "write_commit"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -32,7 +33,12 @@ CREATE UNIQUE INDEX IF NOT EXISTS products_doc ON products(doc_id) WHERE doc_id 
 CREATE TABLE IF NOT EXISTS segments (name TEXT PRIMARY KEY, kind TEXT NOT NULL, count INTEGER NOT NULL);
 CREATE VIRTUAL TABLE IF NOT EXISTS lexical USING fts5(title, description, attributes,
     tokenize = 'porter unicode61 remove_diacritics 2');
+CREATE TABLE IF NOT EXISTS changes (generation INTEGER PRIMARY KEY, change TEXT NOT NULL);
 """
+_CHANGES = "CREATE TABLE IF NOT EXISTS changes (generation INTEGER PRIMARY KEY, change TEXT NOT NULL)"
+# Commits whose change a reader can still apply; one further behind loads the store anew. Readers
+# refresh every fraction of a second, so a few commits are the usual gap.
+CHANGES_KEPT = 64
 # A commit's product row: the table's columns, then the description (kept by the lexical index only).
 PRODUCT_COLUMNS = ("product_id", "version", "doc_id", "shop_id", "title", "image_url", "attributes", "embedded_at")
 _DEFAULTS = ("{}", "", "")  # attributes, embedded_at, description of rows from before they existed
@@ -74,23 +80,62 @@ def generation(db: sqlite3.Connection) -> int:
 
 
 def write_commit(db: sqlite3.Connection, *, generation: int, products: Iterable[Sequence] = (),
-                 added: Iterable[Sequence] = (), removed: Iterable[str] = (), next_doc_id: int | None = None) -> None:
+                 added: Iterable[Sequence] = (), removed: Iterable[str] = (), next_doc_id: int | None = None) -> dict:
     """One commit's rows, inside the caller's transaction: products as PRODUCT_COLUMNS + (description,)
     (rows of commits from before attributes have fewer: the rest default), segments added as
     (name, kind, count) and removed by name. A product's old doc leaves the lexical index, its new one
-    joins it."""
+    joins it.
+
+    Returns the commit's change, also kept in the `changes` table for the last CHANGES_KEPT commits:
+    what a view needs to move to this generation (docs that died, with their shops; docs added, with
+    their shops and filterable values; segments added and removed), so a reader applies a commit in
+    proportion to it instead of reading the whole shard again (IndexStore.refresh)."""
     rows = [tuple(row) + _DEFAULTS[len(row) - 6:] for row in products]
+    added = [tuple(info) for info in added]
+    removed = list(removed)
+    change = {"next_doc": next_doc_id, "dead": [], "added": [], "segments_added": added, "segments_removed": removed}
     if rows:
         ids = [(row[0],) for row in rows]
+        change["dead"] = db.execute(
+            "SELECT doc_id, shop_id FROM products WHERE doc_id IS NOT NULL "
+            "AND product_id IN (SELECT value FROM json_each(?))",
+            (json.dumps([row[0] for row in rows], ensure_ascii=False),)).fetchall()
         db.executemany("DELETE FROM lexical WHERE rowid = (SELECT doc_id FROM products WHERE product_id = ?)", ids)
         db.executemany(_UPSERT, [row[:len(PRODUCT_COLUMNS)] for row in rows])
-        text_fields = [f.name for f in parse_filterable(json.loads(meta(db, "filterable", "[]")))
-                       if f.type == "keyword"]
+        fields = parse_filterable(json.loads(meta(db, "filterable", "[]")))
+        text_fields = [f.name for f in fields if f.type == "keyword"]
         db.executemany("INSERT INTO lexical(rowid, title, description, attributes) VALUES (?, ?, ?, ?)",
                        [(row[2], row[4], row[8], lexical_text(row[6], text_fields)) for row in rows
                         if row[2] is not None])
+        change["added"] = [(row[2], row[3], _filterable_values(row[6], fields)) for row in rows if row[2] is not None]
     db.executemany("DELETE FROM segments WHERE name = ?", [(name,) for name in removed])
-    db.executemany("INSERT INTO segments VALUES (?, ?, ?)", [tuple(info) for info in added])
+    db.executemany("INSERT INTO segments VALUES (?, ?, ?)", added)
     if next_doc_id is not None:
         db.execute("UPDATE meta SET value = ? WHERE key = 'next_doc_id'", (str(next_doc_id),))
     db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(generation),))
+    db.execute(_CHANGES)  # a replica restored from a snapshot made before the change log
+    db.execute("INSERT OR REPLACE INTO changes VALUES (?, ?)",
+               (generation, json.dumps(change, ensure_ascii=False)))
+    db.execute("DELETE FROM changes WHERE generation <= ?", (generation - CHANGES_KEPT,))
+    return change
+
+
+def changes_since(db: sqlite3.Connection, generation: int, newest: int) -> list[dict] | None:
+    """The changes of commits generation+1..newest in order, or None when the log no longer holds them
+    all (the reader is too far behind, or the store was made before the log): load the store anew."""
+    try:
+        rows = db.execute("SELECT generation, change FROM changes WHERE generation > ? AND generation <= ? "
+                          "ORDER BY generation", (generation, newest)).fetchall()
+    except sqlite3.OperationalError:  # no changes table: a store made before it, opened read-only
+        return None
+    if [g for g, _ in rows] != list(range(generation + 1, newest + 1)):
+        return None
+    return [json.loads(change) for _, change in rows]
+
+
+def _filterable_values(attributes: str, fields) -> dict:
+    """The declared fields' raw values of a product's attributes (typed by the view: search.fields)."""
+    if not fields:
+        return {}
+    values = json.loads(attributes) if attributes else {}
+    return {f.name: values[f.name] for f in fields if f.name in values} if isinstance(values, dict) else {}
