@@ -18,9 +18,9 @@ import storage
 from model_handlers.config import ModelConfig
 from model_handlers.projection import build_head, save_projection
 from search import aliases
-from search.sharded import HEAD_FILE, ShardedIndex
+from search.sharded import HEAD_FILE
 from tests.conftest import DIM, TINY_CLIP
-from tests.support.index_helpers import record
+from tests.support import index_helpers
 from tests.support.server_process import ServerProcess
 from tests.test_cli import cli
 
@@ -28,14 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_index(directory: Path, model: str, products: int = 40, seed: int = 0) -> None:
-    ShardedIndex.ensure_layout(directory, 2, model, DIM)
-    records = [record(f"p{n}", 1, dim=DIM, seed=seed * 1000 + n, model=model) for n in range(products)]
-    from search.sharded import shard_of
-
-    for shard in range(2):
-        store = ShardedIndex.open_writer(directory, shard, model, DIM)
-        store.apply([r for r in records if shard_of(r.product_id, 2) == shard])
-        store.close()
+    index_helpers.build_index(directory, model, DIM, products, seed)
 
 
 @pytest.fixture

@@ -13,21 +13,16 @@ import torch
 from model_handlers.config import ModelConfig
 from model_handlers.projection import build_head, save_projection
 from search import aliases
-from search.sharded import HEAD_FILE, ShardedIndex, shard_of
+from search.sharded import HEAD_FILE
 from tests.conftest import DIM, TINY_CLIP
-from tests.support.index_helpers import record
+from tests.support import index_helpers
 from tests.test_cli import cli
 
 VECTOR_ONLY = "acme:custom-64"  # a team's own embedder: no backend of this product runs it
 
 
-def build_index(directory: Path, model: str, dim: int = DIM, products: int = 30, seed: int = 0) -> None:
-    ShardedIndex.ensure_layout(directory, 2, model, dim)
-    records = [record(f"p{n}", 1, dim=dim, seed=seed * 1000 + n, model=model) for n in range(products)]
-    for shard in range(2):
-        store = ShardedIndex.open_writer(directory, shard, model, dim)
-        store.apply([r for r in records if shard_of(r.product_id, 2) == shard])
-        store.close()
+def build_index(directory: Path, model: str, dim: int = DIM, seed: int = 0) -> None:
+    index_helpers.build_index(directory, model, dim, products=30, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import datetime as dt
 import numpy as np
 
 from schemas import EmbeddingRecord
+from search.sharded import ShardedIndex, shard_of
 
 WHEN = dt.datetime(2026, 11, 21, tzinfo=dt.timezone.utc)
 MODEL = "test-model"
@@ -35,3 +36,13 @@ def last_writer_wins(records) -> dict[str, EmbeddingRecord]:
 
 def live_truth(records) -> dict[str, tuple[int, str]]:
     return {pid: (r.version, r.shop_id) for pid, r in last_writer_wins(records).items() if r.op == "upsert"}
+
+
+def build_index(directory, model: str, dim: int, products: int = 40, seed: int = 0, shards: int = 2) -> None:
+    """An index of `products` random unit vectors of `model` in `shards` shards, one commit each."""
+    ShardedIndex.ensure_layout(directory, shards, model, dim)
+    records = [record(f"p{n}", 1, dim=dim, seed=seed * 1000 + n, model=model) for n in range(products)]
+    for shard in range(shards):
+        store = ShardedIndex.open_writer(directory, shard, model, dim)
+        store.apply([r for r in records if shard_of(r.product_id, shards) == shard])
+        store.close()
