@@ -59,14 +59,18 @@ class Stage:
 
 
 def non_finite_number(value: Any, where: str = "attributes") -> str | None:
-    """The path of the first number in `value` that is not finite (`attributes.price`), or None.
+    """The path of the first number in `value` that no store or reader downstream can hold
+    (`attributes.price`), or None: a float that is not finite, or an integer beyond 64 bits.
 
     JSON readers take `1e400` as inf and many take `NaN`; SQLite's JSON functions take neither, so one
-    such value stored with a product would break every query of its shard on a filterable field."""
+    such value stored with a product would break every query of its shard on a filterable field; a
+    400-digit integer overflows every float conversion."""
     stack: list[tuple[Any, str]] = [(value, where)]
     while stack:
         item, path = stack.pop()
         if isinstance(item, float) and not np.isfinite(item):
+            return path
+        if isinstance(item, int) and not isinstance(item, bool) and not -2**63 <= item < 2**64:
             return path
         if isinstance(item, Mapping):
             stack.extend((v, f"{path}.{k}") for k, v in item.items())
@@ -78,7 +82,7 @@ def non_finite_number(value: Any, where: str = "attributes") -> str | None:
 def _require_finite(attributes: Mapping[str, Any]) -> None:
     path = non_finite_number(attributes)
     if path is not None:
-        raise ValueError(f"{path} is not a finite number (NaN or outside the float range)")
+        raise ValueError(f"{path} is not a finite number (NaN, or outside the float or 64-bit integer range)")
 
 
 def format_timestamp(value: dt.datetime) -> str:

@@ -9,6 +9,8 @@ Streaming (the embeddings topic):
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -69,6 +71,29 @@ def keep_head(index_dir: str, projection: str) -> None:
         pass  # kept by an earlier run: the model id, checked against index.json, says it is the same head
 
 
+def layout_from_input(config: IndexJobConfig) -> IndexJobConfig:
+    """A backfill into a new index without `--model`: the model and dimension of the input's first
+    upsert, read before the job starts. The job's commits could otherwise meet a shard's batch of
+    deletes before any upsert (a shuffled backfill, batches per shard) with no dimension to make the
+    index with. Reads the files in order until an upsert; the whole input only when it holds none."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if config.streaming or config.model is not None:
+        return config
+    for match in FileSystems.match([config.input_files]):
+        for metadata in sorted(match.metadata_list, key=lambda m: m.path):
+            with FileSystems.open(metadata.path) as lines:
+                for line in lines:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue  # a dead letter of the job's own parse step
+                    if isinstance(record, dict) and record.get("op") == "upsert" and record.get("embedding") \
+                            and isinstance(record.get("model"), str) and isinstance(record["embedding"], list):
+                        return dataclasses.replace(config, model=record["model"], dim=len(record["embedding"]))
+    return config
+
+
 def summarize(result, config: IndexJobConfig) -> str:
     """The closing line: what was read, what the index now holds, and where."""
     from search.sharded import ShardedIndex
@@ -98,6 +123,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     options = parse_options(argv, "python -m pipelines.index", __doc__.strip().splitlines()[0],
                             (SharedOptions, IndexOptions))
     config = IndexJobConfig.from_options(options)
+    if not is_dry_run(options):
+        config = layout_from_input(config)
     if config.projection and not is_dry_run(options):
         keep_head(config.index_dir, config.projection)
     pipeline = test_pipeline or beam.Pipeline(options=options)

@@ -25,6 +25,7 @@ from model_handlers.config import DEFAULT_MODEL, DEVICES, PRECISIONS, ModelConfi
 from pipelines.preflight import PreflightError, check_pubsub
 from search.fields import parse_filterable
 from search.segment import SEGMENT_KINDS, SegmentParams
+from search.sharded import MAX_SHARDS
 from search.store import StoreSettings
 from media.decode import DEFAULT_MAX_PIXELS
 from media.download import FetchConfig
@@ -163,7 +164,7 @@ class IndexOptions(PipelineOptions):
         # Every shard is a store (SQLite + segment files) that the job creates up front and every search
         # replica opens and asks on each query: 3000 took two minutes just to create empty. 1024 shards
         # of ~1M products each is past any catalogue one index serves; resharding is a new index anyway.
-        parser.add_argument("--num_shards", type=bounded(int, 1, 1024),
+        parser.add_argument("--num_shards", type=bounded(int, 1, MAX_SHARDS),
                             help="Stores the index is split into (none: index.json's count, or 1 for a new index).")
         # A commit's records are held in memory and written as one segment (100,000 768-d vectors ~300 MB).
         parser.add_argument("--commit_batch_size", type=bounded(int, 1, 100_000), default=1000,

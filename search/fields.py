@@ -71,10 +71,13 @@ def typed(field: Field, value: Any) -> Any:
         return value if isinstance(value, bool) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits: no field holds it
+        return None
     if field.type == "int":
-        return int(value) if float(value).is_integer() and abs(value) < 2 ** 53 else None
-    value = float(value)
-    return value if np.isfinite(value) else None
+        return int(value) if number.is_integer() and abs(value) < 2 ** 53 else None
+    return number if np.isfinite(number) else None
 
 
 class Codes:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from argtypes import bounded
 from search.sharded import ShardedIndex
 
 __all__ = ["measure_recall", "main"]
@@ -91,9 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m search.recall", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--index_dir", required=True, help="the index to measure (a local path)")
-    parser.add_argument("--k", type=int, default=100, help="recall@k: results compared per query")
+    # As the service: at most 1,000 results a query, efSearch up to 20,000; queries are exact searches
+    # too, so 100,000 of them is hours already.
+    parser.add_argument("--k", type=bounded(int, 1, 1000), default=100, help="recall@k: results compared per query")
     parser.add_argument("--ef_search", default="100,500,2000", help="comma-separated efSearch values")
-    parser.add_argument("--queries", type=int, default=200, help="queries, drawn from the index's live vectors")
+    parser.add_argument("--queries", type=bounded(int, 1, 100_000), default=200,
+                        help="queries, drawn from the index's live vectors")
     parser.add_argument("--output", default=None, help="JSON path (none: INDEX_DIR/recall.json); PNG beside it")
     return parser
 
@@ -105,8 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
         ef_searches = [int(x) for x in args.ef_search.split(",")]
     except ValueError:
         parser.error(f"--ef_search {args.ef_search!r} must be comma-separated whole numbers")
-    if args.k < 1 or args.queries < 1 or min(ef_searches) < 1:
-        parser.error("--k, --queries and every --ef_search must be at least 1")
+    if not all(1 <= ef <= 20_000 for ef in ef_searches):
+        parser.error("--ef_search: every value must be in 1..20000")
     if "://" in args.index_dir:
         parser.error("--index_dir must be a local path (measure a replica: search.server --cache_dir keeps one)")
     try:

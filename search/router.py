@@ -48,7 +48,7 @@ from argtypes import bounded
 from search.hybrid import FUSION_WINDOW
 from search.filters import FilterError
 from search.server import MAX_BODY_BYTES, MAX_DEPTH, PAGE, _json_param, _JsonBody, _error, _listen, _port, serve
-from search.sharded import collapse_near_copies, shard_of
+from search.sharded import MAX_SHARDS, collapse_near_copies, shard_of
 
 __all__ = ["Backends", "create_app", "main"]
 
@@ -78,7 +78,7 @@ class _Health(_Answer):
     dim: Annotated[int, Field(strict=True, ge=1)]
     index: StrictStr = ""
     live_docs: _Count = 0
-    num_shards: Annotated[int, Field(strict=True, ge=1)]
+    num_shards: Annotated[int, Field(strict=True, ge=1, le=MAX_SHARDS)]
     shards: list[_Count]
     queries: list[StrictStr] = []
     filterable: list[StrictStr] = []

@@ -28,13 +28,29 @@ from search.filters import Filter
 from search.hybrid import FUSION_WINDOW
 from search.store import ApplyResult, Hit, IndexMismatch, IndexStore, StoreSettings
 
-__all__ = ["HEAD_FILE", "ShardWriter", "ShardedIndex", "collapse_near_copies", "parse_shards", "shard_of", "writer_cache_dir"]
+__all__ = ["HEAD_FILE", "MAX_SHARDS", "ShardWriter", "ShardedIndex", "collapse_near_copies", "enough_open_files", "parse_shards", "shard_of", "writer_cache_dir"]
 
 _log = logging.getLogger(__name__)
+# 1,024 shards of ~1M products each is past any catalogue one index serves (resharding is a new index);
+# each shard a service opens holds ~6 files, so more would also outgrow common open-file limits.
+MAX_SHARDS = 1024
 HEAD_FILE = "projection.pt"  # a tuned index keeps its head here, so a service can follow it to a new model
 DUPLICATE_COSINE = 0.98  # similar products: a candidate this close to one already shown is a copy of it
 SIMILAR_POOL = 4  # candidates per result wanted, before near-duplicates are collapsed
 T = TypeVar("T")
+
+
+def enough_open_files(num_shards: int) -> None:
+    """Raises this process's soft limit on open files toward its hard limit when `num_shards` shards
+    need more: each open shard holds ~6 (SQLite and its WAL, segment files, the lock), and the common
+    default of 1,024 runs out at ~190 shards (a start-up traceback: too many open files)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 8 * num_shards + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard),
+                                                    hard))
 
 
 def shard_of(product_id: str, num_shards: int) -> int:
@@ -112,6 +128,7 @@ class ShardedIndex:
         if dim < 1:
             raise ValueError(f"an index needs a vector dimension of at least 1, not {dim} (it comes from an "
                              f"upsert's vector or --model)")
+        enough_open_files(num_shards)
         wanted = {"num_shards": num_shards, "model": model, "dim": dim, "segment_kind": settings.segment.kind,
                   "filterable": [str(field) for field in settings.filterable]}
         if not storage.is_remote(index_dir):
@@ -193,6 +210,7 @@ class ShardedIndex:
         if layout is None:
             raise FileNotFoundError(f"no index at {index_dir} (no index.json)")
         ids = parse_shards(shards, layout["num_shards"]) if shards is not None else list(range(layout["num_shards"]))
+        enough_open_files(len(ids))
         if storage.is_remote(index_dir):
             if not read_only:
                 raise ValueError("open a remote index's shards for writing with ShardedIndex.open_writer")

@@ -56,6 +56,21 @@ def test_a_leading_delete_does_not_fix_a_new_index_at_0_dimensions(tmp_path):
     assert again.returncode == 0 and "0 upserted, 0 deleted, 1 stale" in again.stdout, again.stdout
 
 
+def test_a_backfill_that_starts_with_more_deletes_than_a_commit_holds_loses_none(tmp_path):
+    # Deletes (version 9) of products whose older upserts follow, then other upserts: with commits of 2,
+    # the first commits hold deletes only, before the job has seen an upsert.
+    lines = [record(f"gone{i}", 9, "delete").to_json() for i in range(5)]
+    lines += [record(f"gone{i}", 1, dim=DIM).to_json() for i in range(5)]
+    lines += [record(f"kept{i}", 1, dim=DIM).to_json() for i in range(10)]
+    inputs = write_lines(tmp_path / "in", lines)
+    done = index_cli("--input_dir", inputs, "--index_dir", tmp_path / "index", "--commit_batch_size", "2",
+                     "--num_shards", "2", "--dead_letter_dir", tmp_path / "dead")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert dead_letters(tmp_path / "dead") == []
+    live = {pid for shard in ShardedIndex.open(tmp_path / "index").shards for pid in shard.live_products()}
+    assert live == {f"kept{i}" for i in range(10)}  # the deletes held: their older upserts stay out
+
+
 def test_deletes_alone_for_a_new_index_are_replayable_dead_letters(tmp_path):
     inputs = write_lines(tmp_path / "in", [record("gone", 2, "delete").to_json()])
     done = index_cli("--input_dir", inputs, "--index_dir", tmp_path / "index", "--dead_letter_dir", tmp_path / "dead")
@@ -92,12 +107,13 @@ def test_non_finite_attributes_are_dead_letters_and_every_other_record_lands(tmp
     bad = json.loads(good[0].to_json()) | {"product_id": "huge"}
     lines.append(json.dumps(bad)[:-1] + ', "attributes": {"price": 1e400}}')
     lines.append(json.dumps(bad | {"product_id": "nan"})[:-1] + ', "attributes": {"size": [1, NaN]}}')
+    lines.append(json.dumps(bad | {"product_id": "digits", "attributes": {"price": 10 ** 400}}))
     inputs = write_lines(tmp_path / "in", lines)
     done = index_cli("--input_dir", inputs, "--index_dir", tmp_path / "index", "--filterable", "price:float",
                      "--dead_letter_dir", tmp_path / "dead")
     assert done.returncode == 0, done.stderr[-2000:]
     letters = {d["product_id"] or d["payload"][:40]: d["error"] for d in dead_letters(tmp_path / "dead")}
-    assert len(letters) == 2 and any("attributes.price" in e for e in letters.values()), letters
+    assert len(letters) == 3 and all("attributes." in e for e in letters.values()), letters
     assert any("attributes.size[1]" in e for e in letters.values()), letters
     sharded = ShardedIndex.open(tmp_path / "index")
     assert set(sharded.shards[0].live_products()) == {"p0", "p1", "p2"}
@@ -107,6 +123,8 @@ def test_events_and_product_state_refuse_non_finite_numbers_naming_the_field():
     event = {"event_id": "e", "product_id": "p", "op": "patch", "version": 1}
     with pytest.raises(InvalidEvent, match=r"attributes\.price is not a finite number"):
         parse_event(json.dumps(event)[:-1] + ', "attributes": {"price": -1e400}}')
+    with pytest.raises(InvalidEvent, match=r"attributes\.sizes\[1\] is not a finite number"):
+        parse_event(json.dumps(event | {"attributes": {"sizes": [1, 10 ** 400]}}))
     with pytest.raises(ValueError, match=r"attributes\.dims\.w"):
         ProductState.from_dict({"product_id": "p", "version": 1, "op": "patch", "recorded_at": "2026-12-01T00:00:00Z",
                                 "attributes": '{"dims": {"w": NaN}}'})

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import threading
+import time
 import unicodedata
+from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
@@ -60,11 +63,14 @@ QUERY = record("x", 1, dim=DIM, model=TINY_CLIP, seed=99).embedding.tolist()
     '{"vector": %s, "filter": {"price": {"gte": 1e400}}}',
     '{"vector": %s, "filter": {"price": {"lt": NaN}}}',
     '{"vector": %s, "lexical_weight": Infinity, "text": null}',
+    '{"vector": %s, "filter": {"price": 1%s}}' % ("%s", "0" * 400),
+    '{"vector": %s, "filter": {"brand": {"in": ["a", 1%s]}}}' % ("%s", "0" * 400),
+    '{"vector": %s, "facets": ["price"], "facet_buckets": {"price": [0, 1%s]}}' % ("%s", "0" * 400),
 ])
 def test_non_finite_numbers_anywhere_in_a_body_are_a_400(server, body):
     response = post(server, body % QUERY)
     assert response.status_code == 400, response.text
-    assert "finite" in response.json()["error"], response.text
+    assert "finite" in response.json()["error"] or "valid number" in response.json()["error"], response.text
 
 
 @pytest.mark.parametrize("vector", ['["0.5"' + ', "0.5"' * (DIM - 1) + "]", "[true" + ", true" * (DIM - 1) + "]",
@@ -157,3 +163,24 @@ def test_close_releases_every_threads_sqlite_handle(tmp_path):
     assert _open_state_handles(directory) >= 6
     reader.close()
     assert _open_state_handles(directory) == 0  # after an alias switch the old index holds no file open
+
+
+def test_a_service_of_many_shards_starts_under_a_low_open_files_limit(tmp_path):
+    directory = tmp_path / "index"
+    ShardedIndex.ensure_layout(directory, 60, TINY_CLIP, DIM)  # ~6 files a shard: 360 > the limit of 128
+    start = (f"ulimit -Sn 128 && exec {sys.executable} -m search.server --index_dir {directory} --port 0")
+    process = subprocess.Popen(["bash", "-c", start], cwd=Path(__file__).resolve().parents[1], text=True,
+                               stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = process.stderr.readline()
+            assert line or process.poll() is None, "the service exited"
+            assert "Too many open files" not in line, line
+            if "search page: " in line:
+                break
+        else:
+            raise AssertionError("the service did not start")
+    finally:
+        process.terminate()
+        process.wait(timeout=20)

@@ -167,6 +167,8 @@ def _check_structure(data: dict[str, Any], fail) -> None:
                 raise fail(f"{where} is not valid Unicode (it holds a lone surrogate)")
         elif isinstance(value, float) and not math.isfinite(value):  # 1e400 reads as inf
             raise fail(f"{where} is not a finite number (outside the float range)")
+        elif isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**64:
+            raise fail(f"{where} is not a finite number (an integer beyond 64 bits)")
         elif isinstance(value, (dict, list)):
             if depth > MAX_DEPTH:
                 raise fail(f"{where} is nested over {MAX_DEPTH} levels deep")
