@@ -20,7 +20,10 @@ not compare them (a missing index, unreadable judgements, a crash). It says what
 and a candidate of another model than the serving index's is compared on quality or not at all: live
 products and recall say nothing about which model ranks better, so without `--qrels` or `--photos`
 (or with a model no backend here runs: a vector-only index) it exits 2 before measuring anything.
-Two indexes of the same model (and dimension) rank alike, so live products and recall compare them.
+Two indexes of the same model (and dimension) rank alike, so live products and recall compare them, with
+one more check no other model allows: the same products hold the same vectors (the share of a sample
+of the serving index's live products whose candidate vector has cosine >= 0.99 with the serving one),
+so a candidate of another catalogue, or of vectors that are not the model's, does not pass.
 """
 
 from __future__ import annotations
@@ -39,11 +42,14 @@ from argtypes import bounded
 from evaluation.qrels import read_judgements, score_search
 from model_handlers.config import split_model_id
 from search.aliases import AliasError, check_root, index_path, read_layout, resolve
+from search.sharded import ShardedIndex
 
 __all__ = ["compare", "main", "measure"]
 
 K = 10
 COVERAGE = 0.99  # a candidate holds at least this share of the serving index's live products
+SAME_VECTOR = 0.99  # the same model's vectors of one product: cosine at least this (8-bit codes keep the floats)
+SAME_VECTORS = "same vectors as serving"
 PHOTO_POOL = 60_000  # Fashion-MNIST's train split, which the photo queries are drawn from
 MAX_RECALL_QUERIES = 100_000
 
@@ -104,6 +110,21 @@ def measure(index, embedder, judgements=None, photos=None, recall_queries: int =
     return out
 
 
+def vector_agreement(serving, candidate, count: int, seed: int = 0) -> float:
+    """The share of a sample of `serving`'s live products (at most `count`) whose vector in `candidate`
+    is the same (cosine >= SAME_VECTOR); a product the candidate lacks counts as different. Only
+    meaningful for two indexes of one model."""
+    products = sorted(pid for shard in serving.shards for pid in shard.live_products())
+    if not products:
+        return 1.0
+    sample = np.random.default_rng(seed).choice(products, min(count, len(products)), replace=False)
+    same = 0
+    for pid in sample:
+        a, b = serving.product_vector(str(pid)), candidate.product_vector(str(pid))
+        same += a is not None and b is not None and float(a @ b) >= SAME_VECTOR
+    return same / len(sample)
+
+
 def _runs_here(model: str) -> bool:
     from search.query import runs_here
 
@@ -147,7 +168,7 @@ def not_measured(layouts: dict[str, dict], serving: str, candidate: str, qrels: 
         if not photos:
             missing.append(f"photo precision@{K} (no --photos)")
     note = (f"both indexes hold {models[serving][0]} vectors ({models[serving][1]}-d), which rank alike: live "
-            f"products and recall@{K} compare them" if missing and same else "")
+            f"products, recall@{K} and the products' own vectors compare them" if missing and same else "")
     return missing, note
 
 
@@ -250,6 +271,15 @@ def main(argv: list[str] | None = None) -> int:
                 figures[name] = measure(index, embedder, judgements, photos, args.recall_queries)
             finally:
                 index.close()
+        serving_model, candidate_model = ((layouts[n]["model"], layouts[n]["dim"]) for n in (serving, args.candidate))
+        if serving_model == candidate_model:
+            opened = [ShardedIndex.open(index_path(args.root, name)) for name in (serving, args.candidate)]
+            try:
+                figures[serving][SAME_VECTORS] = 1.0
+                figures[args.candidate][SAME_VECTORS] = vector_agreement(*opened, args.recall_queries)
+            finally:
+                for index in opened:
+                    index.close()
     except (AliasError, OSError, ValueError) as e:
         parser.exit(2, f"evaluation.gate: {e}\n")
     except RecursionError:

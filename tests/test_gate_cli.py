@@ -27,17 +27,19 @@ def build_index(directory: Path, model: str, dim: int = DIM, seed: int = 0) -> N
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    """live -> v1 (vector-only model, 64-d); v2: the same model again; other: another vector-only model, 32-d;
-    clip, clip-again: tiny CLIP (runs here); clip-head: tiny CLIP behind a head (another model id)."""
+    """live -> v1 (vector-only model, 64-d); v2: the same model and vectors again; v3: the same model, other
+    vectors for the same products; other: another vector-only model, 32-d; clip, clip-again: tiny CLIP
+    (runs here); clip-head: tiny CLIP behind a head (another model id)."""
     root = tmp_path_factory.mktemp("gate-cli")
     build_index(root / "v1", VECTOR_ONLY, seed=1)
-    build_index(root / "v2", VECTOR_ONLY, seed=2)
+    build_index(root / "v2", VECTOR_ONLY, seed=1)
+    build_index(root / "v3", VECTOR_ONLY, seed=2)
     build_index(root / "other", "acme:other-32", dim=32, seed=3)
     head = root / "head.pt"
     torch.manual_seed(0)
     save_projection(head, build_head([DIM, DIM]), model=TINY_CLIP, name="gate-cli", version=1, trained_on="test")
     build_index(root / "clip", ModelConfig(spec=TINY_CLIP).model_id, seed=4)
-    build_index(root / "clip-again", ModelConfig(spec=TINY_CLIP).model_id, seed=5)
+    build_index(root / "clip-again", ModelConfig(spec=TINY_CLIP).model_id, seed=4)
     build_index(root / "clip-head", ModelConfig(spec=TINY_CLIP, projection=str(head)).model_id, seed=6)
     shutil.copy(head, root / "clip-head" / HEAD_FILE)
     aliases.set_alias(str(root), "live", "v1")
@@ -93,6 +95,7 @@ def test_the_same_model_is_compared_and_what_was_not_measured_is_said(root, tmp_
     assert "note: both indexes hold acme:custom-64 vectors (64-d), which rank alike" in result.stdout
     figures = json.loads(output.read_text())
     assert figures["passed"] is True and len(figures["not_measured"]) == 1
+    assert figures["figures"]["v2"]["same vectors as serving"] == 1.0
     clip = gate(root, "clip-again", "--alias", "clip")
     assert clip.returncode == 0, clip.stdout + clip.stderr[-2000:]
     assert "not measured: nDCG@10 and MRR of judged text queries (no --qrels)" in clip.stdout
@@ -117,3 +120,13 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_run(root, tmp_pa
         result = gate(root, "v2", "--output", str(output))
         assert result.returncode == 2, result.stdout + result.stderr[-2000:]
         assert message in result.stderr and not result.stdout, result.stderr  # nothing was measured
+
+
+def test_the_same_model_with_other_vectors_or_another_catalogue_does_not_pass(root, tmp_path):
+    # As many live products and as good a recall: only the vectors tell v3 apart (random, not the model's).
+    result = gate(root, "v3")
+    assert result.returncode == 1, result.stdout + result.stderr[-2000:]
+    assert "| same vectors as serving | 1.0000 | 0.0000 |" in result.stdout
+    index_helpers.build_index(root / "elsewhere", VECTOR_ONLY, DIM, products=30, seed=1, prefix="q")
+    other = gate(root, "elsewhere")
+    assert other.returncode == 1 and "same vectors as serving" in other.stdout, other.stdout

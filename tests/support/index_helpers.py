@@ -38,10 +38,11 @@ def live_truth(records) -> dict[str, tuple[int, str]]:
     return {pid: (r.version, r.shop_id) for pid, r in last_writer_wins(records).items() if r.op == "upsert"}
 
 
-def build_index(directory, model: str, dim: int, products: int = 40, seed: int = 0, shards: int = 2) -> None:
+def build_index(directory, model: str, dim: int, products: int = 40, seed: int = 0, shards: int = 2,
+                prefix: str = "p") -> None:
     """An index of `products` random unit vectors of `model` in `shards` shards, one commit each."""
     ShardedIndex.ensure_layout(directory, shards, model, dim)
-    records = [record(f"p{n}", 1, dim=dim, seed=seed * 1000 + n, model=model) for n in range(products)]
+    records = [record(f"{prefix}{n}", 1, dim=dim, seed=seed * 1000 + n, model=model) for n in range(products)]
     for shard in range(shards):
         store = ShardedIndex.open_writer(directory, shard, model, dim)
         store.apply([r for r in records if shard_of(r.product_id, shards) == shard])
