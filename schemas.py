@@ -28,6 +28,7 @@ __all__ = [
     "OPS",
     "format_timestamp",
     "non_finite_number",
+    "unrepresentable",
     "vector",
 ]
 
@@ -58,6 +59,13 @@ class Stage:
     ALL = (PARSE, VALIDATE, DOWNLOAD, DECODE, INFERENCE, SINK)
 
 
+def unrepresentable(item: Any) -> bool:
+    """A number no store or reader downstream can hold: a float that is not finite, an integer beyond 64 bits."""
+    if isinstance(item, float):
+        return not np.isfinite(item)
+    return isinstance(item, int) and not isinstance(item, bool) and not -2**63 <= item < 2**64
+
+
 def non_finite_number(value: Any, where: str = "attributes") -> str | None:
     """The path of the first number in `value` that no store or reader downstream can hold
     (`attributes.price`), or None: a float that is not finite, or an integer beyond 64 bits.
@@ -68,9 +76,7 @@ def non_finite_number(value: Any, where: str = "attributes") -> str | None:
     stack: list[tuple[Any, str]] = [(value, where)]
     while stack:
         item, path = stack.pop()
-        if isinstance(item, float) and not np.isfinite(item):
-            return path
-        if isinstance(item, int) and not isinstance(item, bool) and not -2**63 <= item < 2**64:
+        if unrepresentable(item):
             return path
         if isinstance(item, Mapping):
             stack.extend((v, f"{path}.{k}") for k, v in item.items())

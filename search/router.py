@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException
 from argtypes import bounded
 from search.hybrid import FUSION_WINDOW
 from search.filters import FilterError
-from search.server import MAX_BODY_BYTES, MAX_DEPTH, PAGE, _json_param, _JsonBody, _error, _listen, _port, serve
+from search.server import MAX_BODY_BYTES, MAX_DEPTH, MAX_EF_SEARCH, MAX_SIMILAR_K, PAGE, _json_param, _JsonBody, _error, _listen, _port, serve
 from search.sharded import MAX_SHARDS, collapse_near_copies, shard_of
 
 __all__ = ["Backends", "create_app", "main"]
@@ -57,8 +57,7 @@ HEALTH_EVERY_SECS = 5.0
 # Backends that follow one alias serve two indexes only for the moments of a switch; a mix that lasts
 # longer is two alias roots (or an index dir and an alias), and is refused as a misconfiguration.
 MAX_SWITCH_SECS = 60.0
-# Each numeric flag's range: (low, high, whether low itself is allowed).
-SIMILAR_K, SIMILAR_EF_SEARCH = (1, 100), (1, 20_000)  # as search.server's /v1/products/{id}/similar
+SIMILAR_K, SIMILAR_EF_SEARCH = (1, MAX_SIMILAR_K), (1, MAX_EF_SEARCH)  # as search.server's /v1/products/{id}/similar
 
 
 # What a backend (search.server) answers, checked before anything is merged: a backend that answers

@@ -56,6 +56,8 @@ DEFAULT_EF_SEARCH = 256
 MAX_BODY_BYTES = 1024 * 1024  # a 20,000-d vector as JSON is ~0.5 MB; anything larger is refused unread
 IMAGE_QUERY_SLOTS = 8  # image queries fetching at once; the rest wait without holding a thread
 HEADER_TIMEOUT_SECS = 10.0
+MAX_EF_SEARCH = 20_000  # search breadth a request may ask for
+MAX_SIMILAR_K = 100  # similar products a request may ask for
 MAX_DEPTH = 1000  # offset + k: deeper pages than a shopper reads cost every shard that many results
 MAX_FACET_VALUES = 100  # values per facet returned, the most frequent
 PAGE = (Path(__file__).resolve().parent / "static" / "index.html").read_text(encoding="utf-8")
@@ -82,7 +84,7 @@ class SearchRequest(BaseModel):
     vector: QueryVector | None = Field(None, description="a query vector of the index's dimension")
     image_url: str | None = Field(None, max_length=4096, description="an image to search by (needs the model)")
     k: int = Field(10, ge=1, le=1000, strict=True, description="results wanted (the page size)")
-    ef_search: int = Field(DEFAULT_EF_SEARCH, ge=1, le=20_000, strict=True,
+    ef_search: int = Field(DEFAULT_EF_SEARCH, ge=1, le=MAX_EF_SEARCH, strict=True,
                            description="search breadth, independent of k: HNSW's efSearch; for the "
                                        "compressed kinds also the candidates re-scored exactly")
     shop_id: str | None = Field(None, max_length=256, description="only this shop's products")
@@ -151,8 +153,8 @@ class SimilarRequest(BaseModel):
 
     vector: QueryVector = Field(description="the product's stored vector (GET /v1/products/{id}/vector)")
     exclude: str = Field("", max_length=256, description="the product itself, left out")
-    k: int = Field(10, ge=1, le=100, strict=True)
-    ef_search: int = Field(DEFAULT_EF_SEARCH, ge=1, le=20_000, strict=True)
+    k: int = Field(10, ge=1, le=MAX_SIMILAR_K, strict=True)
+    ef_search: int = Field(DEFAULT_EF_SEARCH, ge=1, le=MAX_EF_SEARCH, strict=True)
     shop_id: str | None = Field(None, max_length=256)
     filter: dict | None = None
 
@@ -385,10 +387,10 @@ def create_app(index: ShardedIndex | None, embedder: QueryEmbedder | None, refre
     @app.get("/v1/products/{product_id:path}/similar", response_model=SearchResponse,
              responses={400: {"model": ErrorResponse, "description": "a bad filter or parameter"},
                         404: {"model": ErrorResponse, "description": "no live product of that id here"}})
-    def similar(product_id: str, k: Annotated[WholeNumber, Query(ge=1, le=100)] = 10,
+    def similar(product_id: str, k: Annotated[WholeNumber, Query(ge=1, le=MAX_SIMILAR_K)] = 10,
                 shop_id: str | None = Query(None, max_length=256),
                 filter: str | None = Query(None, max_length=10_000, description="a filter, as JSON"),
-                ef_search: Annotated[WholeNumber, Query(ge=1, le=20_000)] = DEFAULT_EF_SEARCH):
+                ef_search: Annotated[WholeNumber, Query(ge=1, le=MAX_EF_SEARCH)] = DEFAULT_EF_SEARCH):
         """Products like this one, by its stored vector: the product itself left out and near-duplicates
         (cosine ≥ search.sharded.DUPLICATE_COSINE with one already listed) collapsed."""
         started = time.perf_counter()

@@ -17,7 +17,8 @@ from search.fields import parse_filterable
 __all__ = ["CHANGES_KEPT", "PRODUCT_COLUMNS", "SCHEMA", "changes_since", "generation", "lexical_text", "meta", "migrate",
            "write_commit"]
 
-SCHEMA = """
+_CHANGES = "CREATE TABLE IF NOT EXISTS changes (generation INTEGER PRIMARY KEY, change TEXT NOT NULL)"
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS products (
     product_id TEXT PRIMARY KEY,
@@ -26,16 +27,15 @@ CREATE TABLE IF NOT EXISTS products (
     shop_id TEXT NOT NULL,
     title TEXT NOT NULL,
     image_url TEXT NOT NULL,
-    attributes TEXT NOT NULL DEFAULT '{}',
+    attributes TEXT NOT NULL DEFAULT '{{}}',
     embedded_at TEXT NOT NULL DEFAULT ''
 );
 CREATE UNIQUE INDEX IF NOT EXISTS products_doc ON products(doc_id) WHERE doc_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS segments (name TEXT PRIMARY KEY, kind TEXT NOT NULL, count INTEGER NOT NULL);
 CREATE VIRTUAL TABLE IF NOT EXISTS lexical USING fts5(title, description, attributes,
     tokenize = 'porter unicode61 remove_diacritics 2');
-CREATE TABLE IF NOT EXISTS changes (generation INTEGER PRIMARY KEY, change TEXT NOT NULL);
+{_CHANGES};
 """
-_CHANGES = "CREATE TABLE IF NOT EXISTS changes (generation INTEGER PRIMARY KEY, change TEXT NOT NULL)"
 # Commits whose change a reader can still apply; one further behind loads the store anew. Readers
 # refresh every fraction of a second, so a few commits are the usual gap.
 CHANGES_KEPT = 64

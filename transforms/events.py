@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from schemas import MAX_ID_CHARS, MAX_IMAGE_URLS, OPS, DeadLetter, ProductEvent, Stage
+from schemas import MAX_ID_CHARS, MAX_IMAGE_URLS, OPS, DeadLetter, ProductEvent, Stage, unrepresentable
 
 __all__ = ["InvalidEvent", "ParseEvents", "ids_in_text", "parse_event", "parse_outcome", "readable_id",
            "MAX_MESSAGE_BYTES"]
@@ -165,10 +165,8 @@ def _check_structure(data: dict[str, Any], fail) -> None:
         if isinstance(value, str):
             if not _encodable(value):
                 raise fail(f"{where} is not valid Unicode (it holds a lone surrogate)")
-        elif isinstance(value, float) and not math.isfinite(value):  # 1e400 reads as inf
-            raise fail(f"{where} is not a finite number (outside the float range)")
-        elif isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**64:
-            raise fail(f"{where} is not a finite number (an integer beyond 64 bits)")
+        elif unrepresentable(value):  # 1e400 reads as inf
+            raise fail(f"{where} is not a finite number (NaN, or outside the float or 64-bit integer range)")
         elif isinstance(value, (dict, list)):
             if depth > MAX_DEPTH:
                 raise fail(f"{where} is nested over {MAX_DEPTH} levels deep")
