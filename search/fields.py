@@ -1,13 +1,16 @@
-"""Filterable attributes: which an index declares, and their per-field indexes, kept at commit.
+"""Filterable attributes: which an index declares, and their per-field indexes, kept per segment.
 
 An index declares its filterable fields once (`--filterable brand,category,price:float,in_stock:bool`,
-recorded in `index.json` and the store). Per field a view holds:
-- the live docs sorted by value (`values`, `docs`): an equality, `in` or range filter is a slice of
-  them, so it costs in proportion to what it matches, never to the shard;
-- each doc's value by doc id (`by_doc`), for facets: counting a query's matches by value reads only
-  those matches. A doc never changes (an update is a new doc), so this array is append-only and
-  shared between views; a view reads only doc ids below its own `next_doc`.
-Keyword values are coded as numbers in order of first sight (`Codes`, also append-only).
+recorded in `index.json` and the store). As Lucene keeps doc values, each segment holds a `Column` per
+field, built once with the segment and never changed:
+- its docs' values by position (`by_pos`), for facets: counting a query's matches by value reads only
+  those matches;
+- its positions sorted by value (`order`, `sorted`): an equality, `in` or range filter is a slice of
+  them, read through the view's liveness bitmap, so it costs in proportion to what it matches.
+A commit builds the columns of its own segment and nothing else; a merge builds the merged segment's
+from the columns it replaces. So a commit costs in proportion to the commit, and memory follows the
+docs the segments hold (live ones and tombstones not yet merged away), not every doc id ever written.
+Keyword values are coded as numbers in order of first sight (`Codes`, append-only, one per field).
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ import dataclasses
 import re
 import threading
 import unicodedata
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Protocol
 
 import numpy as np
 
-__all__ = ["Codes", "Field", "FieldIndex", "FIELD_TYPES", "parse_filterable", "typed"]
+__all__ = ["Codes", "Column", "Field", "FieldIndex", "FIELD_TYPES", "live_at", "numbers", "parse_filterable", "typed"]
 
 FIELD_TYPES = ("keyword", "float", "int", "bool")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
@@ -100,55 +103,68 @@ class Codes:
 
 
 @dataclasses.dataclass(frozen=True)
-class FieldIndex:
-    field: Field
-    values: np.ndarray  # float64, the live docs' values (keywords as codes), sorted
-    docs: np.ndarray  # int64, the doc of each value
-    by_doc: np.ndarray  # float64 by doc id, NaN where a doc has no value; shared, append-only
-    codes: Codes | None = None  # keyword fields only
+class Column:
+    """One field's values in one segment, by position: built once with the segment and never changed
+    (a doc never changes: an update is a new doc in a new segment), as Lucene keeps doc values per
+    segment. A commit writes no column but its own segment's; which docs are live is the view's."""
+
+    by_pos: np.ndarray  # float64 by position in the segment, NaN where the doc has no value
+    order: np.ndarray  # int32 positions holding a value, by (value, position)
+    sorted: np.ndarray  # float64, by_pos[order]
 
     @classmethod
-    def build(cls, field: Field, docs: Iterable[int], raw: Iterable[Any], next_doc: int) -> "FieldIndex":
-        """From (doc, typed value) pairs of live docs."""
-        codes = Codes() if field.type == "keyword" else None
-        index = cls(field, np.zeros(0), np.zeros(0, np.int64), np.full(max(next_doc, 1024), np.nan), codes)
-        return index.changed(np.zeros(0, np.int64), dict(zip(docs, raw)), next_doc)
+    def at(cls, count: int, positions: np.ndarray, numbers: np.ndarray) -> "Column":
+        """The column of a segment of `count` docs whose docs at `positions` hold `numbers`."""
+        by_pos = np.full(count, np.nan)
+        by_pos[positions] = numbers
+        has = np.flatnonzero(~np.isnan(by_pos)).astype(np.int32)
+        order = has[np.argsort(by_pos[has], kind="stable")]
+        return cls(by_pos, order, by_pos[order])
 
-    def number(self, value: Any) -> float:
-        """A typed value as stored (keywords by their code, made if new)."""
-        return float(self.codes.code(value)) if self.codes is not None else float(value)
 
-    def changed(self, dead: np.ndarray, added: Mapping[int, Any], next_doc: int) -> "FieldIndex":
-        """The index after a commit: `dead` docs (sorted) leave, `added` {doc: typed value} join."""
-        by_doc = self.by_doc
-        if next_doc > len(by_doc):  # grown by doubling: a copy now and then, not per commit
-            by_doc = np.full(max(next_doc, 2 * len(by_doc)), np.nan)
-            by_doc[:len(self.by_doc)] = self.by_doc
-        new = {doc: self.number(value) for doc, value in added.items() if value is not None}
-        add_docs = np.fromiter(new.keys(), np.int64, len(new))
-        add_values = np.fromiter(new.values(), np.float64, len(new))
-        by_doc[add_docs] = add_values  # above any view's next_doc
-        values, docs_sorted = self.values, self.docs
-        if len(dead):
-            gone = np.isin(docs_sorted, dead)
-            if gone.any():
-                values, docs_sorted = values[~gone], docs_sorted[~gone]
-        if new:
-            # Only the new pairs are sorted, then put in place: a copy of the arrays, not a sort of them.
-            # New doc ids are above every existing one, so among equal values they go last.
-            order = np.lexsort((add_docs, add_values))
-            at = np.searchsorted(values, add_values[order], side="right")
-            values = np.insert(values, at, add_values[order])
-            docs_sorted = np.insert(docs_sorted, at, add_docs[order])
-        return dataclasses.replace(self, values=values, docs=docs_sorted, by_doc=by_doc)
+class Part(Protocol):
+    """What a field index reads of a segment (search.segment.Segment)."""
+
+    ids: np.ndarray
+
+    def locate(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def numbers(field: Field, codes: Codes | None, values: Iterable[Any]) -> np.ndarray:
+    """Typed values as a column stores them (keywords by their code, made if new; None as NaN)."""
+    def number(value):
+        if value is None:
+            return np.nan
+        return float(codes.code(value)) if codes is not None else float(value)
+    return np.fromiter((number(v) for v in values), np.float64)
+
+
+def live_at(bits: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Whether each position is set in a packed (little bit order) liveness bitmap."""
+    return ((bits[positions >> 3] >> (positions & 7).astype(np.uint8)) & 1).astype(bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldIndex:
+    """A field over one view of the store: each segment's column, read through the view's liveness.
+    Made per view in O(segments); reads cost in proportion to what they match, never to the shard."""
+
+    field: Field
+    parts: tuple[tuple[Part, Column, np.ndarray], ...]  # (segment, its column, its liveness bitmap)
+    codes: Codes | None = None  # keyword fields only
 
     # Reads ------------------------------------------------------------------------------
     def between(self, low: float = -np.inf, high: float = np.inf, low_open: bool = False,
                 high_open: bool = False) -> np.ndarray:
-        """The docs (sorted) whose value is in the range."""
-        start = np.searchsorted(self.values, low, side="right" if low_open else "left")
-        end = np.searchsorted(self.values, high, side="left" if high_open else "right")
-        return np.sort(self.docs[start:end]) if end > start else np.zeros(0, np.int64)
+        """The live docs (sorted) whose value is in the range."""
+        out = []
+        for seg, column, bits in self.parts:
+            start = np.searchsorted(column.sorted, low, side="right" if low_open else "left")
+            end = np.searchsorted(column.sorted, high, side="left" if high_open else "right")
+            if end > start:
+                positions = column.order[start:end]
+                out.append(seg.ids[positions[live_at(bits, positions)]])
+        return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
 
     def equal(self, value: Any) -> np.ndarray:
         if self.codes is not None:
@@ -158,6 +174,17 @@ class FieldIndex:
             value = code
         return self.between(float(value), float(value))
 
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """(values, docs) of every live doc holding a value."""
+        values, docs = [], []
+        for seg, column, bits in self.parts:
+            positions = column.order[live_at(bits, column.order)]
+            values.append(column.by_pos[positions])
+            docs.append(seg.ids[positions])
+        if not values:
+            return np.zeros(0), np.zeros(0, np.int64)
+        return np.concatenate(values), np.concatenate(docs)
+
     def label(self, number: float) -> Any:
         """A stored number back as the field's value."""
         if self.codes is not None:
@@ -166,15 +193,20 @@ class FieldIndex:
             return bool(number)
         return int(number) if self.field.type == "int" else float(number)
 
+    def _values(self, docs: np.ndarray | None) -> np.ndarray:
+        """The values of `docs` (live docs; None: every live doc), those without one left out."""
+        if docs is None:
+            return self.items()[0]
+        out = [column.by_pos[seg.locate(docs)[1]] for seg, column, _bits in self.parts]
+        values = np.concatenate(out) if out else np.zeros(0)
+        return values[~np.isnan(values)]
+
     def counts(self, docs: np.ndarray | None) -> dict[Any, int]:
         """Value → how many of `docs` (None: every live doc) have it."""
-        values = self.values if docs is None else self.by_doc[docs]
-        values = values[~np.isnan(values)]
-        distinct, counts = np.unique(values, return_counts=True)
+        distinct, counts = np.unique(self._values(docs), return_counts=True)
         return {self.label(v): int(c) for v, c in zip(distinct, counts)}
 
     def histogram(self, docs: np.ndarray | None, edges: list[float]) -> list[int]:
         """How many of `docs` fall in each [edges[i], edges[i+1]) (the last bucket closed)."""
-        values = self.values if docs is None else self.by_doc[docs]
-        values = values[~np.isnan(values)]
+        values = self._values(docs)
         return [int(c) for c in np.histogram(values, bins=np.asarray(edges, np.float64))[0]]

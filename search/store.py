@@ -19,12 +19,12 @@
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import fcntl
-import itertools
+import functools
 import json
 import logging
-import operator
 import os
 import sqlite3
 import threading
@@ -38,8 +38,8 @@ import numpy as np
 
 from schemas import EmbeddingRecord, format_timestamp, non_finite_number
 from search import store_sql
-from search.fields import Field, FieldIndex, parse_filterable, typed
-from search.filters import Filter
+from search.fields import Codes, Column, Field, FieldIndex, numbers, parse_filterable, typed
+from search.filters import SHOP, Filter
 from search.hybrid import BM25_WEIGHTS, FUSION_WINDOW, fts_query, fuse
 from search.merge_policy import MergePolicy, SegmentState
 from search.segment import Segment, SegmentCorrupted, SegmentInfo, SegmentParams, top_k
@@ -144,16 +144,35 @@ def _bitmap(seg: Segment, docs: np.ndarray) -> tuple[np.ndarray, int]:
 
 @dataclasses.dataclass(frozen=True)
 class _View:
-    """Everything a search reads, swapped whole on every commit. The filters are maintained here at
-    commit, so no query step touches every document of the shard."""
+    """Everything a search reads, swapped whole on every commit. Each segment carries its columns (the
+    shop and every filterable field, search.fields) built once; a commit adds its segment's and
+    changes liveness, so no commit step touches every document of the shard."""
 
     generation: int
     next_doc: int
     segments: tuple[Segment, ...]
     live: dict[str, np.ndarray]  # segment name → packed liveness bitmap over its positions (little bit order)
     live_count: dict[str, int]
-    postings: dict[str, np.ndarray]  # shop → its live doc ids, sorted
-    fields: dict[str, FieldIndex]  # filterable attribute → its index (search.fields)
+    columns: dict[str, dict[str, Column]]  # segment name → field name (and "shop_id") → its column
+    declared: tuple[Field, ...]  # the filterable fields
+    codes: dict[str, Codes]  # keyword field (and "shop_id") → its codes, shared by the store's views
+
+    @functools.cached_property
+    def fields(self) -> dict[str, FieldIndex]:
+        """Filterable attribute → its index over this view (search.fields)."""
+        return {field.name: self._index(field) for field in self.declared}
+
+    @functools.cached_property
+    def shops(self) -> FieldIndex:
+        return self._index(SHOP)
+
+    def _index(self, field: Field) -> FieldIndex:
+        return FieldIndex(field, tuple((seg, self.columns[seg.info.name][field.name], self.live[seg.info.name])
+                                       for seg in self.segments), self.codes.get(field.name))
+
+    def shop_docs(self, shop: str) -> np.ndarray:
+        """A shop's live docs, sorted (in proportion to them)."""
+        return self.shops.equal(shop)
 
 
 class IndexStore:
@@ -308,17 +327,22 @@ class IndexStore:
                                      f"shard from a copy or rebuild it")
             next_doc = int(store_sql.meta(db, "next_doc_id"))
             infos = [SegmentInfo(*row) for row in db.execute("SELECT name, kind, count FROM segments ORDER BY name")]
-            # Each shop's doc ids, sorted by SQLite and streamed: millions of rows never sit in a list.
-            rows = db.execute("SELECT shop_id, doc_id FROM products WHERE doc_id IS NOT NULL ORDER BY shop_id, doc_id")
-            postings = {shop: np.fromiter((doc for _, doc in group), np.int64)
-                        for shop, group in itertools.groupby(rows, key=operator.itemgetter(0))}
-            fields = {field.name: _field_index(db, field, next_doc) for field in self.settings.filterable}
+            # Every live doc with its shop, streamed: millions of rows never sit in a list of tuples.
+            codes = {SHOP.name: Codes()} | {f.name: Codes() for f in self.settings.filterable if f.type == "keyword"}
+            shop_code = codes[SHOP.name].code
+            docs, shops = array.array("q"), array.array("d")
+            for doc, shop in db.execute("SELECT doc_id, shop_id FROM products WHERE doc_id IS NOT NULL"):
+                docs.append(doc)
+                shops.append(shop_code(shop))
+            docs, shops = np.frombuffer(docs, np.int64), np.frombuffer(shops, np.float64)
+            values = {SHOP.name: (docs, shops)} | {
+                field.name: _field_values(db, field, codes.get(field.name)) for field in self.settings.filterable}
         segments = tuple(reuse.get(info.name) or Segment(self.directory, info, self._require_sums) for info in infos)
-        docs = np.sort(np.concatenate(list(postings.values()))) if postings else np.zeros(0, np.int64)
-        live, live_count = {}, {}
+        live, live_count, columns = {}, {}, {}
         for seg in segments:
             live[seg.info.name], live_count[seg.info.name] = _bitmap(seg, docs)
-        return _View(generation, next_doc, segments, live, live_count, postings, fields)
+            columns[seg.info.name] = {name: _column(seg, *pairs) for name, pairs in values.items()}
+        return _View(generation, next_doc, segments, live, live_count, columns, self.settings.filterable, codes)
 
     def refresh(self, retry_secs: float = 5.0) -> bool:
         """Picks up commits made by another process; True if there was one. When the new generation
@@ -475,12 +499,13 @@ class IndexStore:
 
     def _after(self, view: _View, change: dict, generation: int, added: dict[str, Segment]) -> _View:
         """The view after one commit's change (store_sql.write_commit): the one function that moves a view
-        on, used by the writer's commits, its merges and every reader's refresh. Copy-on-write: only
-        the bitmaps of segments that lost docs, the postings of shops that changed and the field
-        indexes are copied; a merged segment's docs are live as they are in the segments it replaced."""
+        on, used by the writer's commits, its merges and every reader's refresh. Copy-on-write and in
+        proportion to the change: the bitmaps of segments that lost docs are copied, a commit's own
+        segment gets its columns from the change, a merged one from the columns of the segments it
+        replaces (its docs are live as they are in those)."""
         dead = np.array(sorted(doc for doc, _ in change["dead"]), np.int64)
         removed = set(change["segments_removed"])
-        live, live_count = dict(view.live), dict(view.live_count)
+        live, live_count, columns = dict(view.live), dict(view.live_count), dict(view.columns)
         for seg in view.segments if len(dead) else ():
             _, positions = seg.locate(dead)
             if len(positions):
@@ -489,43 +514,34 @@ class IndexStore:
                 live[seg.info.name], live_count[seg.info.name] = bits, live_count[seg.info.name] - len(positions)
         merged_from = [seg for seg in view.segments if seg.info.name in removed]
         for name, _kind, count in change["segments_added"]:
+            seg = added[name]
             if merged_from:
                 # Docs that died while the merge was built are dead in the segments it replaced.
-                survivors = np.sort(np.concatenate([seg.ids[_unpack(live[seg.info.name], seg.info.count)]
-                                                    for seg in merged_from]))
-                alive = np.isin(added[name].ids, survivors, assume_unique=True)
+                old_ids = np.concatenate([old.ids for old in merged_from])
+                order = np.argsort(old_ids, kind="stable")
+                at = order[np.searchsorted(old_ids[order], seg.ids)]
+                alive = np.concatenate([_unpack(live[old.info.name], old.info.count) for old in merged_from])[at]
                 live[name], live_count[name] = np.packbits(alive, bitorder="little"), int(alive.sum())
+                columns[name] = {
+                    field: _column(seg, seg.ids, np.concatenate(
+                        [view.columns[old.info.name][field].by_pos for old in merged_from])[at])
+                    for field in view.columns[merged_from[0].info.name]}
             else:  # a commit's own segment: every doc in it is new and live
                 live[name], live_count[name] = _ones(count), count
+                docs = np.array([doc for doc, _shop, _values in change["added"]], np.int64)
+                columns[name] = {SHOP.name: _column(seg, docs, numbers(SHOP, view.codes[SHOP.name], (
+                    shop for _doc, shop, _values in change["added"])))} | {
+                    field.name: _column(seg, docs, numbers(field, view.codes.get(field.name), (
+                        typed(field, values.get(field.name)) for _doc, _shop, values in change["added"])))
+                    for field in view.declared}
         for name in removed:
             live.pop(name, None)
             live_count.pop(name, None)
-        gone: dict[str, list[int]] = {}
-        for doc, shop in change["dead"]:
-            gone.setdefault(shop, []).append(doc)
-        born: dict[str, list[int]] = {}
-        for doc, shop, _values in change["added"]:
-            born.setdefault(shop, []).append(doc)
-        postings = dict(view.postings)
-        for shop in gone.keys() | born.keys():
-            docs = postings.get(shop, _NONE)
-            if shop in gone:
-                docs = docs[~np.isin(docs, gone[shop], assume_unique=True)]
-            # New doc ids are above every existing one: appended in order, the postings stay sorted.
-            docs = np.concatenate([docs, np.sort(np.array(born.get(shop, ()), np.int64))])
-            if len(docs):
-                postings[shop] = docs
-            else:
-                postings.pop(shop, None)
+            columns.pop(name, None)
         next_doc = view.next_doc if change["next_doc"] is None else change["next_doc"]
-        fields = view.fields
-        if fields and (len(dead) or change["added"]):
-            fields = {name: index.changed(dead, {doc: typed(index.field, values.get(name))
-                                                 for doc, _shop, values in change["added"]}, next_doc)
-                      for name, index in view.fields.items()}
         segments = tuple(seg for seg in view.segments if seg.info.name not in removed) + tuple(
             added[name] for name, _kind, _count in change["segments_added"])
-        return _View(generation, next_doc, segments, live, live_count, postings, fields)
+        return _View(generation, next_doc, segments, live, live_count, columns, view.declared, view.codes)
 
     def _committed(self, generation: int) -> None:
         self._checkpoint_wal()
@@ -739,15 +755,17 @@ class IndexStore:
 
     def _scope(self, view: _View, shop_id: str | None, filter: Filter | None) -> tuple[tuple, np.ndarray] | None:
         """(a cache key, the sorted live docs) a query may return; None when it may return any. A shop's
-        docs are its postings; a filter's are evaluated once per generation (search.filters)."""
-        if filter is None:
-            return None if shop_id is None else ((shop_id, None), view.postings.get(shop_id, _NONE))
-        key = (shop_id, filter.key)
+        docs and a filter's are found once per generation (search.fields, search.filters) and kept."""
+        if filter is None and shop_id is None:
+            return None
+        key = (shop_id, None if filter is None else filter.key)
 
         def evaluate():
-            docs = filter.evaluate(view.fields, lambda shop: view.postings.get(shop, _NONE))
+            if filter is None:
+                return view.shop_docs(shop_id)
+            docs = filter.evaluate(view.fields, view.shop_docs)
             if shop_id is not None:
-                docs = np.intersect1d(docs, view.postings.get(shop_id, _NONE), assume_unique=True)
+                docs = np.intersect1d(docs, view.shop_docs(shop_id), assume_unique=True)
             return docs
         return key, self._cached(view, key, "docs", evaluate)
 
@@ -868,7 +886,6 @@ class IndexStore:
             self._lock_file = None
 
 
-_NONE = np.zeros(0, np.int64)
 
 
 def _strictly_decreasing(scored: list[tuple[float, int]]) -> list[tuple[float, int]]:
@@ -906,9 +923,9 @@ def _finite(value):
     return value
 
 
-def _field_index(db, field: Field, next_doc: int) -> FieldIndex:
-    """A field's index from the live products' attributes (SQLite's JSON functions pick the value;
-    the rare row SQLite cannot read, an old one holding `Infinity`, is read by Python)."""
+def _field_values(db, field: Field, codes: Codes | None) -> tuple[np.ndarray, np.ndarray]:
+    """(docs, numbers) of the live products holding a value of the field (SQLite's JSON functions pick
+    the value; the rare row SQLite cannot read, an old one holding `Infinity`, is read by Python)."""
     path = '$."' + field.name + '"'
     docs, values = [], []
     for doc, kind, value in db.execute(
@@ -916,8 +933,10 @@ def _field_index(db, field: Field, next_doc: int) -> FieldIndex:
             "WHERE doc_id IS NOT NULL AND json_valid(attributes) "
             "AND json_type(attributes, ?) IN ('true', 'false', 'integer', 'real', 'text')",
             (path, path, path)):
-        docs.append(doc)
-        values.append(typed(field, kind == "true" if kind in ("true", "false") else value))
+        value = typed(field, kind == "true" if kind in ("true", "false") else value)
+        if value is not None:
+            docs.append(doc)
+            values.append(value)
     for doc, text in db.execute("SELECT doc_id, attributes FROM products "
                                 "WHERE doc_id IS NOT NULL AND NOT json_valid(attributes)"):
         try:
@@ -927,7 +946,13 @@ def _field_index(db, field: Field, next_doc: int) -> FieldIndex:
         if value is not None:
             docs.append(doc)
             values.append(value)
-    return FieldIndex.build(field, docs, values, next_doc)
+    return np.array(docs, np.int64), numbers(field, codes, values)
+
+
+def _column(seg: Segment, docs: np.ndarray, values: np.ndarray) -> Column:
+    """A segment's column from (docs, numbers) of any docs: those it holds are its values."""
+    found, positions = seg.locate(docs)
+    return Column.at(seg.info.count, positions, values[found])
 
 
 def _current_states(db, product_ids: set[str]) -> dict[str, tuple]:

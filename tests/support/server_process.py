@@ -16,14 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 class ServerProcess:
     """`python -m search.server` (or `module`) on a free loopback port; waits for its ready line."""
 
-    def __init__(self, index_dir: Path | None, *extra: str, module: str = "search.server"):
+    def __init__(self, index_dir: Path | None, *extra: str, module: str = "search.server", ready_secs: float = 120):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         where = ["--index_dir", str(index_dir)] if index_dir is not None else []
         self.process = subprocess.Popen([sys.executable, "-m", module, *where, "--port", str(self.port), *extra],
                                         cwd=ROOT, stderr=subprocess.PIPE, text=True)
         self.ready_line = ""
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + ready_secs
         while time.monotonic() < deadline:
             line = self.process.stderr.readline()
             if not line and self.process.poll() is not None:
