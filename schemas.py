@@ -1,6 +1,6 @@
 """The product's three contracts: the event in, the embedding record out, the dead letter.
 
-One definition each (DESIGN §3–5), imported by the parser, the model path, the sinks and
+One definition each (docs/ARCHITECTURE.md §3–5), imported by the parser, the model path, the sinks and
 the index, so that a field is added or renamed in exactly one place.
 """
 
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 # An upsert (re)embeds a product; a delete removes it; a patch changes only its attributes: the
-# index keeps its vectors, so nothing is downloaded or embedded again (DESIGN §3).
+# index keeps its vectors, so nothing is downloaded or embedded again (docs/ARCHITECTURE.md §3).
 OPS = ("upsert", "delete", "patch")
 MAX_IMAGE_URLS = 8
 MAX_ID_CHARS = 256
@@ -102,7 +102,7 @@ def utc_now() -> dt.datetime:
 
 @dataclasses.dataclass(frozen=True)
 class ProductEvent:
-    """A validated product change (DESIGN §3). Built only by `transforms.events.parse_event`."""
+    """A validated product change (docs/ARCHITECTURE.md §3). Built only by `transforms.events.parse_event`."""
 
     event_id: str
     product_id: str
@@ -146,7 +146,7 @@ _VECTORS = ("embedding", "image_embedding", "text_embedding")
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EmbeddingRecord:
-    """One product's vectors and what downstream needs to show it (DESIGN §4).
+    """One product's vectors and what downstream needs to show it (docs/ARCHITECTURE.md §4).
 
     The vectors are float32 arrays, as the model made them: a record crosses stage boundaries
     pickled and leaves as JSON, and thousands of Python floats cost ten times as much either way.
@@ -168,7 +168,7 @@ class EmbeddingRecord:
     embedded_at: dt.datetime
     # Characters of title and description the model read (at most MAX_MODEL_TEXT_CHARS).
     text_chars: int = 0
-    # What a storefront filters, facets and matches keywords on (DESIGN §4): the event's description
+    # What a storefront filters, facets and matches keywords on (docs/ARCHITECTURE.md §4): the event's description
     # (up to MAX_MODEL_TEXT_CHARS) and attributes as sent (brand, category, price, ...).
     description: str = ""
     attributes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -223,7 +223,7 @@ class EmbeddingRecord:
 
 @dataclasses.dataclass(frozen=True)
 class ProductState:
-    """What a merchant last said of a product (DESIGN §4): the source a new model re-embeds from.
+    """What a merchant last said of a product (docs/ARCHITECTURE.md §6): the source a new model re-embeds from.
 
     One row per accepted event, model-independent: an upsert's whole content, a patch's attributes,
     a delete's tombstone. `transforms.product_state.latest_state` folds a product's rows into its
@@ -305,7 +305,7 @@ def vector(values) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class DeadLetter:
-    """A message, or one image of it, that could not be embedded, and why (DESIGN §5).
+    """A message, or one image of it, that could not be embedded, and why (docs/ARCHITECTURE.md §5).
 
     `image_url` is empty when the whole event failed; it names the image when one image of
     a product failed and the product was still embedded from the rest.

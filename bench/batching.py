@@ -6,7 +6,7 @@ Runs the streaming demo machinery (Pub/Sub emulator, DirectRunner, packaged mode
 the same stream: `--burst` events published together every `burst / rate` seconds. Reports batch
 fill (mean and max products per RunInference batch, from the pipeline's `batch_size` metric) and
 freshness (publish → output topic, p50/p99) for each. No target: the figures say when to choose
-which (README, "Batching"). Writes bench/results/batching.json.
+which (docs/PERFORMANCE.md §4). Writes bench/results/batching.json.
 """
 
 from __future__ import annotations

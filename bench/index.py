@@ -8,7 +8,8 @@ Queries are held-out points of the same distribution.
 
 1. Ingest through `IndexStore.apply` in commits of 1,000 with compaction in the background, as
    the index pipeline runs it: upserts/s, and per commit the time from its start until its
-   first vector is found by a search (each batch must be searchable within 1 s).
+   first vector is found by a search in this, the writer's, process (each batch must be searchable within 1 s;
+   a separate serving process is measured by bench.freshness_scale).
 2. Compact to one HNSW segment (M=16, efConstruction=512), then per efSearch: recall@10 and
    recall@100 against exact search (mean, median, std, min), latency p50/p99 and single-thread
    QPS, against the exact baseline (FAISS `IndexFlatIP`, BLAS) in the same run.

@@ -195,7 +195,7 @@ launch_index() {
   positive NUM_SHARDS; positive INDEX_MAX_WORKERS
   # Records keyed by shard and batched by a stateful step: Dataflow acks Pub/Sub only once a batch
   # is checkpointed; each shard's writer is restored from INDEX_DIR on the worker that owns it, and
-  # its commits are fenced there (DESIGN §8, docs/DEPLOY.md §4).
+  # its commits are fenced there (docs/ARCHITECTURE.md §10, docs/DEPLOY.md §4).
   flex_run index "$INDEX_MACHINE_TYPE" "$INDEX_MAX_WORKERS" \
     "input_subscription=projects/${PROJECT}/subscriptions/${INDEX_SUBSCRIPTION}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~index_dir=${INDEX_DIR}~num_shards=${NUM_SHARDS}~segment_kind=${SEGMENT_KIND}~ivf_nprobe=${IVF_NPROBE}${FILTERABLE:+~filterable=${FILTERABLE}}~commit_batching=stateful~model=${MODEL}" \
     --additional-pipeline-options="disk_size_gb=${INDEX_DISK_GB}"

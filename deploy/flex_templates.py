@@ -76,7 +76,7 @@ TEMPLATES = {
     "embed": {
         "name": "product-embeddings-embed",
         "description": "Streaming: product-change events on Pub/Sub → fused image+text embeddings on a Pub/Sub "
-                       "topic and in BigQuery, with a dead-letter topic (DESIGN §1-§7).",
+                       "topic and in BigQuery, with a dead-letter topic (docs/ARCHITECTURE.md §1).",
         "options": (SharedOptions, EmbedOptions),
         "required": ("input_subscription", "output_topic", "dead_letter_topic"),
         "excluded": ("input_file", "output_dir", "allow_private_hosts"),
@@ -84,9 +84,10 @@ TEMPLATES = {
     },
     "index": {
         "name": "product-embeddings-index",
-        "description": "Streaming: embedding records on Pub/Sub → the sharded FAISS index (DESIGN §8), batched "
-                       "per shard by a stateful step, each commit fenced. index_dir: gs://... (each shard's "
-                       "writer restored on the worker that owns it), or a path mounted on the workers.",
+        "description": "Streaming: embedding records on Pub/Sub → the sharded FAISS index "
+                       "(docs/ARCHITECTURE.md §10), batched per shard by a stateful step, each commit fenced. "
+                       "index_dir: gs://... (each shard's writer restored on the worker that owns it), or a path "
+                       "mounted on the workers.",
         "options": (SharedOptions, IndexOptions),
         "required": ("input_subscription", "index_dir"),
         "excluded": ("input_dir", "dead_letter_dir"),

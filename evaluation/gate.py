@@ -126,7 +126,7 @@ def vector_agreement(serving, candidate, count: int, seed: int = 0) -> float:
 
 
 def _runs_here(model: str) -> bool:
-    from search.query import runs_here
+    from search.query.embedder import runs_here
 
     return runs_here(split_model_id(model)[0])
 

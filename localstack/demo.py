@@ -370,7 +370,7 @@ def _search(index_dir: Path, model: str, dim: int, serve: bool, say, images_url:
     import requests
 
     from localstack.http_server import BackgroundServer
-    from search.query import QueryEmbedder
+    from search.query.embedder import QueryEmbedder
     from search.server import create_app
     from search.sharded import ShardedIndex
 

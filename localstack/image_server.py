@@ -1,4 +1,4 @@
-"""A local HTTP server standing in for merchants' image hosts (DESIGN §9).
+"""A local HTTP server standing in for merchants' image hosts (docs/ARCHITECTURE.md §14).
 
 Serves files from a directory and programmable routes (status codes, redirects, slow or
 hanging bodies), binds to 127.0.0.1 on a free port, and records every request it gets,

@@ -1,4 +1,4 @@
-"""Google's Pub/Sub emulator on 127.0.0.1 (DESIGN §9), plus the topic/subscription plumbing.
+"""Google's Pub/Sub emulator on 127.0.0.1 (docs/ARCHITECTURE.md §14), plus the topic/subscription plumbing.
 
 The emulator is Debian's `google-cloud-cli-pubsub-emulator` (Java 17). Clients find it through
 `PUBSUB_EMULATOR_HOST`, which `env()` returns for child processes and pipelines.

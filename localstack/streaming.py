@@ -2,7 +2,7 @@
 
 The DirectRunner's Pub/Sub read blocks in a pull; `cancel()` waits until that pull returns
 (up to ~30 s). `StreamingJob.stop()` cancels in a thread and publishes wake-up messages to
-the input topic until the cancel goes through (DESIGN §9).
+the input topic until the cancel goes through (docs/ARCHITECTURE.md §14).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Image bytes → the model's uint8 RGB pixels, fast and safe (DESIGN §6).
+"""Image bytes → the model's uint8 RGB pixels, fast and safe (docs/ARCHITECTURE.md §7).
 
 - The pixel count and the aspect ratio are read from the header and capped before anything is
   decoded (bombs, 100000x1 slivers); Pillow's own guard stays the outer bound. Memory per decode

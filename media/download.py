@@ -1,4 +1,4 @@
-"""Image download that a merchant's URL can't turn against the worker (DESIGN §6).
+"""Image download that a merchant's URL can't turn against the worker (docs/ARCHITECTURE.md §7).
 
 One urllib3 `PoolManager` per worker process (keep-alive pools per host; urllib3 rather than
 `requests`, whose per-call Python costs about as much again and holds the GIL the model thread

@@ -1,4 +1,4 @@
-"""Refuses to connect to hosts that resolve to internal addresses (SSRF guard, DESIGN §6).
+"""Refuses to connect to hosts that resolve to internal addresses (SSRF guard, docs/ARCHITECTURE.md §7).
 
 Merchants control image URLs, so a URL is untrusted input: `http://169.254.169.254/...`
 would read the worker's metadata server. The check sits inside the HTTP connection itself:

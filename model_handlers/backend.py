@@ -98,7 +98,7 @@ class EmbeddingBackend(abc.ABC):
 
     @property
     def model_id(self) -> str:
-        """What its vectors are labelled with (DESIGN §4)."""
+        """What its vectors are labelled with (docs/ARCHITECTURE.md §8)."""
         return model_id(self.spec, self.projection.tag if self.projection is not None else "")
 
     def project(self, projection: Projection) -> "EmbeddingBackend":

@@ -1,4 +1,4 @@
-"""One vector per product from its image and text vectors (DESIGN §7).
+"""One vector per product from its image and text vectors (docs/ARCHITECTURE.md §8).
 
 CLIP-like backends put images and text in one space: the product vector is the normalised
 weighted sum of the image mean and the text vector. Backends with two spaces concatenate

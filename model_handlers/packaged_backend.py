@@ -3,7 +3,7 @@
 Images: EfficientNet-Lite0 (ImageNet), the 1280-d global-average-pooled features before the
 classifier. Text: all-MiniLM-L6-v2 through sentence-transformers (mean pooling, 384-d,
 truncated at its 256 word pieces). Two spaces, so products are the concatenation of both
-(DESIGN §7). It needs no network at all, which makes it the local and test default.
+(docs/ARCHITECTURE.md §8). It needs no network at all, which makes it the local and test default.
 On the CPU in fp32 the image tower runs as a frozen graph (model_handlers/frozen.py).
 """
 

@@ -4,7 +4,7 @@ Backends build an `ImagePreprocess` from their own preprocessing definition (ope
 `preprocess_cfg`, the EfficientNet-Lite reference transform); the decoder shapes uint8
 pixels by it on the CPU and `model_handlers.backend.normalize_on_device` finishes the job on
 the model's device, so the host sends a quarter of the bytes a float tensor would need
-(DESIGN §6). Plain data: reading it imports no torch.
+(docs/ARCHITECTURE.md §7). Plain data: reading it imports no torch.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Protocol
 
 import numpy as np
 
-__all__ = ["Codes", "Column", "Field", "FieldIndex", "FIELD_TYPES", "live_at", "numbers", "parse_filterable", "typed"]
+__all__ = ["SHOP", "Codes", "Column", "Field", "FieldIndex", "FIELD_TYPES", "live_at", "numbers", "parse_filterable", "typed"]
 
 FIELD_TYPES = ("keyword", "float", "int", "bool")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
@@ -41,6 +41,9 @@ class Field:
     @property
     def numeric(self) -> bool:
         return self.type in ("float", "int")
+
+
+SHOP = Field("shop_id", "keyword")  # every index's built-in field: its shops
 
 
 def parse_filterable(text: str | Iterable[str]) -> tuple[Field, ...]:

@@ -8,8 +8,9 @@
 
 `shop_id` filters like a keyword field in every index. A filter is parsed once per request into a
 canonical form (its `key` caches the doc set per generation) and evaluated from the per-field
-indexes the store keeps at commit (search.fields): slices of sorted arrays, intersected and merged,
-so a filter costs in proportion to the docs it matches, not to the shard.
+indexes over the store's snapshot (search.fields): slices of each segment's sorted column read
+through its liveness, intersected and merged, so a filter costs in proportion to the docs it
+matches, not to the shard.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from search.fields import Field, FieldIndex, typed
+from search.fields import SHOP, Field, FieldIndex, typed
 
 __all__ = ["Filter", "FilterError", "MAX_CLAUSES", "MAX_DEPTH", "parse_filter"]
 
@@ -27,7 +28,6 @@ MAX_DEPTH = 8
 MAX_CLAUSES = 256  # conditions and `in` values together
 RANGE_OPS = ("gt", "gte", "lt", "lte")
 OPS = ("eq", "in") + RANGE_OPS
-SHOP = Field("shop_id", "keyword")
 
 
 class FilterError(ValueError):

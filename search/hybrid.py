@@ -12,11 +12,17 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-__all__ = ["BM25_WEIGHTS", "FUSION_WINDOW", "MODES", "RRF_K", "fts_query", "fuse"]
+__all__ = ["BM25_WEIGHTS", "FUSION_WINDOW", "MODES", "RRF_K", "fts_query", "fuse", "fusion_window"]
 
 MODES = ("vector", "lexical", "hybrid")
 RRF_K = 60
 FUSION_WINDOW = 100  # each list contributes at least its top 100 to the fusion
+
+
+def fusion_window(k: int, given: int | None = None) -> int:
+    """How deep each list goes into the fusion: `given`, or max(FUSION_WINDOW, k). The page size's k,
+    never a deepened one: every page of one page size then comes from one fused list."""
+    return given or max(FUSION_WINDOW, k)
 BM25_WEIGHTS = (3.0, 1.0, 2.0)  # title, description, declared keyword attributes
 MAX_TERMS = 32
 _TERM = re.compile(r"\w+", re.UNICODE)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import storage
-from search import store_sql
+from search.index import catalog
 from search.segment import Segment, SegmentInfo
 from search.store import MARKER, CommitDelta
 
@@ -77,7 +77,7 @@ def local_generation(local_dir: Path) -> int | None:
         return None
     db = sqlite3.connect(f"file:{local_dir / 'state.sqlite'}?mode=ro", uri=True, timeout=60)
     try:
-        return store_sql.generation(db)
+        return catalog.generation(db)
     finally:
         db.close()
 
@@ -85,7 +85,7 @@ def local_generation(local_dir: Path) -> int | None:
 def _replay(db: sqlite3.Connection, delta: dict) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
-        store_sql.write_commit(db, generation=delta["generation"], products=delta["products"], added=delta["added"],
+        catalog.write_commit(db, generation=delta["generation"], products=delta["products"], added=delta["added"],
                                removed=delta["removed"], next_doc_id=delta["next_doc_id"])
     except BaseException:
         db.execute("ROLLBACK")
@@ -146,7 +146,7 @@ def pull(remote_dir: str, local_dir: Path) -> int:
     remote = _Remote(remote_dir)
     db = sqlite3.connect(local_dir / "state.sqlite", isolation_level=None, timeout=60)
     try:
-        generation = store_sql.generation(db)
+        generation = catalog.generation(db)
         newer = sorted((g, p) for g, p in remote.commits().items() if g > generation)
         if not newer or newer[0][0] != generation + 1:
             snapshots = remote.snapshots()
@@ -219,8 +219,8 @@ class ShardPublisher:
             source, target = sqlite3.connect(self.local_dir / "state.sqlite"), sqlite3.connect(copy)
             try:
                 source.backup(target)
-                if store_sql.generation(target) != generation:
-                    raise RuntimeError(f"snapshot of generation {store_sql.generation(target)}, expected {generation}")
+                if catalog.generation(target) != generation:
+                    raise RuntimeError(f"snapshot of generation {catalog.generation(target)}, expected {generation}")
                 live = {name for (name,) in target.execute("SELECT name FROM segments")}
             finally:
                 source.close()

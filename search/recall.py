@@ -1,4 +1,4 @@
-"""Recall of the approximate search against exact search over the same live vectors (DESIGN §8).
+"""Recall of the approximate search against exact search over the same live vectors (docs/ARCHITECTURE.md §9).
 
     python -m search.recall --index_dir DIR --k 100 --ef_search 100,500,2000 [--queries 200]
 

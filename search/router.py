@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -39,15 +40,18 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
-from starlette.exceptions import HTTPException
 
 from argtypes import bounded
-from search.hybrid import FUSION_WINDOW
-from search.filters import FilterError
-from search.server import MAX_BODY_BYTES, MAX_DEPTH, MAX_EF_SEARCH, MAX_SIMILAR_K, PAGE, _json_param, _JsonBody, _error, _listen, _port, serve
+from search import merge
+from search.hybrid import fusion_window
+from search.http import app as http
+from search.http.models import (MAX_EF_SEARCH, MAX_FACET_LIMIT, MAX_SIMILAR_K, SearchRequest,
+                                SearchResponse, SimilarHit)
+from search.http.routes import page
+from search.query.searcher import Hit
 from search.sharded import MAX_SHARDS, collapse_near_copies, shard_of
 
 __all__ = ["Backends", "create_app", "main"]
@@ -128,6 +132,11 @@ class _VectorAnswer(_Answer):
     product_id: StrictStr
     vector: Annotated[list[_Number], Field(min_length=1)]
     model: StrictStr = ""
+
+
+class _QueryVector(_Answer):
+    vector: Annotated[list[_Number], Field(min_length=1)]
+    model: StrictStr
 
 
 def _validated(model: type[BaseModel], answer, what: str) -> tuple[dict | None, str]:
@@ -300,40 +309,50 @@ def _models(answered: list[dict]) -> str:
 
 
 def create_app(backends: Backends) -> FastAPI:
-    app = FastAPI(title="product search (router)", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_JsonBody, limit=MAX_BODY_BYTES)
+    registry = CollectorRegistry()
+    requests_total = Counter("router_requests_total", "Requests by route and outcome", ["route", "outcome"],
+                             registry=registry)
+    latency = Histogram("router_latency_seconds", "Request latency, backends included", ["route"], registry=registry)
+    left_out = Counter("router_backend_failures_total", "Backend answers left out of a merge (failed, late, "
+                       "malformed or overlapping)", ["backend"], registry=registry)
+    app = http.new_app("product search (router)", on_bad_request=requests_total.labels("any", "bad_request").inc)
+    app.include_router(page.router)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, error: HTTPException):
-        return _error(error.status_code, str(error.detail))
+    def observed(route: str, started: float, coverage: dict) -> float:
+        took = time.perf_counter() - started
+        latency.labels(route).observe(took)
+        requests_total.labels(route, "partial" if coverage.get("partial") else "ok").inc()
+        for url in coverage.get("errors", {}):
+            left_out.labels(url).inc()
+        return round(took * 1000, 3)
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(_request: Request, error: RequestValidationError):
-        return _error(400, "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in error.errors()))
-
-    @app.post("/v1/search")
+    @app.post("/v1/search", response_model=SearchResponse)
     async def search(request: Request):
+        """As search.server's POST /v1/search, over every backend: a text or image query is embedded once
+        (POST /v1/embed on one backend) and its vector sent to all; the hits are merged by score and the
+        facet counts added up exactly (search.merge)."""
         started = time.perf_counter()
         backends.refresh_in_background()
         if backends.problem:
-            return _error(503, f"the router's backends cannot be merged: {backends.problem}")
-        body, (k, offset) = _deepened(await request.body())
+            return http.error(503, f"the router's backends cannot be merged: {backends.problem}")
+        data = _request_of(await request.body())
+        if data is not None:
+            refused = await _embedded(backends, data)
+            if refused is not None:
+                return refused
+        body, (k, offset) = _deepened(data, await request.body())
         answers = await asyncio.gather(*(backends.post(url, body) for url in backends.urls))
-        answered, coverage, bad = _sorted_out(backends, answers, _SearchAnswer, "POST /v1/search")
+        answers_ok, coverage, bad = _sorted_out(backends, answers, _SearchAnswer, "POST /v1/search")
         if bad is not None:
             return bad
         if len(coverage.get("errors", ())) == len(backends.urls):
             return JSONResponse({"error": f"no backend answered: {coverage['errors']}"}, status_code=503)
-        hits = sorted((hit for answer in answered for hit in answer["results"]),
-                      key=lambda hit: (-hit["score"], hit["product_id"]))
-        unique = {}
-        for hit in hits:  # a shard that moved between backends mid-query must not count twice
-            unique.setdefault(hit["product_id"], hit)
-        hits = list(unique.values())
-        took = round((time.perf_counter() - started) * 1000, 3)
-        return {"results": hits[offset:offset + k], "facets": _summed([a.get("facets", {}) for a in answered]),
-                "mode": next((a["mode"] for a in answered if a.get("mode")), None), "model": _models(answered),
-                "took_ms": took, **coverage}
+        hits = merge.merge_hits(([_hit(Hit, hit) for hit in answer["results"]] for answer in answers_ok), offset, k)
+        buckets = (data or {}).get("facet_buckets", {})
+        counts = merge.sum_facets(merge.counts_of(a.get("facets", {}), buckets) for a in answers_ok)
+        facets = merge.facet_lists(counts, buckets, (data or {}).get("facet_limit", merge.MAX_FACET_VALUES))
+        return {"results": hits, "facets": facets, "mode": next((a["mode"] for a in answers_ok if a.get("mode")), "vector"),
+                "model": _models(answers_ok), "took_ms": observed("search", started, coverage), **coverage}
 
     async def vector_of(product_id: str):
         """(the product's stored vector from whichever replica serves its shard, or None; why each replica
@@ -356,9 +375,9 @@ def create_app(backends: Backends) -> FastAPI:
 
     def no_vector(product_id: str, down: dict[str, str]) -> JSONResponse:
         if down:
-            return _error(503, f"no live product {product_id!r} among the backends that answered "
+            return http.error(503, f"no live product {product_id!r} among the backends that answered "
                                f"({len(down)} did not: {down})")
-        return _error(404, f"no live product {product_id!r} in the index")
+        return http.error(404, f"no live product {product_id!r} in the index")
 
     # `:path`: a product id may hold slashes (Shopify's gid://shopify/Product/1), raw or as %2F.
     @app.get("/v1/products/{product_id:path}/vector")
@@ -366,7 +385,7 @@ def create_app(backends: Backends) -> FastAPI:
         answer, down = await vector_of(product_id)
         return answer if answer is not None else no_vector(product_id, down)
 
-    @app.get("/v1/products/{product_id:path}/similar")
+    @app.get("/v1/products/{product_id:path}/similar", response_model=SearchResponse)
     async def similar(product_id: str, k: str | None = None, shop_id: str | None = None, filter: str | None = None,
                       ef_search: str | None = None):
         """The product's vector from the replica that serves its shard, then every replica's candidates
@@ -376,17 +395,14 @@ def create_app(backends: Backends) -> FastAPI:
             k = _query_int("k", k, 10, *SIMILAR_K)
             ef_search = _query_int("ef_search", ef_search, None, *SIMILAR_EF_SEARCH)
         except ValueError as e:
-            return _error(400, str(e))
+            return http.error(400, str(e))
         backends.refresh_in_background()
         if backends.problem:
-            return _error(503, f"the router's backends cannot be merged: {backends.problem}")
+            return http.error(503, f"the router's backends cannot be merged: {backends.problem}")
         answer, down = await vector_of(product_id)
         if answer is None:
             return no_vector(product_id, down)
-        try:
-            scope = _json_param("filter", filter)
-        except FilterError as e:
-            return _error(400, str(e))
+        scope = http.json_param("filter", filter)
         body = json.dumps({"vector": answer["vector"], "exclude": product_id, "k": k, "shop_id": shop_id,
                            "filter": scope, **({"ef_search": ef_search} if ef_search is not None else {})}).encode()
         answers = await asyncio.gather(*(backends.post(url, body, "/v1/similar") for url in backends.urls))
@@ -399,14 +415,12 @@ def create_app(backends: Backends) -> FastAPI:
         answered, coverage, bad = _sorted_out(backends, answers, _SimilarAnswer, "POST /v1/similar", same_dim)
         if bad is not None:
             return bad
-        candidates = sorted((hit for answer in answered for hit in answer["results"]),
-                            key=lambda hit: (-hit["score"], hit["product_id"]))
+        candidates = merge.merge_hits([_hit(SimilarHit, hit) for hit in answer["results"]] for answer in answered)
         # Each replica collapsed its own candidates; copies across replicas go here.
-        kept = collapse_near_copies(((hit, np.asarray(hit.pop("vector"), np.float32)) for hit in candidates),
-                                    answer["vector"], k)
-        took = round((time.perf_counter() - started) * 1000, 3)
-        return {"results": [hit for hit, _ in kept], "mode": "vector", "model": _models(answered), "took_ms": took,
-                **coverage}
+        kept = collapse_near_copies(((_hit(Hit, dataclasses.asdict(hit)), np.asarray(hit.vector, np.float32))
+                                     for hit in candidates), answer["vector"], k)
+        return {"results": [hit for hit, _ in kept], "mode": "vector", "model": _models(answered),
+                "took_ms": observed("similar", started, coverage), **coverage}
 
     @app.get("/healthz")
     async def healthz():
@@ -433,11 +447,51 @@ def create_app(backends: Backends) -> FastAPI:
     def livez():
         return {"status": "alive"}
 
-    @app.get("/", response_class=HTMLResponse)
-    def page():
-        return PAGE
+    @app.get("/metrics", response_class=Response,
+                   responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _hit(kind: type, answer: dict):
+    """A backend's hit (checked by _Hit) as the store's own `Hit` (or `SimilarHit`): the fields it knows."""
+    names = {field.name for field in dataclasses.fields(kind)}
+    return kind(**{name: value for name, value in answer.items() if name in names})
+
+
+def _request_of(body: bytes) -> dict | None:
+    """The search request as JSON, when it is one the service accepts (search.http.models); None for a
+    body the backends will refuse (it goes to them as it came, and their 400 is passed on)."""
+    try:
+        data = json.loads(body)
+        SearchRequest.model_validate(data)
+    except (ValueError, RecursionError):  # pydantic's ValidationError is a ValueError
+        return None
+    return data
+
+
+async def _embedded(backends: Backends, data: dict) -> JSONResponse | None:
+    """Embeds a text or image query once, by the first backend that can, and puts its vector (and the
+    model it comes from, which every backend checks against its index) into `data`; a 400 to answer
+    when the query itself cannot be embedded (an image that cannot be fetched). When no backend can
+    embed it, `data` is left as it is: each backend embeds it itself."""
+    if data.get("vector") is not None or (data.get("text") is None and data.get("image_url") is None):
+        return None
+    if data.get("image_url") is None and data.get("mode") == "lexical":
+        return None  # keywords only: no vector needed
+    query = {"image_url": data["image_url"]} if data.get("image_url") is not None else {"text": data["text"]}
+    healthy = [url for url in backends.urls if url not in backends.errors] or backends.urls
+    for url in healthy:
+        status, answer, _why = await backends.post(url, json.dumps(query).encode(), "/v1/embed")
+        if status == 400 and _error_text(answer) is not None:
+            return JSONResponse({"error": answer["error"]}, status_code=400)
+        checked, _ = _validated(_QueryVector, answer, "POST /v1/embed") if status == 200 else (None, "")
+        if checked is not None:  # the text or image goes too: a backend of another index embeds it itself
+            data.update(vector=checked["vector"], vector_model=checked["model"])
+            return None
+    return None
 
 
 def _sorted_out(backends: Backends, answers, model: type[BaseModel], what: str,
@@ -449,7 +503,7 @@ def _sorted_out(backends: Backends, answers, model: type[BaseModel], what: str,
     indexes (an alias switch), a request one index refuses (a vector of the other's dimension) is
     answered by the others, partially."""
     if backends.problem:  # a health check found it while the backends were asked
-        return [], {}, _error(503, f"the router's backends cannot be merged: {backends.problem}")
+        return [], {}, http.error(503, f"the router's backends cannot be merged: {backends.problem}")
     answered, missing, errors, refused = {}, set(backends.missing()), {}, {}
     for url, (status, answer, error) in zip(backends.urls, answers):
         checked, why = _validated(model, answer, what) if status == 200 else (None, "")
@@ -511,24 +565,21 @@ def _overlapping(backends: Backends, answered: dict[str, dict]) -> dict[str, str
     return dropped
 
 
-def _deepened(body: bytes) -> tuple[bytes, tuple[int, int]]:
+def _deepened(data: dict | None, body: bytes) -> tuple[bytes, tuple[int, int]]:
     """The request as each backend gets it, and the page (k, offset) the router cuts from the merge:
-    a backend is asked for its top offset + k from offset 0, so a deep page is exact across backends.
-    A body that is not a valid request goes as it came (the backends answer it 400)."""
-    try:
-        data = json.loads(body)
-        k, offset = data.get("k", 10), data.get("offset", 0)
-    except (ValueError, AttributeError, RecursionError):
+    a backend is asked for its top offset + k from offset 0, so a deep page is exact across backends,
+    and for every value of each facet, so counts add up exactly. A body that is not a valid request
+    (`data` None) goes as it came (the backends answer it 400)."""
+    if data is None:
         return body, (10, 0)
-    if not (_count(k) and _count(offset) and k > 0 and offset > 0 and offset + k <= MAX_DEPTH):
-        return body, (k if _count(k) and k > 0 else 10, 0)
-    # Hybrid lists are fused to the depth the page size sets, not the deepened k (search.sharded).
-    window = data.get("fusion_window") or max(FUSION_WINDOW, k)
-    return json.dumps({**data, "k": offset + k, "offset": 0, "fusion_window": window}).encode(), (k, offset)
-
-
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    k, offset = data.get("k", 10), data.get("offset", 0)
+    data = {**data, "k": offset + k, "offset": 0}
+    if offset:
+        # Hybrid lists are fused to the depth the page size sets, not the deepened k (search.sharded).
+        data["fusion_window"] = fusion_window(k, data.get("fusion_window"))
+    if data.get("facets"):
+        data["facet_limit"] = MAX_FACET_LIMIT
+    return json.dumps(data).encode(), (k, offset)
 
 
 def _segment(product_id: str) -> str:
@@ -548,29 +599,12 @@ def _query_int(name: str, value: str | None, default, low: int, high: int):
     return int(value)
 
 
-def _summed(facets: list[dict]) -> dict:
-    """The backends' facet counts added up, value by value (bucket by bucket), most frequent first."""
-    totals: dict[str, dict] = {}
-    for part in facets:
-        for name, counts in part.items():
-            merged = totals.setdefault(name, {})
-            for item in counts:
-                key = json.dumps(item["value"])
-                merged[key] = merged.get(key, 0) + item["count"]
-    out = {}
-    for name, merged in totals.items():
-        items = [{"value": json.loads(key), "count": count} for key, count in merged.items()]
-        buckets = all(isinstance(item["value"], list) for item in items)
-        out[name] = sorted(items, key=(lambda i: i["value"][0]) if buckets else (lambda i: (-i["count"], str(i["value"]))))
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m search.router", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--backends", required=True,
                         help="Comma-separated URLs of search.server replicas, each serving some shards (--shards).")
-    parser.add_argument("--port", type=_port, default=8080, help="Port to serve on (0: any free port).")
+    parser.add_argument("--port", type=http.port, default=8080, help="Port to serve on (0: any free port).")
     parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0: every interface).")
     parser.add_argument("--timeout_secs", type=bounded(float, 0, 600, "seconds", low_open=True), default=2.0,
                         help="A backend that has not answered a search (its whole answer) within this is left "
@@ -594,7 +628,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(set(urls)) != len(urls):
         parser.error("--backends: a URL is listed twice (its shards would be counted twice)")
     try:
-        sock = _listen(args.host, args.port)
+        sock = http.listen(args.host, args.port)
     except OSError as e:
         parser.exit(1, f"search.router: {e}\n")
     backends = Backends(urls, args.timeout_secs, args.health_every_secs, args.max_switch_secs)
@@ -607,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
     down = f"; not answering: {', '.join(backends.errors)}" if backends.errors else ""
     ready = (f"search page: http://{host}:{port}/ (router over {len(urls)} backends, "
              f"{backends.num_shards or '?'} shards{down})")
-    serve(create_app(backends), sock, ready, _log)
+    http.serve(create_app(backends), sock, ready, _log)
 
 
 if __name__ == "__main__":

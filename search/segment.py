@@ -1,7 +1,8 @@
 """Immutable index segments: doc ids and unit vectors on disk, searched by HNSW or exactly.
 
-Which of a segment's positions are live, and which belong to a shop, the store keeps as
-bitmaps and postings maintained at commit; a search hands them over as they are.
+Which of a segment's positions are live the store keeps as a bitmap per segment, changed by commits;
+its docs' shops and filterable values as columns built with the segment (search.fields). A search
+hands the bitmaps over as they are.
 
 A commit writes a small `flat` segment (searched exactly: cheap to write, searchable at once);
 compaction merges segments into one of the index's kind (`SegmentParams.kind`, fixed per index):
@@ -30,8 +31,9 @@ import faiss
 import numpy as np
 
 from search import hugepages
+from search.index.errors import StoreError
 
-__all__ = ["SEGMENT_KINDS", "Segment", "SegmentCorrupted", "SegmentInfo", "SegmentParams", "top_k"]
+__all__ = ["SEGMENT_KINDS", "Segment", "SegmentCorrupted", "SegmentInfo", "SegmentParams", "filtered_ef", "top_k"]
 
 SEGMENT_KINDS = ("hnsw", "hnsw_sq8", "ivf_pq")  # what compaction builds; a commit writes "flat"
 # Candidates a compressed kind hands to exact re-scoring: max(ef_search, factor × k).
@@ -66,7 +68,7 @@ class SegmentInfo:
     count: int
 
 
-class SegmentCorrupted(ValueError):
+class SegmentCorrupted(StoreError, ValueError):
     """A segment file does not match the checksum written with it (or is missing)."""
 
 
@@ -133,6 +135,15 @@ def _build(vectors: np.ndarray, params: SegmentParams, kind: str) -> faiss.Index
         index.train(vectors[rows])
     index.add(vectors)
     return index
+
+
+def filtered_ef(kind: str, count: int, k: int, ef_search: int, allowed: int) -> int:
+    """The beam of a graph search among `allowed` of a segment's `count` positions. It holds passing
+    and filtered-out nodes alike: to hold the candidates wanted that pass, it is widened by the
+    inverse of the share that passes."""
+    wanted = k * RESCORE_FACTOR.get(kind, 1)
+    pool = k if kind == "hnsw" else max(ef_search, wanted)
+    return max(ef_search, pool, -(-wanted * count // max(allowed, 1)))
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -235,12 +246,7 @@ class Segment:
         return scores[0][keep], self.ids[positions[0][keep]]
 
     def filtered_ef(self, k: int, ef_search: int, allowed: int) -> int:
-        """The beam of a graph search among `allowed` of the segment's positions. It holds passing and
-        filtered-out nodes alike: to hold the candidates wanted that pass, it is widened by the inverse
-        of the share that passes."""
-        wanted = k * RESCORE_FACTOR.get(self.info.kind, 1)
-        pool = k if self.info.kind == "hnsw" else max(ef_search, wanted)
-        return max(ef_search, pool, -(-wanted * self.info.count // max(allowed, 1)))
+        return filtered_ef(self.info.kind, self.info.count, k, ef_search, allowed)
 
     def search_positions(self, query: np.ndarray, k: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, doc ids) exactly, over the given positions only (read from the memory map)."""

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from search import aliases
-from search.query import QueryEmbedder
+from search.query.embedder import QueryEmbedder
 from search.sharded import ShardedIndex
 
 __all__ = ["AliasFollower", "Fixed", "Served"]

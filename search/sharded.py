@@ -1,4 +1,4 @@
-"""An index split into independent stores by a hash of product_id (DESIGN §10).
+"""An index split into independent stores by a hash of product_id (docs/ARCHITECTURE.md §10).
 
 `index.json` in the index directory records the shard count, model and dimension; shard n
 lives in `shard-NNN/`; an index of tuned vectors keeps its head as `projection.pt`. A search asks every shard for k results (not efSearch) and merges.
@@ -25,8 +25,9 @@ import numpy as np
 import storage
 from search.mirror import CommitConflict, ShardPublisher, has_snapshot, local_generation, pull, restore
 from search.filters import Filter
-from search.hybrid import FUSION_WINDOW
+from search import hybrid
 from search.store import ApplyResult, Hit, IndexMismatch, IndexStore, StoreSettings
+from search.merge import merge_hits, sum_facets
 
 __all__ = ["HEAD_FILE", "MAX_SHARDS", "ShardWriter", "ShardedIndex", "collapse_near_copies", "enough_open_files", "parse_shards", "shard_of", "writer_cache_dir"]
 
@@ -263,7 +264,7 @@ class ShardedIndex:
         function that makes the vector (the query model): a hybrid search then matches the keywords on
         the shards' threads while it runs."""
         wanted = offset + k
-        window = fusion_window or max(FUSION_WINDOW, k)
+        window = hybrid.fusion_window(k, fusion_window)
         lexical = [None] * len(self.shards)
         if mode == "hybrid" and callable(query):
             pending = [self._pool.submit(shard.lexical_ids, text, window, shop_id, filter) for shard in self.shards]
@@ -274,23 +275,12 @@ class ShardedIndex:
         per_shard = self._pool.map(lambda shard, words: shard.search(query, wanted, ef_search, shop_id, exact, filter,
                                                                      text, mode, lexical_weight, words, window),
                                    self.shards, lexical)
-        hits = [hit for shard_hits in per_shard for hit in shard_hits]
-        return sorted(hits, key=lambda hit: (-hit.score, hit.product_id))[offset:wanted]
+        return merge_hits(per_shard, offset, k)
 
     def facets(self, names: list[str], shop_id: str | None = None, filter: Filter | None = None,
                buckets: dict[str, list[float]] | None = None) -> dict[str, dict]:
-        """Exact counts summed over the shards (IndexStore.facets)."""
-        out: dict[str, dict] = {}
-        for part in self._pool.map(lambda shard: shard.facets(names, shop_id, filter, buckets), self.shards):
-            for name, counts in part.items():
-                merged = out.setdefault(name, {key: {} if key == "values" else [0] * len(value)
-                                               for key, value in counts.items()})
-                if "values" in counts:
-                    for value, count in counts["values"].items():
-                        merged["values"][value] = merged["values"].get(value, 0) + count
-                else:
-                    merged["buckets"] = [a + b for a, b in zip(merged["buckets"], counts["buckets"])]
-        return out
+        """Exact counts summed over the shards (IndexStore.facets, search.merge)."""
+        return sum_facets(self._pool.map(lambda shard: shard.facets(names, shop_id, filter, buckets), self.shards))
 
     def product_vector(self, product_id: str) -> np.ndarray | None:
         """The product's stored vector, from its shard when this service serves it."""

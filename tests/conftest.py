@@ -17,7 +17,7 @@ from model_handlers.backends import load_backend
 from model_handlers.config import ModelConfig
 from schemas import ProductEvent
 from search.fields import parse_filterable
-from search.query import QueryEmbedder
+from search.query.embedder import QueryEmbedder
 from search.sharded import ShardedIndex, shard_of
 from search.store import StoreSettings
 from transforms.records import embedding_record

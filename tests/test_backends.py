@@ -119,7 +119,7 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_matches_fp32_within_tolerance(packaged_backend, precision):
-    """Autocast on the CPU stands in for the GPU here; the tolerance is the one we state in the README."""
+    """Autocast on the CPU stands in for the GPU here; the tolerance is the one docs/ARCHITECTURE.md §8 states."""
     reduced = load_backend(ModelConfig(device="cpu", precision=precision))
     # TorchScript's autocast covers a frozen graph only in part: reduced precision runs the eager tower.
     assert not isinstance(reduced.image_tower, torch.jit.ScriptModule)

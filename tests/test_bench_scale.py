@@ -1,4 +1,4 @@
-"""bench.scale as `make bench` runs it, at a size a test can afford: every figure the README cites."""
+"""bench.scale as `make bench` runs it, at a size a test can afford: every figure docs/PERFORMANCE.md cites."""
 
 from __future__ import annotations
 

@@ -270,7 +270,7 @@ def test_an_index_of_a_model_it_cannot_run_is_built_and_served_for_vector_querie
     try:
         assert f"search page: {server.url}/ (40 products, 2 shards, model acme:custom-64;" in server.ready_line
         target = records[7]
-        # As the README's curl example sends it: `curl -d` posts a form Content-Type.
+        # As docs/SEARCH_API.md §2's curl example sends it: `curl -d` posts a form Content-Type.
         response = requests.post(f"{server.url}/v1/search", data=json.dumps({"vector": target.embedding.tolist(),
                                                                               "k": 3}),
                                  headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30)

@@ -75,7 +75,7 @@ def test_the_killer_events_become_dead_letters_and_the_good_ones_records(tmp_pat
     assert {k: (d["stage"], d["product_id"]) for k, d in event_letters.items()} == {
         "e2": ("decode", "p2"), "e3": ("decode", "p3"), "e4": ("parse", "p4"), "e5": ("validate", "p5")}
     assert "aspect ratio" in event_letters["e2"]["error"] and "lone surrogate" in event_letters["e5"]["error"]
-    # Each failed image is reported too (DESIGN §5); e7 was still embedded from its text.
+    # Each failed image is reported too (docs/ARCHITECTURE.md §5); e7 was still embedded from its text.
     assert sorted((d["event_id"], d["stage"]) for d in letters if d["image_url"]) == [
         ("e2", "decode"), ("e3", "decode"), ("e7", "decode")]
     assert "3 records, 4 dead letters (decode=2, parse=1, validate=1); plus 3 failed-image reports" in result.stdout

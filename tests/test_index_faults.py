@@ -135,8 +135,8 @@ def test_a_shard_that_already_holds_an_infinity_opens_filters_and_serves_json(tm
     store = IndexStore(tmp_path / "shard", model=MODEL, dim=8, settings=settings)
     store.apply([record(f"p{i}", 1) for i in range(4)])
     # A row as an earlier version wrote it: Python's json wrote inf as Infinity, which SQLite cannot read.
-    store._db().execute("UPDATE products SET attributes = '{\"price\": Infinity, \"brand\": \"acme\"}' "
-                        "WHERE product_id = 'p1'")
+    store._catalog.db().execute("UPDATE products SET attributes = '{\"price\": Infinity, \"brand\": \"acme\"}' "
+                                "WHERE product_id = 'p1'")
     store.close()
 
     reopened = IndexStore(tmp_path / "shard", settings=settings)  # the writer opens it again

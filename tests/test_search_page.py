@@ -103,3 +103,21 @@ def test_filters_facets_url_state_similar_items_and_a_narrow_screen(colour_index
         empty = browser.find_element(By.ID, "empty").text
         assert "colour is purple" in empty and "shop shop-1" in empty and "Remove a filter" in empty
         assert cards() == [] and colour_of
+
+
+def test_the_api_docs_render_in_a_browser_from_the_service_alone(colour_index, query_embedder, browser):
+    """/docs (Swagger UI) and /redoc draw the API from scripts the service serves itself: no CDN, so
+    they render on a machine without a network (this one has none)."""
+    index_dir, _, _ = colour_index
+    with BackgroundServer(create_app(ShardedIndex.open(index_dir), query_embedder)) as server:
+        wait = WebDriverWait(browser, 30)
+        browser.get(server.url + "/docs")
+        wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".opblock")))
+        operations = {element.text for element in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+        assert {"/v1/search", "/healthz"} <= operations
+        scripts = "return performance.getEntriesByType('resource').map(r => r.name).filter(n => /[.](js|css)$/.test(n))"
+        assert all(name.startswith(server.url) for name in browser.execute_script(scripts))
+        browser.get(server.url + "/redoc")
+        wait.until(lambda driver: "/v1/search" in driver.find_element(By.TAG_NAME, "body").text)
+        loaded = browser.execute_script(scripts)
+        assert loaded and all(name.startswith(server.url) for name in loaded), loaded  # (ReDoc's logo is not)

@@ -14,7 +14,7 @@ from search.filters import parse_filter
 from search.merge_policy import MergePolicy
 from search.segment import SEGMENT_KINDS, Segment, SegmentParams
 from search.store import IndexStore, StoreSettings
-from search.store_sql import CHANGES_KEPT
+from search.index.catalog import CHANGES_KEPT
 from tests.support.index_helpers import MODEL, record
 
 FIELDS = parse_filterable("brand,price:float,in_stock:bool")
@@ -106,7 +106,8 @@ def test_a_reader_applies_commits_and_merges_it_has_seen_without_reading_the_sha
     writer = IndexStore(tmp_path, model=MODEL, dim=8, settings=settings_of("hnsw"))
     reader = IndexStore(tmp_path, read_only=True)
     full_loads = []
-    monkeypatch.setattr(reader, "_load_view", lambda *a, **k: full_loads.append(1) or IndexStore._load_view(reader, *a, **k))
+    load = reader._reader.load
+    monkeypatch.setattr(reader._reader, "load", lambda *a, **k: full_loads.append(1) or load(*a, **k))
     for n in range(10):
         writer.apply([with_attributes(record(f"p{n % 4}", n), n)])
         assert reader.refresh()

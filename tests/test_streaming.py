@@ -73,7 +73,7 @@ def bad_messages(image_url) -> list[bytes]:
                     "image_urls": [image_url("missing.jpg")]}).encode(),
     ]
     # Over the 1 MB event limit. (The DirectRunner's pull fails on responses over gRPC's 4 MB
-    # default, so a burst of near-10 MB messages is a Dataflow-only test; see the README.)
+    # default, so a burst of near-10 MB messages is a Dataflow-only test; see docs/ARCHITECTURE.md §14.)
     huge = [b'{"title": "' + b"x" * 1_100_000 + b'"}'] * 2
     return [kinds[i % len(kinds)] for i in range(18)] + huge
 

@@ -1,4 +1,4 @@
-"""BigQuery sinks for records and dead letters (DESIGN §4, §5), emulator-aware.
+"""BigQuery sinks for records and dead letters (docs/ARCHITECTURE.md §4, §5), emulator-aware.
 
 The table schema comes from the contract's dataclass (`schemas.bigquery_schema`); tables are
 created if needed, day-partitioned on the record's timestamp and clustered by product_id.

@@ -1,4 +1,4 @@
-"""Turns every failure output of the pipeline into `DeadLetter` records (DESIGN §5).
+"""Turns every failure output of the pipeline into `DeadLetter` records (docs/ARCHITECTURE.md §5).
 
 Beam's `with_exception_handling` emits `(element, (type, repr, traceback))`; RunInference's
 emits the failed batch as the element. Both become one dead letter per event: the event inside

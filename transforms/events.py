@@ -1,4 +1,4 @@
-"""Product-change messages to `ProductEvent`s, with every rule of DESIGN §3 checked.
+"""Product-change messages to `ProductEvent`s, with every rule of docs/ARCHITECTURE.md §3 checked.
 
 `parse_event` is plain Python (the unit tests drive it directly); `ParseEvents` wraps it
 for Beam and sends every message it refuses to the dead letter with stage `parse` (not
@@ -223,7 +223,7 @@ def _image_urls(value: Any, fail) -> tuple[str, ...]:
 
 
 def _event_time(value: Any, fail) -> dt.datetime | None:
-    """Optional RFC 3339 `event_time` (an extension of §3: when the merchant made the change)."""
+    """Optional RFC 3339 `event_time` (docs/ARCHITECTURE.md §3: when the merchant made the change)."""
     if value is None:
         return None
     if not isinstance(value, str):

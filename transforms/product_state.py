@@ -1,4 +1,5 @@
-"""Product state: written by the embed pipeline, read back and folded by the re-embed backfill (DESIGN §4).
+"""Product state: written by the embed pipeline, read back and folded by the re-embed backfill
+(docs/ARCHITECTURE.md §6).
 
 Every accepted event leaves one `ProductState` row (JSON lines in files mode, the `product_state`
 BigQuery table with `--state_table`). A product's current state is its newest upsert or delete by

@@ -1,4 +1,4 @@
-"""Model outputs and deletes → `EmbeddingRecord`s (DESIGN §4)."""
+"""Model outputs and deletes → `EmbeddingRecord`s (docs/ARCHITECTURE.md §4)."""
 
 from __future__ import annotations
 

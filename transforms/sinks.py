@@ -1,4 +1,4 @@
-"""Serialising for sinks, and the JSON-lines sink of local runs (DESIGN §4, §5).
+"""Serialising for sinks, and the JSON-lines sink of local runs (docs/ARCHITECTURE.md §4, §5).
 
 Serialising is the step that can fail (a non-finite float, say); `Serialize` turns those
 failures into dead letters with stage `sink` instead of failing, and in streaming endlessly

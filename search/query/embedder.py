@@ -1,6 +1,6 @@
 """Turns a search request's text, image URL or vector into a query vector of the index's space.
 
-The same backend and fusion as the embed pipeline (DESIGN §8): a text query is a product with
+The same backend and fusion as the embed pipeline (docs/ARCHITECTURE.md §8): a text query is a product with
 only a title, an image query a product with only that image. Query images are fetched through
 the same guarded downloader and decoder as product images. An index of vectors from a model this
 product does not run (a team's own embedder, `acme:custom-64`) is served for vector queries only.
@@ -49,21 +49,21 @@ class QueryEmbedder:
         """The query kinds this embedder answers."""
         return ("text", "image_url", "vector") if self.backend is not None else ("vector",)
 
-    def _require_backend(self, kind: str):
+    def require_backend(self, kind: str):
         if self.backend is None:
             raise QueryError(f"{kind} queries need the index's model, {self.model}, which this service cannot "
                              f"run (no backend of this product serves it): send a vector query instead")
         return self.backend
 
     def text(self, text: str) -> np.ndarray:
-        backend = self._require_backend("text")
+        backend = self.require_backend("text")
         if not text.strip():
             raise QueryError("text is empty")
         return backend.embed_query(text=text)
 
     def image_url(self, url: str, deadline: float | None = None) -> np.ndarray:
         """`deadline`: a `time.monotonic()` instant the download must end by."""
-        self._require_backend("image_url")
+        self.require_backend("image_url")
         try:
             pixels = decode_image(self._fetcher.fetch(url, deadline), self.backend.preprocess)
         except (OSError, ValueError) as e:
