@@ -56,7 +56,7 @@ rollout: setup ## Roll a new model (or head) out locally: new streaming jobs, ba
 	$(RUN) -m localstack.rollout --model $(or $(MODEL),packaged:effnet-lite0+minilm) $(if $(PROJECTION),--projection $(PROJECTION),) \
 	  --products 300 --qrels evaluation/judged/demo.jsonl --photos fashion-mnist --output_dir $(OUT)/rollout
 
-BENCHMARKS := decode pipeline memory batching index scale exact_switch search_latency page_memory freshness_scale gpu_readiness allocator
+BENCHMARKS := decode pipeline memory batching index scale exact_switch search_latency page_memory freshness_scale backfill_scale gpu_readiness allocator
 
 bench: setup ## Run every benchmark; each prints its figures against its baseline and writes bench/results/NAME.json
 	$(RUN) -m bench.freshness --output_dir $(OUT)/bench-freshness

@@ -16,8 +16,9 @@ setuptools.setup(
     version="0.1.0",
     description="Streaming product image+text embeddings on Apache Beam, with a FAISS HNSW index for search.",
     python_requires=">=3.11,<3.12",
-    packages=setuptools.find_packages(include=["pipelines*", "model_handlers*", "media*", "transforms*", "search*", "localstack*", "bench*", "evaluation*"]),
-    py_modules=["argtypes", "schemas", "storage"],
+    packages=setuptools.find_packages(include=["pipelines*", "model_handlers*", "media*", "transforms*", "search*", "localstack*", "bench*", "evaluation*",
+                                                "sample_catalogue*"]),
+    py_modules=["argtypes", "background_server", "schemas", "storage"],
     package_data={"model_handlers": ["model_configs/*.json"]},
     install_requires=REQUIRES,
     extras_require={

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from bench.common import percentiles, write_result
+from bench.common import RESULTS, percentiles, write_result
 from bench.freshness_scale import records
 from search.merge_policy import MergePolicy
 from search.sharded import ShardedIndex
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where backfill_scale.json goes")
     args = parser.parse_args(argv)
     cells = []
     for size in (int(s) for s in args.sizes.split(",")):
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"40, filterable brand and price), then {args.queries} vector queries (k 10) over HTTP to "
                 f"search.server, each scoped to a random shop of {SHOP_SIZE:,} products",
         "cells": cells, "shop_query_p50_growth": growth,
-        "target": "flat vectors within the merge policy, shop query p50 growing <= 1.5x", "holds": holds})
+        "target": "flat vectors within the merge policy, shop query p50 growing <= 1.5x", "holds": holds},
+        args.output)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,12 @@ def percentiles(values, *qs) -> list[float]:
     return [round(float(np.percentile(values, q)), 3) for q in qs]
 
 
-def write_result(name: str, result: dict) -> Path:
-    """bench/results/NAME.json: the figure, its baseline, the ratio, the target and whether it holds."""
+def write_result(name: str, result: dict, directory: Path = RESULTS) -> Path:
+    """bench/results/NAME.json (or in `directory`): the figure, its baseline, the ratio, the target and
+    whether it holds."""
     result = {"name": name, "machine": f"{platform.machine()}, {platform.python_version()}", **result}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return path

@@ -87,11 +87,12 @@ def cold_open_secs(directory: Path) -> float:
     return float(done.stdout.strip())
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """The process's resident memory (VmRSS), or one part of it (RssAnon, RssFile), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
 
 
 def serve(directory: Path) -> ServerProcess:
@@ -148,7 +149,7 @@ def update_rounds(directory: Path, size: int, rounds: int = 10) -> dict:
     """The server's resident memory after each round in which every product is updated once."""
     server = serve(directory)
     store = IndexStore(ShardedIndex.shard_dir(directory, 0), model=MODEL, dim=DIM, settings=SETTINGS)
-    memory = []
+    memory, anon = [], []
     try:
         for r in range(rounds):
             started = time.perf_counter()
@@ -163,8 +164,9 @@ def update_rounds(directory: Path, size: int, rounds: int = 10) -> dict:
                 time.sleep(0.05)
             time.sleep(0.5)  # the old segments' memory released
             memory.append(round(rss_mb(server.process.pid), 1))
+            anon.append(round(rss_mb(server.process.pid, "RssAnon"), 1))
             print(f"  update round {r + 1}: {size:,} products in {time.perf_counter() - started:.0f} s, server "
-                  f"{memory[-1]} MB, {len(store.stats()['segments'])} segments", flush=True)
+                  f"{memory[-1]} MB ({anon[-1]} MB anonymous), segments {[(s['kind'], s['count'], s['live']) for s in store.stats()['segments']]}", flush=True)
     finally:
         server.stop()
         store.close()
@@ -203,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--update_size", type=int, default=100_000)
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where the JSON and the PNG go")
     args = parser.parse_args(argv)
     cells = []
     for size in (int(s) for s in args.sizes.split(",")):
@@ -242,8 +245,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'holds ' if ok else 'MISSED'}  {name}")
     print(f"visible p50 growth {first['live_products']:,} -> {last['live_products']:,}: {growth}x; commit p50 "
           f"growth {commit_growth}x; server memory after 10 update rounds / after 1: {updates['ratio_last_to_first']}")
-    write_result("freshness_scale", result)
-    plot(cells, RESULTS / "freshness_scale.png")
+    write_result("freshness_scale", result, args.output)
+    plot(cells, args.output / "freshness_scale.png")
 
 
 if __name__ == "__main__":

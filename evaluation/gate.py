@@ -60,8 +60,8 @@ class CannotCompare(ValueError):
 
 def _photo_queries(count: int, seed: int = 0) -> list[tuple[bytes, str]]:
     """(PNG bytes, class name) of `count` Fashion-MNIST train photos, as the demo catalogue draws its own."""
-    from evaluation.fashion_mnist import CLASSES, load_fashion_mnist
-    from localstack.catalogue import product_photo
+    from sample_catalogue.fashion_mnist import CLASSES, load_fashion_mnist
+    from sample_catalogue.products import product_photo
 
     images, labels = load_fashion_mnist("train")
     picks = np.random.default_rng(seed).choice(len(images), size=count, replace=False)

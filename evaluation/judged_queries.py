@@ -12,7 +12,7 @@ named as shoppers name them, which is not always how titles do ("jumper" for tit
 - C(omplement): the category is one COMPLEMENTS lists for the query's (a bag for a dress);
 - I(rrelevant): the rest (not written: an unjudged product counts as irrelevant).
 
-The catalogue is `localstack.catalogue.build_catalogue(products, seed)`, the one `make demo` indexes
+The catalogue is `sample_catalogue.products.build_catalogue(products, seed)`, the one `make demo` indexes
 with its defaults; the rows are JSON lines of {query, product_id, label} (evaluation.qrels).
 """
 
@@ -23,7 +23,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from localstack.catalogue import BRANDS, MATERIALS, build_catalogue
+from sample_catalogue.products import BRANDS, MATERIALS, build_catalogue
 
 __all__ = ["COMPLEMENTS", "KINDS", "judge", "queries"]
 

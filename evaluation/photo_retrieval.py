@@ -26,8 +26,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from evaluation.charts import chart, quality_table
-from evaluation.fashion_mnist import CLASSES, load_fashion_mnist
 from evaluation.metrics import evaluate
+from sample_catalogue.fashion_mnist import CLASSES, load_fashion_mnist
 from media.decode import decode_image
 from model_handlers.backends import REGISTRY, image_preprocess, load_backend
 from model_handlers.config import ModelConfig

@@ -100,7 +100,7 @@ def evaluate_judgements(args) -> dict:
     with contextlib.ExitStack() as stack:
         url = args.search_url
         if args.index_dir:
-            from localstack.http_server import BackgroundServer
+            from background_server import BackgroundServer
             from search.server import create_app, open_service
 
             try:

@@ -22,6 +22,7 @@ import shutil
 import signal
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import apache_beam as beam
@@ -29,7 +30,6 @@ import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from localstack.bigquery_emulator import BigQueryEmulator
-from localstack.catalogue import broken_events, build_catalogue
 from localstack.image_server import ImageServer, Route
 from localstack.pubsub_emulator import PubSubEmulator
 from localstack.streaming import StreamingJob
@@ -38,6 +38,7 @@ from model_handlers.config import DEFAULT_MODEL, ModelConfig
 from pipelines import embed
 from pipelines.options import EmbedJobConfig
 from media.download import FetchConfig
+from sample_catalogue.products import broken_events, build_catalogue
 from transforms.images import ImageOptions
 
 __all__ = ["DemoReport", "run_streaming_demo"]
@@ -62,6 +63,8 @@ class DemoReport:
     searchable_ms: list[float] = dataclasses.field(default_factory=list)  # publish → found through the router
     queries: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
     page_url: str = ""
+    images_dir: str = ""  # the catalogue's photos, kept after the demo; the index's image URLs name images_url
+    images_url: str = ""
 
     @staticmethod
     def percentile(values: list[float], q: float) -> float:
@@ -343,6 +346,8 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
             searchable_ms=sorted(probe.found_ms.values()) if probe else [],
             queries=queries,
             page_url=page_url,
+            images_dir=str(out / "images"),
+            images_url=server.url(""),
         )
 
 
@@ -369,7 +374,7 @@ def _search(index_dir: Path, model: str, dim: int, serve: bool, say, images_url:
     """Starts the search service on the index and runs the demo queries over HTTP."""
     import requests
 
-    from localstack.http_server import BackgroundServer
+    from background_server import BackgroundServer
     from search.query.embedder import QueryEmbedder
     from search.server import create_app
     from search.sharded import ShardedIndex
@@ -409,6 +414,12 @@ def print_report(report: DemoReport, say=print) -> None:
                                             f"{h['attributes'].get('price', 0):.2f})" for h in hits))
         say(f"search page: {report.page_url} while it runs; `make demo SERVE=1` keeps it up, or afterwards: "
             f"python -m search.server --index_dir <out>/index")
+        if report.images_url:
+            # The image server stops with the demo; its photos stay on disk, at the paths the index's
+            # image URLs name. Without a server there, the page shows a placeholder for each image.
+            say(f"             with the product images (the index's image URLs name {report.images_url}): "
+                f"python -m localstack.static_server --directory {report.images_dir} "
+                f"--port {urllib.parse.urlsplit(report.images_url).port}")
 
 
 def build_parser() -> argparse.ArgumentParser:

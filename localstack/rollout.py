@@ -38,12 +38,12 @@ from pathlib import Path
 
 import requests
 
-from localstack.catalogue import build_catalogue
 from localstack.emulator import EmulatorProcess
 from localstack.image_server import ImageServer
 from localstack.pubsub_emulator import PubSubEmulator
 from localstack.search_stack import ServiceProcess
 from model_handlers.config import DEFAULT_MODEL
+from sample_catalogue.products import build_catalogue
 
 __all__ = ["main", "rollout"]
 

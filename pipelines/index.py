@@ -1,16 +1,19 @@
-"""The index pipeline: embedding records → the sharded FAISS index that search queries.
+"""The index pipeline: embedding records → the sharded FAISS index that search queries (or a Qdrant collection).
 
 Batch (a backfill from the embed pipeline's files):
     python -m pipelines.index --input_dir out/embeddings --index_dir index/ [--num_shards 4]
 Streaming (the embeddings topic):
     python -m pipelines.index --streaming --input_subscription projects/P/subscriptions/S \
         --index_dir index/ [--dead_letter_topic projects/P/topics/D]
+Into a Qdrant collection instead (last writer wins in the engine; docs/ARCHITECTURE.md §18):
+    python -m pipelines.index ... --sink qdrant --collection products (--qdrant_url URL | --qdrant_path DIR)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,12 +21,13 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 
 from pipelines.cli import configure_logging, is_dry_run, launch, parse_options
-from pipelines.options import IndexJobConfig, IndexOptions, SharedOptions
+from pipelines.options import IndexJobConfig, IndexOptions, InvalidOptions, SharedOptions, SinkOptions
 from schemas import Stage
 from transforms.dead_letter import from_beam_failure
 from transforms.index_updater import UpdateIndex, parse_record
 from transforms.progress import CountOutcomes, describe_outcomes, read_outcomes
 from transforms.pubsub import PublishDeadLetters, ReadEventMessages
+from transforms.qdrant_sink import WriteToQdrant
 from transforms.sinks import WriteJsonLines
 
 __all__ = ["IndexJobConfig", "IndexOutputs", "build_pipeline", "run"]
@@ -40,10 +44,14 @@ def build_pipeline(p: beam.Pipeline, config: IndexJobConfig) -> IndexOutputs:
     else:
         raw = p | "ReadRecords" >> beam.io.ReadFromText(config.input_files, validate=False)
     records, unreadable = raw | "ParseRecords" >> beam.Map(parse_record).with_exception_handling()
-    updated = records | "UpdateIndex" >> UpdateIndex(
-        config.index_dir, config.model, config.dim, config.num_shards, config.commit_batch_size, config.settings,
-        cache_dir=config.cache_dir, stateful=config.stateful_commits, max_delay_secs=config.commit_max_delay_secs,
-        finish_compactions=not config.streaming)
+    if config.sink == "qdrant":
+        updated = records | "WriteToQdrant" >> WriteToQdrant(
+            config.qdrant, config.model, config.dim, config.settings, config.commit_batch_size, config.projection)
+    else:
+        updated = records | "UpdateIndex" >> UpdateIndex(
+            config.index_dir, config.model, config.dim, config.num_shards, config.commit_batch_size, config.settings,
+            cache_dir=config.cache_dir, stateful=config.stateful_commits, max_delay_secs=config.commit_max_delay_secs,
+            finish_compactions=not config.streaming)
     parse_letters = unreadable | "ParseFailures" >> beam.FlatMap(lambda f: from_beam_failure(Stage.PARSE, f))
     # Counted where they are made (a local runner runs what follows a Flatten only at the end).
     _ = records | "CountRecords" >> CountOutcomes("records")
@@ -110,6 +118,8 @@ def summarize(result, config: IndexJobConfig) -> str:
         applied_text = "records read ({upserted} upserted, {deleted} deleted, {ignored} stale or repeated)".format(
             **applied)
     line = describe_outcomes(read_outcomes(result), records=applied_text)
+    if config.qdrant is not None:
+        return f"{line}; {_describe_collection(config)}"
     try:
         stats = ShardedIndex.open(config.index_dir).stats()
     except (OSError, ValueError) as e:
@@ -119,13 +129,33 @@ def summarize(result, config: IndexJobConfig) -> str:
             f"({stats['model']}, {stats['dim']}-d, {stats['segment_kind']} segments)")
 
 
+def _describe_collection(config: IndexJobConfig) -> str:
+    """What the collection holds now (live products: tombstones are not counted)."""
+    from transforms.qdrant_sink import connected
+
+    try:
+        with connected(config.qdrant) as collection:
+            layout = collection.layout()
+            live = collection.count_live()
+    except Exception as e:  # the summary of a finished job: say why, do not fail it
+        return f"{config.destination} cannot be read: {type(e).__name__}: {e}"
+    if layout is None:
+        return f"{config.destination} was not made (no upsert gave its dimension)"
+    return (f"{config.destination} holds {live} live products ({layout['model']}, {layout['dim']}-d, "
+            f"{layout['segment_kind']} layout)")
+
+
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None):
     options = parse_options(argv, "python -m pipelines.index", __doc__.strip().splitlines()[0],
-                            (SharedOptions, IndexOptions))
-    config = IndexJobConfig.from_options(options)
+                            (SharedOptions, IndexOptions, SinkOptions))
+    try:
+        config = IndexJobConfig.from_options(options)
+    except InvalidOptions as e:  # exit status 2, as argparse's refusals; the line is ours to print
+        print(e, file=sys.stderr, flush=True)
+        raise
     if not is_dry_run(options):
         config = layout_from_input(config)
-    if config.projection and not is_dry_run(options):
+    if config.projection and config.sink == "faiss" and not is_dry_run(options):
         keep_head(config.index_dir, config.projection)
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(pipeline, config)

@@ -14,9 +14,11 @@ import glob
 import os
 import re
 import stat
+import urllib.parse
 from pathlib import Path
 
-from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, StandardOptions, TestOptions
+from apache_beam.options.pipeline_options import (DebugOptions, DirectOptions, PipelineOptions, StandardOptions,
+                                                  TestOptions)
 
 import storage
 from argtypes import bounded
@@ -31,9 +33,22 @@ from media.decode import DEFAULT_MAX_PIXELS
 from media.download import FetchConfig
 from transforms.bigquery import EMULATOR_ENV, WRITE_METHODS
 from transforms.images import ImageOptions
+from transforms.qdrant_sink import API_KEY_ENV, COLLECTION_PATTERN, SECRET_PATTERN, QdrantTarget
 
-__all__ = ["EmbedJobConfig", "EmbedOptions", "IndexJobConfig", "IndexOptions", "LaunchOptions", "ReembedJobConfig",
-           "ReembedOptions", "SharedOptions"]
+__all__ = ["EmbedJobConfig", "EmbedOptions", "IndexJobConfig", "IndexOptions", "InvalidOptions", "LaunchOptions",
+           "ReembedJobConfig", "ReembedOptions", "SharedOptions", "SinkOptions"]
+
+
+class InvalidOptions(SystemExit):
+    """Flags that do not fit together, refused at launch with argparse's exit status 2; the command line
+    prints the message (one line naming the flag)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _flag(value: str) -> bool:
@@ -195,6 +210,37 @@ class IndexOptions(PipelineOptions):
                                  "float, int or bool, e.g. brand,category,price:float,in_stock:bool.")
 
 
+class SinkOptions(PipelineOptions):
+    """Where the index pipeline writes: the FAISS index (IndexOptions' --index_dir) or a Qdrant collection.
+    A class of their own: the index Flex Template (deploy/flex_templates.py) lists IndexOptions, and will
+    take these once it launches the Qdrant sink."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--sink", choices=SINKS, default="faiss",
+                            help="Where the records go: faiss (the sharded FAISS index in --index_dir) or qdrant "
+                                 "(a Qdrant collection, last writer wins in the engine: --collection with "
+                                 "--qdrant_url or --qdrant_path).")
+        qdrant = parser.add_argument_group("Qdrant sink (--sink qdrant)")
+        qdrant.add_argument("--collection", help="The Qdrant collection, made from the index layout flags if missing.")
+        qdrant.add_argument("--qdrant_url", help="A Qdrant server, http(s)://HOST[:PORT]; the API key comes from "
+                                                 "--qdrant_api_key_secret or the QDRANT_API_KEY environment variable.")
+        qdrant.add_argument("--qdrant_path", help="A local directory instead of a server: qdrant-client's local mode "
+                                                  "(local runners, one process; tests and demos).")
+        qdrant.add_argument("--qdrant_api_key_secret",
+                            help="projects/P/secrets/S[/versions/V]: the Secret Manager secret holding the API key, "
+                                 "read by the workers (none: QDRANT_API_KEY, if set, on a local runner).")
+        # A request slower than 10 minutes is dead; more than 10 retries (with backoff up to 30 s each)
+        # only delays the bundle's failure, which Beam retries anyway.
+        qdrant.add_argument("--qdrant_timeout_secs", type=bounded(int, 1, 600), default=10,
+                            help="Timeout of one request to the Qdrant server, in seconds.")
+        qdrant.add_argument("--qdrant_retries", type=bounded(int, 0, 10), default=5,
+                            help="Retries of a transient failure (connection, timeout, 429, 5xx), with exponential "
+                                 "backoff, before the bundle fails and Beam retries it.")
+
+
+SINKS = ("faiss", "qdrant")
+QDRANT_FLAGS = ("collection", "qdrant_url", "qdrant_path", "qdrant_api_key_secret")
 LOCAL_RUNNERS = ("DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner", "FnApiRunner", "PrismRunner")
 # Resource names as Pub/Sub and BigQuery define them; the Flex Template metadata uses the same patterns.
 TOPIC_PATTERN = r"^projects/[a-z][-a-z0-9]{4,61}[a-z0-9]/topics/[A-Za-z][-\w.~+%]{2,254}$"
@@ -371,7 +417,9 @@ class ReembedJobConfig:
 @dataclasses.dataclass(frozen=True)
 class IndexJobConfig:
     """The index job. `model` and `dim` are None/0 until known: from `--model`, else from the
-    index's `index.json`, else from the first record the job receives (see UpdateIndex)."""
+    index's `index.json` (the collection's layout), else from the first record the job receives (see
+    UpdateIndex). `sink`: faiss, the index in `index_dir`, or qdrant, the collection `qdrant` names
+    (then `index_dir` is empty and `num_shards` 1)."""
 
     index_dir: str
     num_shards: int
@@ -388,16 +436,28 @@ class IndexJobConfig:
     stateful_commits: bool = False
     commit_max_delay_secs: float = 1.0
     projection: str = ""  # the head the records' vectors went through (kept with the index)
+    sink: str = "faiss"
+    qdrant: QdrantTarget | None = None
+
+    @property
+    def destination(self) -> str:
+        """What the job writes, in words: the index directory, or the Qdrant collection and where it is."""
+        return self.qdrant.where if self.qdrant else self.index_dir
 
     @classmethod
     def from_options(cls, options: PipelineOptions, preflight: bool = True) -> "IndexJobConfig":
         """`preflight`: also ask whether the input exists and Pub/Sub answers (never on a dry run)."""
         o = options.view_as(IndexOptions)
+        sink = options.view_as(SinkOptions)
         shared = options.view_as(SharedOptions)
         streaming = bool(options.view_as(StandardOptions).streaming)
         dry_run = bool(options.view_as(TestOptions).dry_run)
+        remote_runner = (options.view_as(StandardOptions).runner or "DirectRunner") not in LOCAL_RUNNERS
+        sink_problems = _sink_problems(o, sink, options, remote_runner)
+        if sink_problems:
+            raise InvalidOptions("invalid options: " + "; ".join(sink_problems))
         problems = []
-        if not o.index_dir:
+        if sink.sink == "faiss" and not o.index_dir:
             problems.append("--index_dir is required")
         if streaming and not shared.input_subscription:
             problems.append("--input_subscription is required with --streaming")
@@ -415,11 +475,10 @@ class IndexJobConfig:
             filterable = parse_filterable(o.filterable)
         except ValueError as e:
             problems.append(f"--filterable: {e}")
-        remote_runner = (options.view_as(StandardOptions).runner or "DirectRunner") not in LOCAL_RUNNERS
         if remote_runner and o.index_dir and not storage.is_remote(o.index_dir):
             problems.append(f"--index_dir {o.index_dir} is a path on each worker's own disk: on a remote runner "
                             f"the index must be on object storage (gs://...), where search replicas read it")
-        if remote_runner and o.commit_batching == "bundle":
+        if remote_runner and o.commit_batching == "bundle" and sink.sink == "faiss":
             problems.append("--commit_batching bundle on a remote runner: commits would follow bundles, not the "
                             "per-shard state Dataflow checkpoints before it acks; use stateful (or auto)")
         if shared.projection and not shared.model:
@@ -434,23 +493,32 @@ class IndexJobConfig:
                 problems.append(str(e))
         if problems:
             raise SystemExit("invalid options: " + "; ".join(problems))
-        # An existing index decides what --model and --num_shards leave open (reading a remote
-        # one needs the object store, which a dry run does not reach).
-        layout = None if dry_run else _existing_layout(o.index_dir)
+        # An existing index (collection) decides what --model and --num_shards leave open (reading a
+        # remote one needs the object store or the server, which a dry run does not reach).
+        target = None
+        if sink.sink == "qdrant":
+            target = QdrantTarget(collection=sink.collection, url=sink.qdrant_url or "", path=sink.qdrant_path or "",
+                                  api_key_secret=sink.qdrant_api_key_secret or "", timeout_s=sink.qdrant_timeout_secs,
+                                  retries=sink.qdrant_retries)
+            where = target.where
+            layout = None if dry_run else _existing_collection(target)
+        else:
+            where = o.index_dir
+            layout = None if dry_run else _existing_layout(o.index_dir)
         if layout:
             if o.num_shards and o.num_shards != layout["num_shards"]:
                 raise SystemExit(f"invalid options: --num_shards {o.num_shards}, but {o.index_dir} has "
                                  f"{layout['num_shards']} shard(s) (resharding is a new index)")
             if model is not None and layout["dim"] and (model, dim) != (layout["model"], layout["dim"]):
-                raise SystemExit(f"invalid options: --model makes {model} ({dim}-d) vectors, but {o.index_dir} "
+                raise SystemExit(f"invalid options: --model makes {model} ({dim}-d) vectors, but {where} "
                                  f"indexes {layout['model']} ({layout['dim']}-d)")
             kind = layout.get("segment_kind", "hnsw")
             if o.segment_kind and o.segment_kind != kind:
-                raise SystemExit(f"invalid options: --segment_kind {o.segment_kind}, but {o.index_dir} is an index "
+                raise SystemExit(f"invalid options: --segment_kind {o.segment_kind}, but {where} is an index "
                                  f"of {kind} segments (a kind is fixed when the index is made: build a new one)")
             declared = parse_filterable(layout.get("filterable", []))
             if o.filterable and set(filterable) != set(declared):  # the same fields in another order are the same
-                raise SystemExit(f"invalid options: --filterable {o.filterable}, but {o.index_dir} filters on "
+                raise SystemExit(f"invalid options: --filterable {o.filterable}, but {where} filters on "
                                  f"{','.join(map(str, declared)) or 'no attributes'} (fixed when the index is made)")
             if layout["dim"]:  # 0: made from a delete by an earlier version; the first upsert repairs it
                 model, dim = layout["model"], layout["dim"]
@@ -458,14 +526,16 @@ class IndexJobConfig:
         else:
             kind = o.segment_kind or "hnsw"
         num_shards = o.num_shards or (layout or {}).get("num_shards", 1)
-        config = cls(index_dir=o.index_dir, num_shards=num_shards,
+        config = cls(index_dir=o.index_dir or "", num_shards=num_shards,
                      settings=StoreSettings(segment=SegmentParams(kind, o.hnsw_m, o.hnsw_ef_construction, o.ivf_nprobe),
                                             filterable=filterable), model=model, dim=dim,
                      streaming=streaming, input_dir=o.input_dir, input_subscription=shared.input_subscription,
                      dead_letter_dir=o.dead_letter_dir, dead_letter_topic=shared.dead_letter_topic,
                      commit_batch_size=o.commit_batch_size, cache_dir=o.cache_dir,
-                     stateful_commits=o.commit_batching == "stateful" or o.commit_batching == "auto" and remote_runner,
-                     commit_max_delay_secs=o.commit_max_delay_secs, projection=shared.projection or "")
+                     stateful_commits=sink.sink == "faiss" and (o.commit_batching == "stateful" or
+                                                             o.commit_batching == "auto" and remote_runner),
+                     commit_max_delay_secs=o.commit_max_delay_secs, projection=shared.projection or "",
+                     sink=sink.sink, qdrant=target)
         if preflight:
             config.preflight(remote=not dry_run)
         return config
@@ -481,13 +551,97 @@ class IndexJobConfig:
         try:
             if self.input_dir and (remote or not storage.is_remote(self.input_dir)):
                 check_input_dir(self.input_dir, self.input_files, "--input_dir")
-            for flag, path in (("--index_dir", self.index_dir), ("--dead_letter_dir", self.dead_letter_dir)):
+            for flag, path in (("--index_dir", self.index_dir), ("--dead_letter_dir", self.dead_letter_dir),
+                               ("--qdrant_path", self.qdrant.path if self.qdrant else "")):
                 if path:
                     check_writable_dir(path, flag)
             if self.streaming and remote:
                 check_pubsub(self.input_subscription, (self.dead_letter_topic,))
         except PreflightError as e:
             raise SystemExit(f"cannot start: {e}") from e
+
+
+def _sink_problems(o: IndexOptions, sink: SinkOptions, options: PipelineOptions,
+                   remote_runner: bool) -> list[str]:
+    """The sink's flags that do not fit together (InvalidOptions, exit 2): the Qdrant flags without
+    `--sink qdrant`; with it, the collection and exactly one of a server and a local directory, and
+    none of the FAISS index's own flags."""
+    if sink.sink != "qdrant":
+        given = [f"--{flag}" for flag in QDRANT_FLAGS if getattr(sink, flag)]
+        return [f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --sink qdrant"] if given else []
+    problems = []
+    if not sink.collection:
+        problems.append("--collection is required with --sink qdrant")
+    elif not re.match(COLLECTION_PATTERN, sink.collection):
+        problems.append(f"--collection {sink.collection!r} is not a valid name (letters, digits, _ . -; at most 255)")
+    if sink.qdrant_url and sink.qdrant_path:
+        problems.append("--qdrant_url and --qdrant_path exclude each other: the collection is on a server or in a "
+                        "local directory")
+    elif not (sink.qdrant_url or sink.qdrant_path):
+        problems.append("--qdrant_url URL or --qdrant_path DIR is required with --sink qdrant")
+    for flag in ("index_dir", "cache_dir", "num_shards"):
+        if getattr(o, flag) is not None:
+            problems.append(f"--{flag} is for --sink faiss: the Qdrant sink writes to --collection")
+    if o.commit_batching == "stateful":
+        problems.append("--commit_batching stateful is for --sink faiss: the Qdrant sink writes per bundle (every "
+                        "write is conditional, so a replayed bundle changes nothing)")
+    if sink.qdrant_url:
+        url = urllib.parse.urlsplit(sink.qdrant_url)
+        try:
+            url.port
+        except ValueError:
+            url = url._replace(netloc="")
+        if url.username or url.password:  # not echoed: it holds a credential
+            problems.append(f"--qdrant_url must not carry credentials: put the API key in a secret "
+                            f"(--qdrant_api_key_secret) or {API_KEY_ENV}")
+        elif url.scheme not in ("http", "https") or not url.hostname:
+            problems.append(f"--qdrant_url {sink.qdrant_url!r} is not http(s)://HOST[:PORT]")
+    if sink.qdrant_api_key_secret:
+        if sink.qdrant_path:
+            problems.append("--qdrant_api_key_secret is for --qdrant_url: a local directory takes no API key")
+        elif not re.match(SECRET_PATTERN, sink.qdrant_api_key_secret):
+            problems.append(f"--qdrant_api_key_secret {sink.qdrant_api_key_secret!r} is not "
+                            f"projects/P/secrets/S[/versions/V]")
+    elif sink.qdrant_url and remote_runner and os.environ.get(API_KEY_ENV):
+        problems.append(f"--qdrant_api_key_secret is needed on a remote runner: {API_KEY_ENV} is set here, but the "
+                        f"workers do not see this machine's environment")
+    if sink.qdrant_path and remote_runner:
+        problems.append(f"--qdrant_path {sink.qdrant_path} is a directory on each worker's own disk: on a remote runner "
+                        f"use --qdrant_url")
+    if sink.qdrant_path and options.view_as(DirectOptions).direct_running_mode == "multi_processing":
+        problems.append("--qdrant_path is opened by one process at a time (qdrant-client's local mode locks it): "
+                        "not with --direct_running_mode multi_processing; use --qdrant_url")
+    return problems
+
+
+def _existing_collection(target: QdrantTarget) -> dict | None:
+    """The collection's layout, or None when there is none yet; asked of the server (or the local
+    directory) at launch, so an unreachable server, a refused API key or a collection of other vectors
+    is one line before the job starts."""
+    from transforms.qdrant_sink import LayoutMismatch, QdrantUnavailable, connected
+
+    try:
+        if target.path:
+            check_writable_dir(target.path, "--qdrant_path")
+        with connected(target) as collection:
+            return collection.layout()
+    except PreflightError as e:
+        raise SystemExit(f"cannot start: {e}") from e
+    except LayoutMismatch as e:
+        raise SystemExit(f"invalid options: --collection: {e}") from e
+    except QdrantUnavailable as e:
+        raise SystemExit(f"cannot start: {e}") from e
+    except Exception as e:
+        if target.path and "already accessed" in str(e):
+            raise SystemExit(f"cannot start: --qdrant_path {target.path} is open in another process (qdrant-client's "
+                             f"local mode allows one): stop it, or use a Qdrant server (--qdrant_url)") from e
+        status = getattr(e, "status_code", None)
+        if status in (401, 403):
+            source = f"secret {target.api_key_secret}" if target.api_key_secret else \
+                API_KEY_ENV if os.environ.get(API_KEY_ENV) else "none given"
+            raise SystemExit(f"cannot start: {target.url} refused the API key ({status}; key from {source})") from e
+        raise SystemExit(f"cannot start: cannot reach {target.where} within {target.timeout_s} s: "
+                         f"{type(e).__name__}: {e}") from e
 
 
 def _existing_layout(index_dir: str) -> dict | None:

@@ -4,7 +4,7 @@
     {"category": {"in": ["dress", "coat"]}}         one of
     {"price": {"gte": 10, "lt": 50}}                a range (gt, gte, lt, lte; also eq, in)
     {"in_stock": true, "brand": "acme"}             several keys: all of them
-    {"or": [{...}, {...}]}, {"and": [...]}          combinations, nested up to MAX_DEPTH
+    {"or": [{...}, {...}]}, {"and": [...]}          combinations, nested up to MAX_FILTER_NESTING
 
 `shop_id` filters like a keyword field in every index. A filter is parsed once per request into a
 canonical form (its `key` caches the doc set per generation) and evaluated from the per-field
@@ -22,9 +22,9 @@ import numpy as np
 
 from search.fields import SHOP, Field, FieldIndex, typed
 
-__all__ = ["Filter", "FilterError", "MAX_CLAUSES", "MAX_DEPTH", "parse_filter"]
+__all__ = ["Filter", "FilterError", "MAX_CLAUSES", "MAX_FILTER_NESTING", "parse_filter"]
 
-MAX_DEPTH = 8
+MAX_FILTER_NESTING = 8
 MAX_CLAUSES = 256  # conditions and `in` values together
 RANGE_OPS = ("gt", "gte", "lt", "lte")
 OPS = ("eq", "in") + RANGE_OPS
@@ -57,8 +57,8 @@ def parse_filter(data: Any, fields: tuple[Field, ...]) -> Filter:
             raise FilterError(f"{where}: the filter has over {MAX_CLAUSES} conditions")
 
     def node(value: Any, where: str, depth: int) -> tuple:
-        if depth > MAX_DEPTH:
-            raise FilterError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+        if depth > MAX_FILTER_NESTING:
+            raise FilterError(f"{where}: nested deeper than {MAX_FILTER_NESTING} levels")
         if not isinstance(value, dict) or not value:
             raise FilterError(f"{where}: a filter is a non-empty object of field conditions, 'and' or 'or'")
         parts = []

@@ -31,25 +31,27 @@ class SegmentState:
 
 @dataclasses.dataclass(frozen=True)
 class MergePolicy:
-    # Flat (delta) segments are merged into HNSW once they hold this many vectors or number this many.
+    # Flat (delta) segments are merged into a built segment once they hold this many vectors or number
+    # this many.
     delta_limit: int = 20_000
     max_delta_segments: int = 16
-    # HNSW segments are merged, smallest first, only past this many.
-    max_hnsw_segments: int = 8
-    # An HNSW segment whose tombstones pass this share is rebuilt without them.
+    # Built segments, of whatever kind the index builds (HNSW, 8-bit HNSW, IVF-PQ), are merged,
+    # smallest first, only past this many.
+    max_built_segments: int = 8
+    # A built segment whose tombstones pass this share is rebuilt without them.
     tombstone_ratio: float = 0.3
 
     def plan(self, segments: Sequence[SegmentState]) -> list[str]:
         """Names of the segments to merge into one new segment; empty when nothing is due."""
         delta = [s for s in segments if s.kind == "flat"]
-        graphs = [s for s in segments if s.kind != "flat"]
+        built = [s for s in segments if s.kind != "flat"]
         plan = []
         if sum(s.count for s in delta) >= self.delta_limit or len(delta) > self.max_delta_segments:
             plan += delta
-        worn = [s for s in graphs if s.dead_ratio > self.tombstone_ratio]
+        worn = [s for s in built if s.dead_ratio > self.tombstone_ratio]
         plan += worn
-        kept = sorted((s for s in graphs if s not in worn), key=lambda s: s.count)
-        excess = len(kept) + (1 if plan else 0) - self.max_hnsw_segments
+        kept = sorted((s for s in built if s not in worn), key=lambda s: s.count)
+        excess = len(kept) + (1 if plan else 0) - self.max_built_segments
         if excess > 0:
             # The smallest ones: into the segment the plan already makes, `excess` of them are enough;
             # merged among themselves, one more (n segments into one is n - 1 fewer).

@@ -29,6 +29,7 @@ from fastapi import FastAPI
 import storage
 from argtypes import bounded
 from model_handlers.config import ModelConfig, model_id, split_model_id
+from search import malloc
 from search.aliases import index_path
 from search.http import app as http
 from search.http.models import DEFAULT_EF_SEARCH
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    malloc.fix_mmap_threshold()  # before the index is loaded: memory stays flat under updates
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

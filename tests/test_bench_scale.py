@@ -43,3 +43,29 @@ def test_the_exact_switch_benchmark_compares_the_rule_with_its_baseline_on_one_s
         for arm in ("rule", "exact_below only"):
             assert row[arm][f"recall@{row['k']}"]["mean"] >= 0.9 and row[arm]["p50_ms"] > 0
     assert "exact_below only" in result.stdout
+
+
+def test_the_freshness_benchmark_times_a_separate_server_and_memory_under_updates(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.freshness_scale", "--sizes", "3000,6000", "--rounds", "3",
+                             "--update_size", "3000", "--output", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "freshness_scale.json").read_text())
+    assert [cell["live_products"] for cell in report["cells"]] == [3000, 6000]
+    for cell in report["cells"]:
+        assert 0 < cell["visible_p50_s"] <= cell["visible_p99_s"] < 30
+        assert cell["commit_p50_ms"] > 0 and cell["reader_refresh_cpu_p50_ms"] >= 0 and cell["cold_open_s"] > 0
+    assert len(report["update_rounds"]["server_rss_mb_by_round"]) == 10
+    assert set(report["checks"]) >= {"writer commit p50 grows <= 1.5x",
+                                     "server memory after 10 update rounds <= 1.2x the first"}
+    assert (tmp_path / "freshness_scale.png").stat().st_size > 10_000
+
+
+def test_the_backfill_benchmark_runs_the_index_pipeline_and_queries_over_http(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.backfill_scale", "--sizes", "2000,4000", "--queries", "20",
+                             "--output", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "backfill_scale.json").read_text())
+    for cell, size in zip(report["cells"], (2000, 4000)):
+        assert cell["products"] == cell["live_docs"] == size and cell["within_policy"]
+        assert cell["shop_query_p50_ms"] > 0

@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from localstack.emulator import free_port
-from pipelines.options import EmbedOptions, IndexOptions, LaunchOptions, SharedOptions
+from pipelines.options import EmbedOptions, IndexOptions, LaunchOptions, SharedOptions, SinkOptions
 from tests.conftest import TINY_CLIP
 from tests.support.index_helpers import record
 from tests.support.server_process import ServerProcess
@@ -96,7 +96,7 @@ def _parsers():
 
     return {
         "pipelines.embed": beam_options_parser(SharedOptions, EmbedOptions, LaunchOptions),
-        "pipelines.index": beam_options_parser(SharedOptions, IndexOptions, LaunchOptions),
+        "pipelines.index": beam_options_parser(SharedOptions, IndexOptions, SinkOptions, LaunchOptions),
         "search.server": server_parser(),
         "search.router": router_parser(),
         "search.recall": recall_parser(),

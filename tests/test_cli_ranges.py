@@ -11,7 +11,7 @@ import argparse
 
 import pytest
 
-from pipelines.options import EmbedOptions, IndexOptions, LaunchOptions, ReembedOptions, SharedOptions
+from pipelines.options import EmbedOptions, IndexOptions, LaunchOptions, ReembedOptions, SharedOptions, SinkOptions
 from tests.test_cli import beam_options_parser, cli, flags_of
 
 NUMERIC = ("int", "float", "_port")
@@ -33,7 +33,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
         "search.router": router_parser(),
         "evaluation.gate": gate_parser(),
         "pipelines.embed": beam_options_parser(SharedOptions, EmbedOptions, LaunchOptions),
-        "pipelines.index": beam_options_parser(SharedOptions, IndexOptions, LaunchOptions),
+        "pipelines.index": beam_options_parser(SharedOptions, IndexOptions, SinkOptions, LaunchOptions),
         "pipelines.reembed": beam_options_parser(SharedOptions, EmbedOptions, ReembedOptions, LaunchOptions),
         "search.server": build_parser(),
     }
@@ -73,6 +73,9 @@ def test_every_numeric_flag_is_bounded_and_takes_its_default(module):
     ("pipelines.index", ["--input_dir", "/nonexistent/records", "--index_dir", "INDEX",
                          "--commit_max_delay_secs", "inf"],
      "argument --commit_max_delay_secs: must be a number in 0.01..300 (seconds), got 'inf'"),
+    ("pipelines.index", ["--input_dir", "/nonexistent/records", "--sink", "qdrant", "--collection", "c",
+                         "--qdrant_path", "INDEX", "--qdrant_retries", "11"],
+     "argument --qdrant_retries: must be an integer in 0..10, got '11'"),
     ("pipelines.embed", ["--input_file", "/nonexistent/*.jsonl", "--output_dir", "INDEX", "--image_weight", "nan"],
      "argument --image_weight: must be a number strictly between 0 and 1, got 'nan'"),
     ("pipelines.embed", ["--input_file", "/nonexistent/*.jsonl", "--output_dir", "INDEX",

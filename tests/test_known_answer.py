@@ -11,12 +11,12 @@ import json
 import numpy as np
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from localstack.catalogue import build_catalogue
 from localstack.image_server import ImageServer
 from model_handlers.config import ModelConfig
 from pipelines import embed
 from pipelines.options import EmbedJobConfig
 from media.download import FetchConfig
+from sample_catalogue.products import build_catalogue
 from transforms.images import ImageOptions
 
 

@@ -2,11 +2,13 @@
 
 search → media, model_handlers, storage (never the pipelines' transforms, never Beam for a local
 index); model_handlers → nothing above it; the index pipeline and the JSON-lines sink run no model,
-so importing them loads no torch.
+so importing them loads no torch; localstack/ and evaluation/ never import each other (what both use,
+the sample catalogue and the in-process server, lies beneath them).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -49,3 +51,24 @@ def test_what_runs_no_model_imports_no_torch(module):
 def test_media_is_beam_free():
     assert not {"apache_beam", "transforms", "torch"} & loaded_after("media.download", "media.decode",
                                                                       "media.host_guard")
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The top-level packages a module's import statements name, those inside functions too (which
+    `loaded_after` sees only when they run)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package, other", [("localstack", "evaluation"), ("evaluation", "localstack")])
+def test_localstack_and_evaluation_do_not_import_each_other(package, other):
+    paths = sorted((ROOT / package).glob("*.py"))
+    loaded = loaded_after(*(f"{package}.{p.stem}" for p in paths if p.stem != "__init__"))
+    assert package in loaded and "sample_catalogue" in loaded  # the modules were really imported
+    assert other not in loaded
+    assert not [p.name for p in paths if other in imported_packages(p)]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import requests
 
-from evaluation.fashion_mnist import CLASSES, load_fashion_mnist
-from localstack.catalogue import STYLES, broken_events, build_catalogue
 from localstack.image_server import ImageServer, Route
+from sample_catalogue.fashion_mnist import CLASSES, load_fashion_mnist
+from sample_catalogue.products import STYLES, broken_events, build_catalogue
 from transforms.events import InvalidEvent, parse_event
 
 

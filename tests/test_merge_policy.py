@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from search.merge_policy import MergePolicy, SegmentState
 
-POLICY = MergePolicy(delta_limit=100, max_delta_segments=3, max_hnsw_segments=3, tombstone_ratio=0.3)
+POLICY = MergePolicy(delta_limit=100, max_delta_segments=3, max_built_segments=3, tombstone_ratio=0.3)
 
 
 def flat(name, count=10, live=None):
@@ -43,7 +43,7 @@ def test_too_many_graphs_merge_smallest_first_counting_the_new_one():
 @given(st.lists(st.tuples(st.sampled_from(["flat", "hnsw"]), st.integers(1, 5000), st.floats(0, 1)), max_size=20))
 def test_after_a_plan_is_carried_out_the_graphs_fit_and_none_is_worn(shapes):
     """Applying the plan (its segments merged into one graph of their live docs) leaves at most
-    max_hnsw_segments graphs, none of them past the tombstone ratio."""
+    max_built_segments graphs, none of them past the tombstone ratio."""
     segments = [SegmentState(f"s{n}", kind, count, int(count * share)) for n, (kind, count, share) in enumerate(shapes)]
     names = POLICY.plan(segments)
     assert len(names) == len(set(names)) and set(names) <= {s.name for s in segments}
@@ -53,5 +53,5 @@ def test_after_a_plan_is_carried_out_the_graphs_fit_and_none_is_worn(shapes):
     if live:  # the store writes no segment when nothing merged is live
         after.append(SegmentState("merged", "hnsw", live, live))
     graphs = [s for s in after if s.kind == "hnsw"]
-    assert len(graphs) <= POLICY.max_hnsw_segments
+    assert len(graphs) <= POLICY.max_built_segments
     assert all(s.dead_ratio <= POLICY.tombstone_ratio for s in graphs)

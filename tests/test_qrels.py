@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from background_server import BackgroundServer
 from evaluation import run as evaluation_run
 from evaluation.qrels import read_judgements
-from localstack.http_server import BackgroundServer
 from schemas import ProductEvent
 from search.server import create_app, open_service
 from search.sharded import ShardedIndex

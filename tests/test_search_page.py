@@ -11,7 +11,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from localstack.http_server import BackgroundServer
+from background_server import BackgroundServer
 from search.server import create_app
 from search.sharded import ShardedIndex
 
@@ -23,7 +23,7 @@ def browser(tmp_path):
     assert CHROMIUM and CHROMEDRIVER, "make setup installs Debian's chromium and chromium-driver"
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+    for flag in ("--headless=new", "--lang=en-US", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
@@ -51,6 +51,56 @@ def test_a_typed_query_shows_result_images(colour_index, query_embedder, browser
         assert "shirt" in cards[0].find_element(By.CSS_SELECTOR, ".title").text
         assert "results 1–24 in" in browser.find_element(By.ID, "status").text
         browser.save_screenshot(str(tmp_path / "page.png"))
+
+
+def test_cards_show_the_price_first_and_a_placeholder_where_an_image_does_not_load(
+        colour_index, image_server, query_embedder, browser, tmp_path):
+    """Each card shows its price (the shopper's first fact, never cut by other attributes) and a
+    placeholder, never a broken image, where its image host answers 404: as after `make demo`, whose
+    image server is gone once the demo ends."""
+    index_dir, _, records = colour_index
+    price_of = {r.title: r.attributes["price"] for r in records}
+    gone = records[5].title
+    del image_server.routes["/5.jpg"]  # the image host of product 5 now answers 404
+    with BackgroundServer(create_app(ShardedIndex.open(index_dir), query_embedder)) as server:
+        browser.set_window_size(1400, 3000)  # every card in view: images load lazily
+        browser.get(server.url + "/?q=shirt")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ".result")) == 24)
+        wait.until(lambda driver: driver.execute_script(
+            "return [...document.querySelectorAll('.result img')].every(img => img.complete)"))
+        wait.until(lambda driver: driver.find_elements(By.CSS_SELECTOR, ".result .placeholder"))
+        cards = {card.find_element(By.CSS_SELECTOR, ".title").text: card
+                 for card in browser.find_elements(By.CSS_SELECTOR, ".result")}
+        assert {title: card.find_element(By.CSS_SELECTOR, ".price").text for title, card in cards.items()} == {
+            title: f"{price:.2f}" for title, price in price_of.items()}
+        assert cards[gone].find_elements(By.TAG_NAME, "img") == []
+        assert cards[gone].find_element(By.CSS_SELECTOR, ".placeholder").text == gone
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".result .placeholder")) == 1
+        # No broken image anywhere: every image left on the page loaded.
+        assert browser.execute_script("const imgs = [...document.querySelectorAll('.result img')];"
+                                      "return imgs.length === 23 && imgs.every(img => img.naturalWidth > 0);")
+        assert cards[records[0].title].find_element(By.CSS_SELECTOR, ".stock").text == "out of stock"
+        assert cards[records[1].title].find_element(By.CSS_SELECTOR, ".stock").text == "in stock"
+        browser.save_screenshot(str(tmp_path / "served.png"))
+
+        # The brand and a priced currency come first too, and a product without an image gets the placeholder.
+        browser.execute_script("show(arguments[0], '', 0, false)", [
+            {"product_id": "x1", "title": "Tote", "shop_id": "s", "image_url": "",
+             "attributes": {"price": 1234.5, "currency": "EUR", "brand": "Kestrel", "a": 1, "b": 2, "c": 3, "d": 4,
+                            "e": 5}},
+            {"product_id": "x2", "title": "Scarf", "shop_id": "s", "image_url": "", "attributes": {"price": "12"}},
+            {"product_id": "x3", "title": "Hat", "shop_id": "s", "image_url": "",
+             "attributes": {"brand": "Lumen", "price": "on request", "in_stock": "soon"}}])
+        tote, scarf, hat = browser.find_elements(By.CSS_SELECTOR, ".result")
+        assert tote.find_element(By.CSS_SELECTOR, ".price").text == "€1,234.50"
+        assert tote.find_element(By.CSS_SELECTOR, ".brand").text == "Kestrel"
+        assert tote.find_element(By.CSS_SELECTOR, ".meta").text == "s · a: 1 · b: 2 · c: 3 · d: 4"
+        assert scarf.find_element(By.CSS_SELECTOR, ".facts").text == "12.00"  # no brand, no stock: nothing made up
+        assert [part.text for part in hat.find_elements(By.CSS_SELECTOR, ".facts span")] == ["on request", "Lumen"]
+        assert hat.find_element(By.CSS_SELECTOR, ".meta").text == "s · in_stock: soon"
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".result .placeholder")) == 3
+        browser.save_screenshot(str(tmp_path / "cards.png"))
 
 
 def test_filters_facets_url_state_similar_items_and_a_narrow_screen(colour_index, query_embedder, browser, tmp_path):

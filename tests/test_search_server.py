@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import requests
 
-from localstack.http_server import BackgroundServer
+from background_server import BackgroundServer
 from localstack.image_server import Route
 from search.server import create_app
 from search.sharded import ShardedIndex, shard_of

@@ -18,7 +18,7 @@ from search.segment import SEGMENT_KINDS, SegmentParams
 from search.store import IndexMismatch, IndexStore, StoreSettings
 from tests.support.index_helpers import MODEL, last_writer_wins, live_truth, record
 
-SMALL = StoreSettings(merge=MergePolicy(delta_limit=6, max_delta_segments=3, max_hnsw_segments=2, tombstone_ratio=0.3),
+SMALL = StoreSettings(merge=MergePolicy(delta_limit=6, max_delta_segments=3, max_built_segments=2, tombstone_ratio=0.3),
                       exact_below=0, graph_step_cost=0)
 
 

@@ -23,7 +23,7 @@ FIELDS = parse_filterable("brand,price:float,in_stock:bool")
 def settings_of(kind: str) -> StoreSettings:
     return StoreSettings(segment=SegmentParams(kind, m=8, ivf_min=2), filterable=FIELDS, exact_below=0,
                          graph_step_cost=0,
-                         merge=MergePolicy(delta_limit=6, max_delta_segments=3, max_hnsw_segments=2))
+                         merge=MergePolicy(delta_limit=6, max_delta_segments=3, max_built_segments=2))
 
 
 def with_attributes(r, n: int):

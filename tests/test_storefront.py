@@ -21,7 +21,7 @@ from search.store import IndexStore, StoreSettings
 from tests.support.index_helpers import MODEL, last_writer_wins, record
 
 FIELDS = parse_filterable("brand,category,price:float,size:int,in_stock:bool")
-SETTINGS = StoreSettings(filterable=FIELDS, merge=MergePolicy(delta_limit=6, max_delta_segments=3, max_hnsw_segments=2,
+SETTINGS = StoreSettings(filterable=FIELDS, merge=MergePolicy(delta_limit=6, max_delta_segments=3, max_built_segments=2,
                                                               tombstone_ratio=0.3))
 WORDS = ("linen", "wool", "shirt", "coat", "boot")
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any, Iterable
 
-from schemas import DeadLetter, EmbeddingRecord, ProductEvent
+from schemas import DeadLetter, EmbeddingRecord, ProductEvent, Stage
 
 if TYPE_CHECKING:  # the image stage imports torch; writing dead letters must not
     from transforms.images import FetchedProduct
 
-__all__ = ["event_of", "from_beam_failure", "image_dead_letters", "nothing_left"]
+__all__ = ["event_of", "from_beam_failure", "image_dead_letters", "not_created", "nothing_left"]
 
 
 @functools.singledispatch
@@ -56,3 +56,13 @@ def nothing_left(product: FetchedProduct) -> DeadLetter:
     return DeadLetter.of_event(
         first.stage, first.error_type,
         f"all {len(product.failures)} images failed and there is no text; first: {first.error}", product.event)
+
+
+def not_created(records: Iterable[EmbeddingRecord], what: str) -> Iterable[DeadLetter]:
+    """Deletes and patches for an index (`what`: "index", "collection") no upsert has made yet: nothing to
+    apply them to, and no dimension to make it with. They stay replayable as dead letters."""
+    for record in records:
+        yield DeadLetter.of_record(
+            Stage.SINK, "IndexNotCreated",
+            f"a {record.op} for {'an' if what[0] in 'aeiou' else 'a'} {what} that does not exist yet: its dimension "
+            f"comes from the first upsert (or --model); replay this record once the {what} exists", record)

@@ -28,7 +28,7 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_INT64 = 2**63 - 1
 # `attributes` are free-form (brand, price, ...): bounded so one event can't flood a row or a record.
 MAX_ATTRIBUTES_BYTES = 64 * 1024
-MAX_DEPTH = 10  # levels of objects and lists in a message; attributes get all but the top one
+MAX_EVENT_NESTING = 10  # levels of objects and lists in a message; attributes get all but the top one
 
 
 class InvalidEvent(ValueError):
@@ -118,7 +118,8 @@ def _decode(raw: bytes | str) -> dict[str, Any]:
     except ValueError as e:
         raise InvalidEvent(Stage.PARSE, f"message is not JSON: {e}") from e
     except RecursionError as e:  # the decoder's own stack limit, about a thousand levels
-        raise InvalidEvent(Stage.PARSE, f"message is nested over {MAX_DEPTH} levels deep", **ids_in_text(raw)) from e
+        raise InvalidEvent(Stage.PARSE, f"message is nested over {MAX_EVENT_NESTING} levels deep",
+                           **ids_in_text(raw)) from e
     if not isinstance(data, dict):
         raise InvalidEvent(Stage.PARSE, f"message must be a JSON object, got {type(data).__name__}")
     return data
@@ -158,7 +159,7 @@ def _encodable(text: str) -> bool:
 
 def _check_structure(data: dict[str, Any], fail) -> None:
     """Every string can be written as UTF-8, every number is finite, and nothing nests deeper than
-    MAX_DEPTH levels."""
+    MAX_EVENT_NESTING levels."""
     stack: list[tuple[Any, int, str]] = [(data, 1, "message")]
     while stack:
         value, depth, where = stack.pop()
@@ -168,8 +169,8 @@ def _check_structure(data: dict[str, Any], fail) -> None:
         elif unrepresentable(value):  # 1e400 reads as inf
             raise fail(f"{where} is not a finite number (NaN, or outside the float or 64-bit integer range)")
         elif isinstance(value, (dict, list)):
-            if depth > MAX_DEPTH:
-                raise fail(f"{where} is nested over {MAX_DEPTH} levels deep")
+            if depth > MAX_EVENT_NESTING:
+                raise fail(f"{where} is nested over {MAX_EVENT_NESTING} levels deep")
             if isinstance(value, dict):
                 for key, item in value.items():
                     if not _encodable(key):

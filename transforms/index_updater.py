@@ -34,6 +34,7 @@ from apache_beam.utils.shared import Shared
 from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import DeadLetter, EmbeddingRecord, Stage
+from transforms.dead_letter import not_created
 from search.sharded import ShardedIndex, ShardWriter, shard_of
 from search.store import IndexMismatch, StoreSettings
 
@@ -156,15 +157,10 @@ class _CommitFn(beam.DoFn):
         return self._layout
 
     def _commit(self, shard: int, records: list[EmbeddingRecord]):
-        if self._layout_from(records) is None:
-            # Deletes and patches for an index no upsert has made yet: nothing to apply them to, and no
-            # dimension to make it with. They stay replayable as dead letters; never a 0-d index.
-            for record in records:
+        if self._layout_from(records) is None:  # never a 0-d index
+            for dead in not_created(records, "index"):
                 self._counters["refused"].inc()
-                yield beam.pvalue.TaggedOutput(UpdateIndex.DEAD_LETTER, DeadLetter.of_record(
-                    Stage.SINK, "IndexNotCreated",
-                    f"a {record.op} for an index that does not exist yet: its dimension comes from the first "
-                    f"upsert (or --model); replay this record once the index exists", record))
+                yield beam.pvalue.TaggedOutput(UpdateIndex.DEAD_LETTER, dead)
             return
         model, dim = self._layout
         writer, lock = self._writers.get(self._index_dir, shard, model, dim, self._settings, self._cache_dir)

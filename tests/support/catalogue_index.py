@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from localstack.catalogue import build_catalogue
 from media.decode import decode_image
 from model_handlers.backends import load_backend
 from model_handlers.config import ModelConfig
 from search.fields import parse_filterable
 from search.sharded import HEAD_FILE, ShardedIndex
 from search.store import StoreSettings
+from sample_catalogue.products import build_catalogue
 from transforms.events import parse_event
 from transforms.records import embedding_record
 

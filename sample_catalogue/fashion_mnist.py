@@ -1,7 +1,7 @@
 """Fashion-MNIST (Zalando's product photos) from Debian's `dataset-fashion-mnist` package.
 
 Real product photos that need no network: the retrieval evaluation measures on them, and the
-demo's catalogue (localstack.catalogue) is built from them.
+sample catalogue (sample_catalogue.products) is built from them.
 """
 
 from __future__ import annotations

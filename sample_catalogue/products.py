@@ -1,4 +1,4 @@
-"""A sample catalogue of real product photos: Fashion-MNIST (Zalando) from Debian's package.
+"""The sample catalogue of real product photos: Fashion-MNIST (Zalando) from Debian's package.
 
 `build_catalogue` writes the images as PNG and JPEG files (upscaled from 28 px, so the
 decoder does real resizing work) and returns product events whose titles, descriptions and
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evaluation.fashion_mnist import CLASSES, load_fashion_mnist
+from sample_catalogue.fashion_mnist import CLASSES, load_fashion_mnist
 
 __all__ = ["BRANDS", "MATERIALS", "PRICES", "STYLES", "Product", "build_catalogue", "broken_events"]
 
