@@ -85,6 +85,7 @@ class _Health(_Answer):
     shards: list[_Count]
     queries: list[StrictStr] = []
     filterable: list[StrictStr] = []
+    features: list[StrictStr] = []
 
     @model_validator(mode="after")
     def shards_exist(self):
@@ -106,7 +107,7 @@ class _Hit(_Answer):
 
 
 class _FacetCount(_Answer):
-    value: StrictStr | StrictBool | _Number | _Bucket | None
+    value: StrictStr | StrictBool | StrictInt | _Number | _Bucket | None  # an int field's values stay ints
     count: _Count
 
 
@@ -132,6 +133,9 @@ class _VectorAnswer(_Answer):
     product_id: StrictStr
     vector: Annotated[list[_Number], Field(min_length=1)]
     model: StrictStr = ""
+
+
+EMBED = "embed"  # a backend's /healthz `features`: it embeds a query for the router and takes its vector
 
 
 class _QueryVector(_Answer):
@@ -481,16 +485,17 @@ async def _embedded(backends: Backends, data: dict) -> JSONResponse | None:
         return None
     if data.get("image_url") is None and data.get("mode") == "lexical":
         return None  # keywords only: no vector needed
+    healthy = [url for url in backends.urls if url not in backends.errors]
+    if not healthy or not all(EMBED in (backends.health.get(url) or {}).get("features", ()) for url in backends.urls):
+        return None  # a backend of an earlier version (mid-upgrade) would refuse the vector: each embeds it
     query = {"image_url": data["image_url"]} if data.get("image_url") is not None else {"text": data["text"]}
-    healthy = [url for url in backends.urls if url not in backends.errors] or backends.urls
-    for url in healthy:
-        status, answer, _why = await backends.post(url, json.dumps(query).encode(), "/v1/embed")
-        if status == 400 and _error_text(answer) is not None:
-            return JSONResponse({"error": answer["error"]}, status_code=400)
-        checked, _ = _validated(_QueryVector, answer, "POST /v1/embed") if status == 200 else (None, "")
-        if checked is not None:  # the text or image goes too: a backend of another index embeds it itself
-            data.update(vector=checked["vector"], vector_model=checked["model"])
-            return None
+    # One attempt: another backend would wait on the same slow image host, or load the same model.
+    status, answer, _why = await backends.post(healthy[0], json.dumps(query).encode(), "/v1/embed")
+    checked, _ = _validated(_QueryVector, answer, "POST /v1/embed") if status == 200 else (None, "")
+    if checked is not None:  # the text or image goes too: a backend of another index embeds it itself
+        data.update(vector=checked["vector"], vector_model=checked["model"])
+    elif status == 400 and _error_text(answer) is not None and backends.mixed_since is None:
+        return JSONResponse({"error": answer["error"]}, status_code=400)  # every backend would say so
     return None
 
 

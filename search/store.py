@@ -114,7 +114,10 @@ class IndexStore:
 
     # Reading ------------------------------------------------------------------------------
     def refresh(self, retry_secs: float = 5.0) -> bool:
-        """Picks up commits made by another process (search.index.reader); True if there was one."""
+        """Picks up commits made by another process (search.index.reader); True if there was one. A
+        writer's view is always its newest commit (one writer per store): nothing to pick up."""
+        if self._writer is not None:
+            return False
         return self._reader.refresh(retry_secs)
 
     def search(self, query: np.ndarray | None, k: int = 10, ef_search: int = 128, shop_id: str | None = None,

@@ -44,7 +44,7 @@ def attributes(rank: int, shard: int) -> dict:
     """Per shard, 150 brands of 2 products each, then `a-rare` once: rare in each shard, so outside each
     one's top 100, but first in the total's (counted twice, and first by name among those that are);
     and every product's own sku: thousands of values."""
-    out = {"sku": f"sku-{shard}-{rank:04d}"}
+    out = {"sku": f"sku-{shard}-{rank:04d}", "size": rank % 7}
     if rank < 300:
         out["brand"] = f"{'ab'[shard]}{rank // 2:03d}"
     elif rank == 300:
@@ -54,7 +54,7 @@ def attributes(rank: int, shard: int) -> dict:
 
 def test_facet_counts_through_the_router_equal_one_servers_whatever_the_number_of_values(tmp_path, served):
     directory = tmp_path / "index"
-    ShardedIndex.ensure_layout(directory, 2, MODEL, 8, StoreSettings(filterable=parse_filterable("brand,sku")))
+    ShardedIndex.ensure_layout(directory, 2, MODEL, 8, StoreSettings(filterable=parse_filterable("brand,sku,size:int")))
     writer = ShardedIndex.open(directory, read_only=False)
     per_shard: dict[int, list] = {0: [], 1: []}
     n = 0
@@ -72,12 +72,14 @@ def test_facet_counts_through_the_router_equal_one_servers_whatever_the_number_o
     for shard in writer.shards:
         shard.close()
     whole, _first, _second, router = served(directory)
-    for body in ({"vector": [1.0] + [0.0] * 7, "facets": ["brand"]},
+    for body in ({"vector": [1.0] + [0.0] * 7, "facets": ["brand", "size"]},
                  {"vector": [1.0] + [0.0] * 7, "facets": ["brand", "sku"], "facet_limit": 10_000},
                  {"vector": [1.0] + [0.0] * 7, "facets": ["sku"], "filter": {"brand": "a-rare"}}):
         expected = httpx.post(whole.url + "/v1/search", json=body, timeout=60).json()
         routed = httpx.post(router.url + "/v1/search", json=body, timeout=60).json()
         assert routed["facets"] == expected["facets"]
+        assert [type(item["value"]) for item in routed["facets"].get("size", ())] == \
+            [int] * len(expected["facets"].get("size", ()))  # 3, not 3.0 (which == 3 in Python)
         assert routed["partial"] is False
     top = httpx.post(router.url + "/v1/search", json={"vector": [1.0] + [0.0] * 7, "facets": ["brand"]},
                      timeout=60).json()["facets"]["brand"]

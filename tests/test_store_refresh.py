@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -144,3 +145,18 @@ def test_docs_that_die_while_a_merge_builds_stay_dead_for_the_writer_and_every_r
         assert "p1-2" not in [hit.product_id for hit in store.search(query, k=12, ef_search=64)]
     assert_same_view(reader, IndexStore(tmp_path, read_only=True))
     assert_same_view(writer, IndexStore(tmp_path, read_only=True))
+
+
+def test_a_readers_connections_are_closed_when_their_threads_end(tmp_path):
+    """A server's worker threads come and go; each one's SQLite connection must not outlive it."""
+    writer = IndexStore(tmp_path, model=MODEL, dim=8, settings=settings_of("hnsw"))
+    writer.apply([with_attributes(record("p0", 1), 0)])
+    reader = IndexStore(tmp_path, read_only=True)
+    for _ in range(20):
+        thread = threading.Thread(target=reader.live_products)
+        thread.start()
+        thread.join()
+    assert reader.live_products() == {"p0": (1, "shop-a")}
+    assert len(reader._catalog._connections) <= 2  # this thread's, and the last ended thread's
+    reader.close()
+    writer.close()

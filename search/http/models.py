@@ -187,3 +187,6 @@ class Health(BaseModel):
     queries: list[str] = Field(description="the query kinds this service answers")
     filterable: list[str] = Field([], description="the index's filterable fields (name or name:type)")
     errors: dict[str, str] = Field({}, description="shard → why its newest generation is not served")
+    features: list[str] = Field(["embed"], description="what search.router may ask of this service: `embed`, "
+                                                       "a query embedded once (POST /v1/embed) and its vector sent "
+                                                       "with the query (`vector_model`)")

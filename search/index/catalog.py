@@ -173,7 +173,9 @@ class Catalog:
         self.read_only = read_only
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []  # every thread's, closed together by close()
+        # Every thread's connection, with its thread: closed together by close(), and each one whose thread
+        # has ended when the next is opened (a server's worker threads come and go).
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
 
     def db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -192,7 +194,11 @@ class Catalog:
                 db = self._connect("?immutable=1")
                 db.execute("PRAGMA synchronous=FULL")
             with self._lock:
-                self._connections.append(db)
+                ended = [pair for pair in self._connections if not pair[0].is_alive()]
+                self._connections = [pair for pair in self._connections if pair[0].is_alive()]
+                self._connections.append((threading.current_thread(), db))
+            for _thread, connection in ended:
+                connection.close()
             self._local.db = db
         return db
 
@@ -228,7 +234,7 @@ class Catalog:
     def close(self) -> None:
         with self._lock:
             connections, self._connections = self._connections, []
-        for db in connections:
+        for _thread, db in connections:
             db.close()
         self._local = threading.local()
 

@@ -185,9 +185,15 @@ class Writer:
     def _committed(self, view: Snapshot, change: dict, added: dict[str, Segment]) -> None:
         """After the commit point: the WAL checkpointed, the marker written, the snapshot moved on."""
         generation = view.generation + 1
-        self.catalog.checkpoint()
-        files.mark(self.directory, generation)
-        self.reader.snapshot = view.after(change, generation, added)
+        try:
+            self.catalog.checkpoint()
+            files.mark(self.directory, generation)
+            self.reader.snapshot = view.after(change, generation, added)
+        except BaseException:
+            # Committed, but the view did not move on: the next commit would reuse this generation
+            # and its change. The view is read anew from the catalog, then the failure goes up.
+            self.reader.snapshot = self.reader.load()
+            raise
 
     # Compaction ---------------------------------------------------------------------------
     def compaction_plan(self, view: Snapshot | None = None) -> list[Segment]:
