@@ -68,14 +68,13 @@ import warnings
 from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import DeadLetter, EmbeddingRecord, Stage, format_timestamp
 from transforms.dead_letter import not_created
 from search.fields import Field, parse_filterable
-from search.index.writer import UNIT_TOLERANCE
+from search.index.writer import refusal
 from search.store import StoreSettings
 
 __all__ = ["API_KEY_ENV", "PRODUCT", "QdrantCollection", "QdrantTarget", "QdrantUnavailable",
@@ -302,23 +301,6 @@ def _payload_indexes(filterable: Sequence[Field]) -> list[tuple[str, Any]]:
             *((f"attributes.{field.name}", by_type[field.type]) for field in filterable)]
 
 
-def refusal(record: EmbeddingRecord, model: str, dim: int) -> str | None:
-    """Why the collection refuses `record`, or None: the FAISS store's checks (search.index.writer), so a
-    record has the same outcome in both sinks. The engine itself would take a non-unit vector (cosine
-    normalises it), but scores are inner products of unit vectors everywhere else (docs/ARCHITECTURE.md §4)."""
-    if record.model != model:
-        return f"record of model {record.model!r} for a collection of {model!r}"
-    if record.op not in ("upsert", "delete", "patch"):
-        return f"unknown op {record.op!r}"
-    if record.op == "upsert":
-        if len(record.embedding) != dim:
-            return f"{len(record.embedding)}-d vector for a {dim}-d collection"
-        norm = float(np.linalg.norm(record.embedding.astype(np.float64)))
-        if not np.isfinite(norm) or abs(norm - 1.0) > UNIT_TOLERANCE:
-            return f"the vector is not a finite unit vector (norm {norm:.6g}): normalise it to length 1"
-    return None
-
-
 def _status(error: BaseException) -> int | None:
     return getattr(error, "status_code", None)
 
@@ -461,7 +443,9 @@ def plan(records: Sequence[EmbeddingRecord], stored: dict[str, tuple[int, bool]]
     state = dict(stored)
     writes: list[tuple[int, int, str]] = []  # (version, outcome index, kind)
     for record in records:
-        reason = refusal(record, model, dim)
+        # The FAISS store's checks: the engine would take a non-unit vector (cosine normalises it), but
+        # scores are inner products of unit vectors everywhere else, so a record has one outcome in both.
+        reason = refusal(record, model, dim, "collection")
         if reason is not None:
             outcomes.append([record, "refused", reason])
             continue

@@ -35,11 +35,28 @@ from search.index.snapshot import Snapshot, unpack
 from search.merge_policy import SegmentState
 from search.segment import Segment, SegmentInfo
 
-__all__ = ["ApplyResult", "CommitDelta", "CommitListener", "UNIT_TOLERANCE", "Writer"]
+__all__ = ["ApplyResult", "CommitDelta", "CommitListener", "UNIT_TOLERANCE", "Writer", "refusal"]
 
 _log = logging.getLogger(__name__)
 
 UNIT_TOLERANCE = 1e-3  # float32 vectors from any model land within 1e-6 of length 1
+
+
+def refusal(record: EmbeddingRecord, model: str, dim: int, store: str = "index") -> str | None:
+    """Why a store (`store`: "index", or "collection" for the Qdrant sink) of `model` and `dim` refuses
+    `record`, or None: one check for every sink, so a record has the same outcome in each."""
+    if record.model != model:
+        return f"record of model {record.model!r} for {'an' if store[0] in 'aeiou' else 'a'} {store} of {model!r}"
+    if record.op not in ("upsert", "delete", "patch"):
+        return f"unknown op {record.op!r}"
+    if record.op == "upsert":
+        if len(record.embedding) != dim:
+            return f"{len(record.embedding)}-d vector for a {dim}-d {store}"
+        # Scores are inner products of unit vectors: anything else would rank wrongly.
+        norm = float(np.linalg.norm(record.embedding.astype(np.float64)))
+        if not np.isfinite(norm) or abs(norm - 1.0) > UNIT_TOLERANCE:
+            return f"the vector is not a finite unit vector (norm {norm:.6g}): normalise it to length 1"
+    return None
 
 
 @dataclasses.dataclass
@@ -103,18 +120,9 @@ class Writer:
 
     # Commits ------------------------------------------------------------------------------
     def check(self, record: EmbeddingRecord) -> None:
-        if record.model != self.meta.model:
-            raise IndexMismatch(f"record of model {record.model!r} for an index of {self.meta.model!r}")
-        if record.op not in ("upsert", "delete", "patch"):
-            raise IndexMismatch(f"unknown op {record.op!r}")
-        if record.op == "upsert":
-            if len(record.embedding) != self.meta.dim:
-                raise IndexMismatch(f"{len(record.embedding)}-d vector for a {self.meta.dim}-d index")
-            # Scores are inner products of unit vectors: anything else would rank wrongly.
-            norm = float(np.linalg.norm(record.embedding.astype(np.float64)))
-            if not np.isfinite(norm) or abs(norm - 1.0) > UNIT_TOLERANCE:
-                raise IndexMismatch(f"the vector is not a finite unit vector (norm {norm:.6g}): normalise "
-                                    f"it to length 1")
+        why = refusal(record, self.meta.model, self.meta.dim)
+        if why is not None:
+            raise IndexMismatch(why)
 
     def apply(self, records: Sequence[EmbeddingRecord]) -> ApplyResult:
         """Applies a micro-batch in one commit; returns what it did. Refused records are reported."""
