@@ -19,7 +19,7 @@ import dataclasses
 import re
 import threading
 import unicodedata
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -196,20 +196,22 @@ class FieldIndex:
             return bool(number)
         return int(number) if self.field.type == "int" else float(number)
 
-    def _values(self, docs: np.ndarray | None) -> np.ndarray:
-        """The values of `docs` (live docs; None: every live doc), those without one left out."""
-        if docs is None:
+    def _values(self, positions: Sequence[np.ndarray] | None) -> np.ndarray:
+        """The values at `positions` (live docs' positions, a list per part; None: every live doc),
+        those without one left out."""
+        if positions is None:
             return self.items()[0]
-        out = [column.by_pos[seg.locate(docs)[1]] for seg, column, _bits in self.parts]
+        out = [column.by_pos[where] for (_seg, column, _bits), where in zip(self.parts, positions)]
         values = np.concatenate(out) if out else np.zeros(0)
         return values[~np.isnan(values)]
 
-    def counts(self, docs: np.ndarray | None) -> dict[Any, int]:
-        """Value → how many of `docs` (None: every live doc) have it."""
-        distinct, counts = np.unique(self._values(docs), return_counts=True)
+    def counts(self, positions: Sequence[np.ndarray] | None) -> dict[Any, int]:
+        """Value → how many of the docs at `positions` (per part, as `Part.locate` gives them; None:
+        every live doc) have it."""
+        distinct, counts = np.unique(self._values(positions), return_counts=True)
         return {self.label(v): int(c) for v, c in zip(distinct, counts)}
 
-    def histogram(self, docs: np.ndarray | None, edges: list[float]) -> list[int]:
-        """How many of `docs` fall in each [edges[i], edges[i+1]) (the last bucket closed)."""
-        values = self._values(docs)
+    def histogram(self, positions: Sequence[np.ndarray] | None, edges: list[float]) -> list[int]:
+        """How many of the docs at `positions` fall in each [edges[i], edges[i+1]) (the last bucket closed)."""
+        values = self._values(positions)
         return [int(c) for c in np.histogram(values, bins=np.asarray(edges, np.float64))[0]]

@@ -154,12 +154,13 @@ class Searcher:
         field given bucket edges {"buckets": [count per bucket]}. Costs in proportion to the scope."""
         view = self.reader.snapshot
         scope = self.scopes.of(view, shop_id, filter)
-        docs = None if scope is None else scope.docs
+        # The scope's positions in each segment, made once per generation (as exact search uses them).
+        where = None if scope is None else self.scopes.per_segment(view, scope, positions)
         out = {}
         for name in names:
             index = view.fields[name]
             edges = (buckets or {}).get(name)
-            out[name] = {"buckets": index.histogram(docs, edges)} if edges else {"values": index.counts(docs)}
+            out[name] = {"buckets": index.histogram(where, edges)} if edges else {"values": index.counts(where)}
         return out
 
     def hits(self, scored: Iterable[tuple[float, int]], generation: int | None = None) -> list[Hit]:
