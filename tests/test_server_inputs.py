@@ -154,13 +154,21 @@ def test_close_releases_every_threads_sqlite_handle(tmp_path):
     writer.apply([record(f"p{n}", 1, model="m") for n in range(20)])
     writer.close()
     reader = IndexStore(directory, read_only=True)
-    threads = [threading.Thread(target=lambda: reader.search(np.ones(8, np.float32) / 8 ** 0.5, k=5))
-               for _ in range(6)]
+    searched, done = threading.Barrier(7), threading.Event()
+
+    def search():  # each thread holds its connection until all have searched (an ended one's is closed)
+        reader.search(np.ones(8, np.float32) / 8 ** 0.5, k=5)
+        searched.wait()
+        done.wait()
+
+    threads = [threading.Thread(target=search) for _ in range(6)]
     for thread in threads:
         thread.start()
+    searched.wait()
+    assert _open_state_handles(directory) >= 6
+    done.set()
     for thread in threads:
         thread.join()
-    assert _open_state_handles(directory) >= 6
     reader.close()
     assert _open_state_handles(directory) == 0  # after an alias switch the old index holds no file open
 
