@@ -4,6 +4,7 @@ this way and sends the vector to every backend)."""
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Annotated
 
@@ -44,7 +45,7 @@ async def search(request: SearchRequest, http: Request, current: Annotated[Serve
             vector = None  # keywords only: no model needed
         elif request.search_mode == "hybrid":
             embedder.require_backend("text")
-            vector = lambda: service.text_vector(embedder, request.text)  # noqa: E731 embedded while the keywords match
+            vector = functools.partial(service.text_vector, embedder, request.text)  # embedded while the keywords match
         else:
             vector = await run_in_threadpool(service.text_vector, embedder, request.text)
     except ImageQueriesBusy as e:
