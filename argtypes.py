@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
-__all__ = ["bounded"]
+__all__ = ["bounded", "matching"]
 
 
 def bounded(kind: type, low: float, high: float, unit: str = "", low_open: bool = False, high_open: bool = False):
@@ -36,4 +37,18 @@ def bounded(kind: type, low: float, high: float, unit: str = "", low_open: bool 
         return value
 
     parse.__name__ = kind.__name__
+    return parse
+
+
+def matching(pattern: str, what: str):
+    """An argparse `type` that takes a value matching `pattern` and refuses anything else in one line,
+    e.g. `argument --collection: must be a collection name, got 'a b'`."""
+    compiled = re.compile(pattern)
+
+    def parse(text: str) -> str:
+        if not compiled.match(text):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text[:80]!r}")
+        return text
+
+    parse.__name__ = what
     return parse

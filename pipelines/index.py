@@ -131,7 +131,7 @@ def summarize(result, config: IndexJobConfig) -> str:
 
 def _describe_collection(config: IndexJobConfig) -> str:
     """What the collection holds now (live products: tombstones are not counted)."""
-    from transforms.qdrant_sink import connected
+    from search.qdrant.collection import connected
 
     try:
         with connected(config.qdrant) as collection:

@@ -33,7 +33,7 @@ from media.decode import DEFAULT_MAX_PIXELS
 from media.download import FetchConfig
 from transforms.bigquery import EMULATOR_ENV, WRITE_METHODS
 from transforms.images import ImageOptions
-from transforms.qdrant_sink import API_KEY_ENV, COLLECTION_PATTERN, SECRET_PATTERN, QdrantTarget
+from search.qdrant.collection import API_KEY_ENV, COLLECTION_PATTERN, SECRET_PATTERN, QdrantTarget
 
 __all__ = ["EmbedJobConfig", "EmbedOptions", "IndexJobConfig", "IndexOptions", "InvalidOptions", "LaunchOptions",
            "ReembedJobConfig", "ReembedOptions", "SharedOptions", "SinkOptions"]
@@ -618,7 +618,7 @@ def _existing_collection(target: QdrantTarget) -> dict | None:
     """The collection's layout, or None when there is none yet; asked of the server (or the local
     directory) at launch, so an unreachable server, a refused API key or a collection of other vectors
     is one line before the job starts."""
-    from transforms.qdrant_sink import LayoutMismatch, QdrantUnavailable, connected
+    from search.qdrant.collection import LayoutMismatch, QdrantUnavailable, connected
 
     try:
         if target.path:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-__all__ = ["BM25_WEIGHTS", "FUSION_WINDOW", "MODES", "RRF_K", "fts_query", "fuse", "fusion_window"]
+__all__ = ["BM25_WEIGHTS", "FUSION_WINDOW", "MODES", "RRF_K", "fts_query", "fuse", "fusion_window", "query_terms"]
 
 MODES = ("vector", "lexical", "hybrid")
 RRF_K = 60
@@ -28,9 +28,14 @@ MAX_TERMS = 32
 _TERM = re.compile(r"\w+", re.UNICODE)
 
 
+def query_terms(text: str) -> list[str]:
+    """A shopper's words, lowercased, each once, at most MAX_TERMS: what both backends match."""
+    return list(dict.fromkeys(term.lower() for term in _TERM.findall(text)))[:MAX_TERMS]
+
+
 def fts_query(text: str) -> str | None:
     """The FTS5 MATCH expression for a shopper's text: its words, each quoted, OR-ed; None if it has none."""
-    terms = list(dict.fromkeys(term.lower() for term in _TERM.findall(text)))[:MAX_TERMS]
+    terms = query_terms(text)
     return " OR ".join(f'"{term}"' for term in terms) if terms else None
 
 

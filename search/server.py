@@ -3,6 +3,7 @@ and a search page at `/`.
 
     python -m search.server --index_dir index/ --port 8080 [--model SPEC]
     python -m search.server --index_dir indexes/ --alias live    # follows the alias (search.aliases)
+    python -m search.server --backend qdrant --collection products (--qdrant_url URL | --qdrant_path DIR)
 
 Built on FastAPI (validation, the OpenAPI document at /openapi.json, /docs and /redoc served without a
 network) served by uvicorn, with prometheus_client for metrics. It embeds text and image queries with
@@ -21,12 +22,14 @@ its error handling (`app`), the models (`models`), what handlers share (`service
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from pathlib import Path
 
 from fastapi import FastAPI
 
 import storage
+import argtypes
 from argtypes import bounded
 from model_handlers.config import ModelConfig, model_id, split_model_id
 from search import malloc
@@ -36,6 +39,7 @@ from search.http.models import DEFAULT_EF_SEARCH
 from search.http.routes import health, page, products, search
 from search.http.service import Service
 from search.query.embedder import QueryEmbedder, QueryError, runs_here
+from search.qdrant.collection import API_KEY_ENV, COLLECTION_PATTERN, SECRET_PATTERN, QdrantTarget
 from search.serving import AliasFollower, Fixed, Served
 from search.sharded import HEAD_FILE, ShardedIndex
 from media.download import FetchConfig
@@ -61,16 +65,22 @@ def create_app(index: ShardedIndex | None, embedder: QueryEmbedder | None, refre
     return app
 
 
-def open_service(index_dir: str, model: str | None = None, projection: str = "", device: str = "auto",
+def open_service(index_dir: str | None, model: str | None = None, projection: str = "", device: str = "auto",
                  fetch: FetchConfig = FetchConfig(), cache_dir: str | None = None,
-                 shards: str | None = None) -> tuple[ShardedIndex, QueryEmbedder]:
-    """The index (or the `shards` of it) and a query embedder that makes vectors of its space;
-    ValueError when they can't match."""
-    index = ShardedIndex.open(index_dir, cache_dir=Path(cache_dir) if cache_dir else None, shards=shards)
+                 shards: str | None = None, qdrant: QdrantTarget | None = None) -> tuple[ShardedIndex, QueryEmbedder]:
+    """The index (or the `shards` of it; or the Qdrant collection `qdrant`) and a query embedder that
+    makes vectors of its space; ValueError when they can't match."""
+    if qdrant is not None:
+        from search.qdrant.index import QdrantIndex
+
+        index = QdrantIndex.open(qdrant)
+        kept = index.projection  # the head pipelines.index --projection recorded with the collection
+    else:
+        index = ShardedIndex.open(index_dir, cache_dir=Path(cache_dir) if cache_dir else None, shards=shards)
+        kept = f"{str(index_dir).rstrip('/')}/{HEAD_FILE}"
     index_spec, index_head = split_model_id(index.model)
     spec = model or index_spec
-    kept = f"{str(index_dir).rstrip('/')}/{HEAD_FILE}"
-    if index_head and not projection and storage.exists(kept):
+    if index_head and not projection and kept and storage.exists(kept):
         projection = kept  # the head the index's vectors went through, kept with it (pipelines.index --projection)
     query_model = ModelConfig(spec=spec, projection=projection).model_id if runs_here(spec) else model_id(spec)
     if query_model != index.model:
@@ -82,14 +92,32 @@ def open_service(index_dir: str, model: str | None = None, projection: str = "",
 
 def build_parser() -> argparse.ArgumentParser:
     # A one-line usage, as the pipelines': a refused value is that line and the one naming the flag.
-    parser = argparse.ArgumentParser(prog="python -m search.server", usage="%(prog)s --index_dir DIR [options]",
+    parser = argparse.ArgumentParser(prog="python -m search.server",
+                                     usage="%(prog)s (--index_dir DIR | --backend qdrant --collection NAME "
+                                           "(--qdrant_url URL | --qdrant_path DIR)) [options]",
                                      description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--index_dir", required=True, help="A local path, or gs://... (replicated locally); with "
-                                                          "--alias, the root of named indexes.")
-    parser.add_argument("--alias", help="Serve the index this alias of INDEX_DIR/aliases.json names, and follow it: "
-                                        "when it moves, the new index and its model are opened and warmed, then "
-                                        "swapped in; requests in flight finish on the old one (search.aliases).")
+    parser.add_argument("--backend", choices=("faiss", "qdrant"), default="faiss",
+                        help="faiss: the embedded index pipelines.index writes (--index_dir); qdrant: a Qdrant "
+                             "collection pipelines.index --sink qdrant writes (--collection and --qdrant_url or "
+                             "--qdrant_path).")
+    parser.add_argument("--index_dir", help="A local path, or gs://... (replicated locally); with --alias, the root "
+                                            "of named indexes (--backend faiss).")
+    parser.add_argument("--alias", help="Serve the index this alias names, and follow it: when it moves, the new index "
+                                        "and its model are opened and warmed, then swapped in; requests in flight "
+                                        "finish on the old one. faiss: an alias of INDEX_DIR/aliases.json; qdrant: a "
+                                        "collection alias (search.aliases).")
+    qdrant = parser.add_argument_group("Qdrant (--backend qdrant)")
+    qdrant.add_argument("--collection", type=argtypes.matching(COLLECTION_PATTERN, "a collection name"),
+                        help="The collection (or, with --alias, none: the alias names it).")
+    qdrant.add_argument("--qdrant_url", help="The Qdrant server, e.g. https://xyz.gcp.cloud.qdrant.io:6333; the "
+                                             f"API key from --qdrant_api_key_secret or ${API_KEY_ENV}.")
+    qdrant.add_argument("--qdrant_path", help="A local-mode directory (qdrant-client's embedded engine; one process "
+                                              "at a time: a pipeline cannot write it while this serves it).")
+    qdrant.add_argument("--qdrant_api_key_secret", type=argtypes.matching(SECRET_PATTERN, "a Secret Manager secret"),
+                        help="projects/P/secrets/S[/versions/V] holding the API key (never a flag's value).")
+    qdrant.add_argument("--qdrant_timeout_secs", type=bounded(int, 1, 300, "seconds"), default=10,
+                        help="Each request to the Qdrant server.")
     parser.add_argument("--cache_dir", help="Where a remote index is replicated (none: a new temporary dir).")
     parser.add_argument("--shards", help="Serve only these of the index's shards, e.g. 0-3 or 0,2 (a replica behind "
                                          "python -m search.router; none: all of them).")
@@ -115,6 +143,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def backend_refusal(args: argparse.Namespace) -> str | None:
+    """Why the flags do not name one index of one backend, or None."""
+    qdrant_flags = [f"--{name}" for name in ("collection", "qdrant_url", "qdrant_path", "qdrant_api_key_secret")
+                    if getattr(args, name)]
+    if args.backend == "faiss":
+        if qdrant_flags:
+            return f"{', '.join(qdrant_flags)} need --backend qdrant"
+        return None if args.index_dir else "give --index_dir (or --backend qdrant with --collection)"
+    if args.index_dir or args.cache_dir or args.shards:
+        return "--index_dir, --cache_dir and --shards are for --backend faiss (Qdrant routes its own shards)"
+    if bool(args.qdrant_url) == bool(args.qdrant_path):
+        return "--backend qdrant needs exactly one of --qdrant_url and --qdrant_path"
+    if args.qdrant_path and args.qdrant_api_key_secret:
+        return "--qdrant_api_key_secret is for --qdrant_url (the local mode has no key)"
+    if bool(args.collection) == bool(args.alias):
+        return "--backend qdrant needs exactly one of --collection and --alias (a collection alias)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     malloc.fix_mmap_threshold()  # before the index is loaded: memory stays flat under updates
@@ -128,10 +175,20 @@ def main(argv: list[str] | None = None) -> None:
         sock.close()
         parser.exit(2, "search.server: --alias follows each index's own model and head (pipelines.index "
                        "--projection keeps the head with the index): drop --model and --projection\n")
+    refused = backend_refusal(args)
+    if refused:
+        sock.close()
+        parser.exit(2, f"search.server: {refused}\n")
+    qdrant = None
+    if args.backend == "qdrant":
+        qdrant = functools.partial(QdrantTarget, url=args.qdrant_url or "", path=args.qdrant_path or "",
+                                   api_key_secret=args.qdrant_api_key_secret or "", timeout_s=args.qdrant_timeout_secs)
     fetch = FetchConfig(allow_private_hosts=args.allow_private_hosts, total_timeout_s=args.image_timeout_secs,
                         read_timeout_s=args.image_timeout_secs, connect_timeout_s=min(5.0, args.image_timeout_secs))
 
     def opener(name: str) -> Served:
+        if qdrant is not None:
+            return Served(*open_service(None, None, "", args.device, fetch, qdrant=qdrant(collection=name)), name=name)
         cache = f"{args.cache_dir.rstrip('/')}/{name}" if args.cache_dir else None
         return Served(*open_service(index_path(args.index_dir, name), None, "", args.device, fetch, cache,
                                     args.shards), name=name)
@@ -139,16 +196,25 @@ def main(argv: list[str] | None = None) -> None:
     follower = None
     try:
         if args.alias:
-            follower = AliasFollower(args.index_dir, args.alias, opener)
+            resolve = None
+            if qdrant is not None:
+                from search.qdrant.index import collection_alias
+
+                resolve = functools.partial(collection_alias, qdrant(collection=args.alias))
+            follower = AliasFollower(args.index_dir or "", args.alias, opener, resolve=resolve)
             index, embedder = follower.current().index, follower.current().embedder
         else:
             index, embedder = open_service(args.index_dir, args.model, args.projection or "", args.device, fetch,
-                                           args.cache_dir, args.shards)
-    except (ValueError, FileNotFoundError) as e:
+                                           args.cache_dir, args.shards,
+                                           qdrant=qdrant(collection=args.collection) if qdrant else None)
+    except Exception as e:  # a missing index or collection, an engine that does not answer: one line, exit 1
         sock.close()
+        if qdrant is None and not isinstance(e, (ValueError, FileNotFoundError)):
+            raise
         parser.exit(1, f"search.server: {e}\n")
-    # A remote index is polled for new commits (an object listing per shard) less often.
-    refresh_secs = 1.0 if storage.is_remote(args.index_dir) else 0.2
+    # A remote index is polled for new commits (an object listing per shard) less often; Qdrant serves
+    # its own newest writes, and the service reads its count at most every second.
+    refresh_secs = 1.0 if qdrant is not None or storage.is_remote(args.index_dir) else 0.2
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     stats = index.stats()

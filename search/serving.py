@@ -92,12 +92,16 @@ class Fixed:
 
 class AliasFollower:
     """The index an alias of `root` names, followed as the alias moves. `opener(name)` opens index `name`
-    with its query model (as search.server.open_service does)."""
+    with its query model (as search.server.open_service does); `resolve(alias)` names the index the
+    alias points at now (default: search.aliases' file under `root`; a Qdrant collection alias for
+    search.qdrant.index.collection_alias)."""
 
-    def __init__(self, root: str, alias: str, opener: Callable[[str], Served], check_secs: float = 1.0):
+    def __init__(self, root: str, alias: str, opener: Callable[[str], Served], check_secs: float = 1.0,
+                 resolve: Callable[[str], str] | None = None):
         self.root, self.alias, self.check_secs = root, alias, check_secs
         self._opener = opener
-        self._served = opener(aliases.resolve(root, alias))
+        self._resolve = resolve or (lambda name: aliases.resolve(root, name))
+        self._served = opener(self._resolve(alias))
         self._lock = threading.Lock()
         self._swap = threading.Lock()  # a request takes the pair and counts itself in one step
         self._checked = time.monotonic()
@@ -127,7 +131,7 @@ class AliasFollower:
                 return
             self._checked = now
         try:
-            name = aliases.resolve(self.root, self.alias)
+            name = self._resolve(self.alias)
         except Exception as e:  # whatever is wrong with the alias file, the request being served is not failed
             error = f"cannot read alias {self.alias!r}: {e}"
             if error != self.error:  # once per new fault, not every second it lasts

@@ -22,9 +22,6 @@ import numpy as np
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import Timestamp
-from apache_beam.utils.windowed_value import WindowedValue
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,25 +29,11 @@ from localstack.emulator import free_port
 from search.store import IndexStore, StoreSettings
 from tests.support.index_helpers import MODEL, live_truth, record
 from tests.test_cli import DATAFLOW, cli
-from transforms.qdrant_sink import (VECTOR_NAME, QdrantTarget, QdrantUnavailable, WriteToQdrant, _ConditionalWriteFn,
-                                    _operation, connected, live_only, point_id, stored_older_than)
+from tests.support.qdrant_helpers import deliver
+from search.qdrant.collection import VECTOR_NAME, QdrantTarget, QdrantUnavailable, connected, live_only, point_id, stored_older_than
+from transforms.qdrant_sink import WriteToQdrant, _ConditionalWriteFn, _operation
 
 DIM = 8
-
-
-def deliver(fn: _ConditionalWriteFn, bundle) -> list[tuple[str, object]]:
-    """One bundle through the DoFn as a runner drives it: (tag, value) of every output."""
-    fn.start_bundle()
-    outputs = []
-    for r in bundle:
-        outputs += list(fn.process(r, timestamp=Timestamp(0), window=GlobalWindow()) or ())
-    outputs += list(fn.finish_bundle() or ())
-    out = []
-    for o in outputs:
-        tag = getattr(o, "tag", "commits")
-        value = getattr(o, "value", o)
-        out.append((tag, value.value if isinstance(value, WindowedValue) else value))
-    return out
 
 
 def workers(target: QdrantTarget, n: int = 2, batch_size: int = 1000, model: str | None = MODEL, **kw):
@@ -289,7 +272,7 @@ class Racing:
         def call(*args, **kwargs):
             rival, self._rival = self._rival, []
             for r in rival:
-                self._client.batch_update_points(self._collection, [_operation([r])])
+                self._client.batch_update_points(self._collection, [_operation([r], ())])
             return attribute(*args, **kwargs)
         return call
 
@@ -563,7 +546,8 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from search.store import StoreSettings
 from tests.support.index_helpers import record
-from transforms.qdrant_sink import QdrantTarget, _ConditionalWriteFn
+from search.qdrant.collection import QdrantTarget
+from transforms.qdrant_sink import _ConditionalWriteFn
 fn = _ConditionalWriteFn(QdrantTarget(collection="products", path={str(tmp_path / "qdrant")!r}), None, 0, StoreSettings())
 fn.setup()
 fn.start_bundle()
