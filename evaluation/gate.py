@@ -2,6 +2,7 @@
 
     python -m evaluation.gate --root ROOT --candidate NAME [--alias live] [--qrels FILE]
         [--photos fashion-mnist] [--tolerance 0.02]
+    python -m evaluation.gate --qdrant_url URL --candidate COLLECTION ...   # Qdrant collections and an alias
 
 Both indexes are opened as the search service opens them (each with its own query model and head)
 and measured the same way, in process:
@@ -42,6 +43,7 @@ from argtypes import bounded
 from evaluation.qrels import read_judgements, score_search
 from model_handlers.config import split_model_id
 from search.aliases import AliasError, check_root, index_path, read_layout, resolve
+from search.qdrant import cli as qdrant_cli
 from search.sharded import ShardedIndex
 
 __all__ = ["compare", "main", "measure"]
@@ -114,7 +116,7 @@ def vector_agreement(serving, candidate, count: int, seed: int = 0) -> float:
     """The share of a sample of `serving`'s live products (at most `count`) whose vector in `candidate`
     is the same (cosine >= SAME_VECTOR); a product the candidate lacks counts as different. Only
     meaningful for two indexes of one model."""
-    products = sorted(pid for shard in serving.shards for pid in shard.live_products())
+    products = sorted(serving.live_products())
     if not products:
         return 1.0
     sample = np.random.default_rng(seed).choice(products, min(count, len(products)), replace=False)
@@ -179,7 +181,7 @@ def _check_judged_live(index, judgements, name: str, path: str) -> None:
 
     relevant = {product for labels in judgements.values() for product, label in labels.items()
                 if ESCI_GAINS.get(label, 0) > 0}
-    live = {product for shard in index.shards for product in shard.live_products()}
+    live = set(index.live_products())
     if not relevant & live:
         raise CannotCompare(f"--qrels {path}: none of its {len(relevant)} products judged relevant is live in the "
                             f"serving index {name}: the judgements do not fit its catalogue, so nDCG and MRR "
@@ -210,8 +212,9 @@ def _table(rows, serving: str, candidate: str, tolerance: float) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m evaluation.gate", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--root", required=True, help="The root of named indexes (search.aliases).")
-    parser.add_argument("--candidate", required=True, help="The index to roll out (a name under ROOT).")
+    parser.add_argument("--root", help="The root of named indexes (search.aliases).")
+    parser.add_argument("--candidate", required=True, help="The index to roll out (a name under ROOT, or a "
+                                                          "collection with --qdrant_url / --qdrant_path).")
     parser.add_argument("--alias", default="live", help="The alias naming the serving index to compare with.")
     parser.add_argument("--qrels", help="Judged queries (JSON lines of {query, product_id, label}).")
     parser.add_argument("--photos", choices=("fashion-mnist",), help="Labelled photos as image queries.")
@@ -225,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="Where the models run.")
     parser.add_argument("--output", help="Also write the figures as JSON to this local file (its directory is "
                                          "created if missing, before the gate runs).")
+    qdrant_cli.add_flags(parser, "Qdrant collections and a collection alias (instead of --root)")
     return parser
 
 
@@ -248,23 +252,82 @@ def _check_output(parser: argparse.ArgumentParser, output: str) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    from search.server import open_service
+class _NamedIndexes:
+    """Named FAISS indexes under a root and its alias file (search.aliases)."""
 
+    def __init__(self, root: str):
+        check_root(root)
+        self.root = root
+
+    def resolve(self, alias: str) -> str:
+        return resolve(self.root, alias)
+
+    def layout(self, name: str) -> dict:
+        return read_layout(self.root, name)
+
+    def open_service(self, name: str, device: str):
+        from search.server import open_service
+
+        return open_service(index_path(self.root, name), device=device)
+
+    def open(self, name: str):
+        return ShardedIndex.open(index_path(self.root, name))
+
+
+class _Collections:
+    """Collections of a Qdrant engine and its collection aliases (search.qdrant.aliases)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def resolve(self, alias: str) -> str:
+        from search.qdrant import aliases
+
+        return aliases.resolve(self.target, alias)
+
+    def layout(self, name: str) -> dict:
+        from search.qdrant.collection import connected
+
+        with connected(self.target(name)) as collection:
+            layout = collection.layout()
+        if layout is None:
+            raise AliasError(f"no collection {name!r} at {self.target(name).url or self.target(name).path}")
+        return layout
+
+    def open_service(self, name: str, device: str):
+        from search.server import open_service
+
+        return open_service(None, device=device, qdrant=self.target(name))
+
+    def open(self, name: str):
+        from search.qdrant.index import QdrantIndex
+
+        return QdrantIndex.open(self.target(name))
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     output = _check_output(parser, args.output) if args.output else None
+    qdrant = bool(args.qdrant_url or args.qdrant_path or args.qdrant_api_key_secret)
+    if qdrant:
+        refused = qdrant_cli.refusal(args) or ("--root is for named FAISS indexes, not with --qdrant_*"
+                                               if args.root else None)
+    else:
+        refused = None if args.root else "give --root (named FAISS indexes) or --qdrant_url / --qdrant_path"
+    if refused:
+        parser.error(refused)
     try:
-        check_root(args.root)
-        serving = resolve(args.root, args.alias)
+        indexes = _Collections(qdrant_cli.targets(args)) if qdrant else _NamedIndexes(args.root)
+        serving = indexes.resolve(args.alias)
         # both exist, and can be compared, before minutes are spent measuring one
-        layouts = {name: read_layout(args.root, name) for name in (serving, args.candidate)}
+        layouts = {name: indexes.layout(name) for name in (serving, args.candidate)}
         missing, note = not_measured(layouts, serving, args.candidate, bool(args.qrels), bool(args.photos))
         judgements = read_judgements(args.qrels) if args.qrels else None
         photos = _photo_queries(args.photo_queries) if args.photos else None
         figures = {}
         for name in (serving, args.candidate):
-            index, embedder = open_service(index_path(args.root, name), device=args.device)
+            index, embedder = indexes.open_service(name, args.device)
             try:
                 if judgements and name == serving:
                     _check_judged_live(index, judgements, name, args.qrels)
@@ -273,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 index.close()
         serving_model, candidate_model = ((layouts[n]["model"], layouts[n]["dim"]) for n in (serving, args.candidate))
         if serving_model == candidate_model:
-            opened = [ShardedIndex.open(index_path(args.root, name)) for name in (serving, args.candidate)]
+            opened = [indexes.open(name) for name in (serving, args.candidate)]
             try:
                 figures[serving][SAME_VECTORS] = 1.0
                 figures[args.candidate][SAME_VECTORS] = vector_agreement(*opened, args.recall_queries)

@@ -4,12 +4,16 @@ Elasticsearch name them).
     python -m search.aliases --root ROOT                  # the indexes, their models and sizes, the aliases
     python -m search.aliases --root ROOT --set live=v2    # switch an alias (refused if v2 is no index)
     python -m search.aliases --root ROOT --show live      # the index it names (exit 1: none)
+    python -m search.aliases --qdrant_url URL --set live=v2   # a Qdrant collection alias (or --qdrant_path DIR)
 
 ROOT/NAME/ is an index (pipelines.index --index_dir ROOT/NAME); ROOT/aliases.json is
 `{"aliases": {"live": "v2"}, "history": [...]}`, replaced whole and atomically (storage.replace_if:
 a rename over the old file locally, a generation precondition on Cloud Storage), so a reader sees
 the old alias or the new one, and of two switches at once exactly one wins (the other is told).
-`search.server --index_dir ROOT --alias live` follows it.
+`search.server --index_dir ROOT --alias live` follows it. With `--qdrant_url` or `--qdrant_path`
+instead of `--root`, the indexes are the collections of a Qdrant engine and the aliases its collection
+aliases, switched atomically by the engine (search.qdrant.aliases); `search.server --backend qdrant
+--alias live` follows one.
 """
 
 from __future__ import annotations
@@ -154,11 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     # The module docstring's first paragraph (one sentence over two lines) and its usage lines.
     parser = argparse.ArgumentParser(prog="python -m search.aliases",
                                      description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=_HelpFormatter)
-    parser.add_argument("--root", required=True, help="The directory (local or gs://) holding the named indexes.")
+    parser.add_argument("--root", help="The directory (local or gs://) holding the named indexes.")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--set", metavar="ALIAS=NAME", help="Point ALIAS at the index NAME.")
     action.add_argument("--show", metavar="ALIAS", help="Print the index ALIAS names (exit 1 when none).")
     parser.add_argument("--expect", metavar="NAME", help="With --set: only if the alias still names NAME.")
+    from search.qdrant import cli as qdrant_cli
+
+    qdrant_cli.add_flags(parser, "Qdrant collections and their aliases (instead of --root)")
     return parser
 
 
@@ -167,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.expect and not args.set:
         parser.error("--expect goes with --set")
+    if args.qdrant_url or args.qdrant_path or args.qdrant_api_key_secret:
+        return _main_qdrant(parser, args)
+    if not args.root:
+        parser.error("give --root (named FAISS indexes) or --qdrant_url / --qdrant_path (Qdrant collections)")
     try:
         check_root(args.root)
         if args.show:
@@ -194,6 +205,41 @@ def main(argv: list[str] | None = None) -> None:
             print(f"alias {alias} -> {name}")
     except (AliasError, OSError) as e:
         parser.exit(1, f"search.aliases: {e}\n")
+
+
+def _main_qdrant(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from search.qdrant import aliases as collection_aliases
+    from search.qdrant import cli as qdrant_cli
+
+    refused = qdrant_cli.refusal(args) or ("--root is for named FAISS indexes, not with --qdrant_*"
+                                           if args.root else None)
+    if refused:
+        parser.error(refused)
+    target = qdrant_cli.targets(args)
+    try:
+        if args.show:
+            print(collection_aliases.resolve(target, args.show))
+            return
+        if args.set:
+            alias, sep, name = args.set.partition("=")
+            if not sep:
+                parser.error("--set takes ALIAS=NAME, e.g. live=v2")
+            before = collection_aliases.set_alias(target, alias, name, args.expect)
+            print(f"alias {alias}: {before or '(none)'} -> {name}")
+            return
+        found = collection_aliases.aliases(target)
+        by_collection: dict[str, list[str]] = {}
+        for alias, name in found.items():
+            by_collection.setdefault(name, []).append(alias)
+        for name, line in collection_aliases.collections(target).items():
+            names = f"  <- {', '.join(sorted(by_collection[name]))}" if name in by_collection else ""
+            print(f"{name}: {line}{names}")
+        for alias, name in sorted(found.items()):
+            print(f"alias {alias} -> {name}")
+    except (AliasError, OSError) as e:
+        parser.exit(1, f"search.aliases: {e}\n")
+    except Exception as e:  # an engine that does not answer or refuses: one line
+        parser.exit(1, f"search.aliases: {type(e).__name__}: {e}\n")
 
 
 if __name__ == "__main__":

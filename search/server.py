@@ -29,8 +29,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 import storage
-import argtypes
-from argtypes import bounded
+from argtypes import bounded, matching
 from model_handlers.config import ModelConfig, model_id, split_model_id
 from search import malloc
 from search.aliases import index_path
@@ -39,7 +38,8 @@ from search.http.models import DEFAULT_EF_SEARCH
 from search.http.routes import health, page, products, search
 from search.http.service import Service
 from search.query.embedder import QueryEmbedder, QueryError, runs_here
-from search.qdrant.collection import API_KEY_ENV, COLLECTION_PATTERN, SECRET_PATTERN, QdrantTarget
+from search.qdrant import cli as qdrant_cli
+from search.qdrant.collection import COLLECTION_PATTERN, QdrantTarget
 from search.serving import AliasFollower, Fixed, Served
 from search.sharded import HEAD_FILE, ShardedIndex
 from media.download import FetchConfig
@@ -107,17 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "and its model are opened and warmed, then swapped in; requests in flight "
                                         "finish on the old one. faiss: an alias of INDEX_DIR/aliases.json; qdrant: a "
                                         "collection alias (search.aliases).")
-    qdrant = parser.add_argument_group("Qdrant (--backend qdrant)")
-    qdrant.add_argument("--collection", type=argtypes.matching(COLLECTION_PATTERN, "a collection name"),
-                        help="The collection (or, with --alias, none: the alias names it).")
-    qdrant.add_argument("--qdrant_url", help="The Qdrant server, e.g. https://xyz.gcp.cloud.qdrant.io:6333; the "
-                                             f"API key from --qdrant_api_key_secret or ${API_KEY_ENV}.")
-    qdrant.add_argument("--qdrant_path", help="A local-mode directory (qdrant-client's embedded engine; one process "
-                                              "at a time: a pipeline cannot write it while this serves it).")
-    qdrant.add_argument("--qdrant_api_key_secret", type=argtypes.matching(SECRET_PATTERN, "a Secret Manager secret"),
-                        help="projects/P/secrets/S[/versions/V] holding the API key (never a flag's value).")
-    qdrant.add_argument("--qdrant_timeout_secs", type=bounded(int, 1, 300, "seconds"), default=10,
-                        help="Each request to the Qdrant server.")
+    parser.add_argument("--collection", type=matching(COLLECTION_PATTERN, "a collection name"),
+                        help="--backend qdrant: the collection (with --alias, none: the alias names it).")
+    qdrant_cli.add_flags(parser, "Qdrant (--backend qdrant; --qdrant_path: a pipeline cannot write the directory "
+                                 "while this serves it)")
     parser.add_argument("--cache_dir", help="Where a remote index is replicated (none: a new temporary dir).")
     parser.add_argument("--shards", help="Serve only these of the index's shards, e.g. 0-3 or 0,2 (a replica behind "
                                          "python -m search.router; none: all of them).")
@@ -153,10 +146,9 @@ def backend_refusal(args: argparse.Namespace) -> str | None:
         return None if args.index_dir else "give --index_dir (or --backend qdrant with --collection)"
     if args.index_dir or args.cache_dir or args.shards:
         return "--index_dir, --cache_dir and --shards are for --backend faiss (Qdrant routes its own shards)"
-    if bool(args.qdrant_url) == bool(args.qdrant_path):
-        return "--backend qdrant needs exactly one of --qdrant_url and --qdrant_path"
-    if args.qdrant_path and args.qdrant_api_key_secret:
-        return "--qdrant_api_key_secret is for --qdrant_url (the local mode has no key)"
+    refused = qdrant_cli.refusal(args)
+    if refused:
+        return f"--backend qdrant: {refused}"
     if bool(args.collection) == bool(args.alias):
         return "--backend qdrant needs exactly one of --collection and --alias (a collection alias)"
     return None
@@ -179,10 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     if refused:
         sock.close()
         parser.exit(2, f"search.server: {refused}\n")
-    qdrant = None
-    if args.backend == "qdrant":
-        qdrant = functools.partial(QdrantTarget, url=args.qdrant_url or "", path=args.qdrant_path or "",
-                                   api_key_secret=args.qdrant_api_key_secret or "", timeout_s=args.qdrant_timeout_secs)
+    qdrant = qdrant_cli.targets(args) if args.backend == "qdrant" else None
     fetch = FetchConfig(allow_private_hosts=args.allow_private_hosts, total_timeout_s=args.image_timeout_secs,
                         read_timeout_s=args.image_timeout_secs, connect_timeout_s=min(5.0, args.image_timeout_secs))
 
@@ -198,9 +187,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.alias:
             resolve = None
             if qdrant is not None:
-                from search.qdrant.index import collection_alias
+                from search.qdrant import aliases as collection_aliases
 
-                resolve = functools.partial(collection_alias, qdrant(collection=args.alias))
+                resolve = functools.partial(collection_aliases.resolve, qdrant)
             follower = AliasFollower(args.index_dir or "", args.alias, opener, resolve=resolve)
             index, embedder = follower.current().index, follower.current().embedder
         else:

@@ -320,6 +320,10 @@ class ShardedIndex:
         for shard in self.shards:
             shard.close()
 
+    def live_products(self) -> dict[str, tuple[int, str]]:
+        """product_id → (version, shop_id) of every live product of the shards served."""
+        return {pid: state for shard in self.shards for pid, state in shard.live_products().items()}
+
     def live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         parts = [shard.live_vectors() for shard in self.shards]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -37,10 +37,9 @@ from search import hybrid
 from search.merge import MAX_FACET_VALUES
 from search.query.searcher import Hit
 from search.sharded import DUPLICATE_COSINE, SIMILAR_POOL, collapse_near_copies
-from search.qdrant.collection import (VECTOR_NAME, Clients, QdrantCollection, QdrantTarget, connected, live_only,
-                                      point_id)
+from search.qdrant.collection import VECTOR_NAME, Clients, QdrantCollection, QdrantTarget, live_only, point_id
 
-__all__ = ["QdrantIndex", "collection_alias", "qdrant_filter"]
+__all__ = ["QdrantIndex", "qdrant_filter"]
 
 _log = logging.getLogger(__name__)
 STATS_SECS = 1.0  # the live count and the layout are read again at most this often
@@ -84,16 +83,6 @@ def _condition(tree: tuple):
     # Numbers: a range of one value, which an int and a float index both answer (3.0 is the int 3).
     ranges = [models.FieldCondition(key=key, range=models.Range(gte=v, lte=v)) for v in values]
     return ranges[0] if len(ranges) == 1 else models.Filter(should=ranges)
-
-
-def collection_alias(target: QdrantTarget) -> str:
-    """The collection the alias `target.collection` names now; ValueError when it names none."""
-    with connected(target) as collection, collection.locked():
-        names = {a.alias_name: a.collection_name for a in collection.client.get_aliases().aliases}
-    if target.collection not in names:
-        raise ValueError(f"no collection alias {target.collection!r} at {target.url or target.path} (aliases: "
-                         f"{', '.join(sorted(names)) or 'none'}): set one with search.aliases")
-    return names[target.collection]
 
 
 class QdrantIndex:
@@ -172,13 +161,17 @@ class QdrantIndex:
         return [hit for score, pid in fused[offset:offset + k] for hit in self._hits([points[pid]], score)]
 
     def _dense(self, query: np.ndarray, k: int, ef_search: int, exact: bool, where, offset: int = 0) -> list:
-        from qdrant_client import models
-
         vector = np.asarray(query, np.float32).reshape(-1)
         if vector.shape[0] != self.dim:
             raise ValueError(f"{vector.shape[0]}-d query for a {self.dim}-d index")
         return self._query(query=vector.tolist(), using=VECTOR_NAME, query_filter=where, limit=k, offset=offset,
-                           search_params=models.SearchParams(hnsw_ef=ef_search, exact=exact))
+                           search_params=self._params(ef_search, exact))
+
+    def _params(self, ef_search: int, exact: bool = False):
+        """The graph's search depth; none in the local mode, which searches exactly (and warns per query)."""
+        from qdrant_client import models
+
+        return None if self.target.path else models.SearchParams(hnsw_ef=ef_search, exact=exact)
 
     def _lexical(self, text: str | None, k: int, where, offset: int = 0) -> list:
         from qdrant_client import models
@@ -238,17 +231,26 @@ class QdrantIndex:
                 filter: Filter | None = None, exclude: str = "", duplicate_cosine: float = DUPLICATE_COSINE,
                 with_vectors: bool = False) -> list[Hit] | list[tuple[Hit, np.ndarray]]:
         """As ShardedIndex.similar: the candidates (the product `exclude` left out), near-copies collapsed."""
-        from qdrant_client import models
-
         where = qdrant_filter(filter.tree if filter else None, shop_id, exclude)
         points = self._query(query=np.asarray(vector, np.float32).tolist(), using=VECTOR_NAME, query_filter=where,
                              limit=SIMILAR_POOL * k + 1, with_vectors=[VECTOR_NAME],
-                             search_params=models.SearchParams(hnsw_ef=ef_search))
+                             search_params=self._params(ef_search))
         candidates = [(hit, np.asarray(p.vector[VECTOR_NAME], np.float32))
                       for p, hit in zip(points, self._hits(points))]
         candidates.sort(key=lambda c: (-c[0].score, c[0].product_id))
         kept = collapse_near_copies(candidates, vector, k, duplicate_cosine)
         return kept if with_vectors else [hit for hit, _ in kept]
+
+    def live_products(self) -> dict[str, tuple[int, str]]:
+        """product_id → (version, shop_id) of every live product."""
+        return self._collection.live_products()
+
+    def live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(product ids, vectors) of every live product: the exact baseline of search.recall."""
+        points = self._collection.points(with_vectors=True)
+        ids = np.array([p.payload["product_id"] for p in points], dtype=object)
+        vectors = np.array([p.vector[VECTOR_NAME] for p in points], np.float32).reshape(len(points), self.dim)
+        return ids, vectors
 
     def stats(self) -> dict:
         return {"model": self.model, "dim": self.dim, "num_shards": 1, "served_shards": [0],
