@@ -81,7 +81,7 @@ build-templates: setup ## Regenerate the Flex Template metadata and build both t
 launch-embed: ## Launch the streaming embed job on Dataflow with GPU workers
 	$(DEPLOY) launch-embed
 
-launch-index: ## Launch the streaming index job on Dataflow (Flex Template; commits per shard to gs://BUCKET/index)
+launch-index: ## Launch the streaming index job on Dataflow (Flex Template; per shard to gs://BUCKET/indexes, or SINK=qdrant QDRANT_URL=... into a collection)
 	$(DEPLOY) launch-index
 
 launch-search: ## Create search replicas per shard group (managed instance groups, internal load balancers) and the router

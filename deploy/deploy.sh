@@ -55,6 +55,11 @@ OLD_JOBS="${OLD_JOBS:-}"  # rollout-switch: the old model's Dataflow job ids to 
 INDEX_MACHINE_TYPE="${INDEX_MACHINE_TYPE:-n2-highmem-8}"  # index workers: the shards they own are held in memory
 INDEX_MAX_WORKERS="${INDEX_MAX_WORKERS:-${NUM_SHARDS}}"
 INDEX_DISK_GB="${INDEX_DISK_GB:-200}"
+SINK="${SINK:-faiss}"  # launch-index: faiss (the sharded index on the bucket) or qdrant (docs/DEPLOY.md §9)
+COLLECTION="${COLLECTION:-products-${INDEX_NAME}}"  # SINK=qdrant: the collection the index job writes
+QDRANT_URL="${QDRANT_URL:-}"  # SINK=qdrant: https://HOST:6333 (Qdrant Cloud, or the Helm release's service)
+QDRANT_API_KEY_SECRET="${QDRANT_API_KEY_SECRET:-projects/${PROJECT}/secrets/qdrant-api-key}"
+QDRANT_WORKERS="${QDRANT_WORKERS:-2}"  # SINK=qdrant: the engine shards; the job only writes
 SHARDS_PER_REPLICA="${SHARDS_PER_REPLICA:-2}"
 SEARCH_MACHINE_TYPE="${SEARCH_MACHINE_TYPE:-n2-highmem-8}"
 SEARCH_REPLICAS="${SEARCH_REPLICAS:-2}"  # instances per shard group
@@ -150,6 +155,10 @@ infra() {
     --member="serviceAccount:${SERVICE_ACCOUNT}" --role=roles/storage.objectAdmin
   run bq --project_id="$PROJECT" add-iam-policy-binding --member="serviceAccount:${SERVICE_ACCOUNT}" \
     --role=roles/bigquery.dataEditor "${PROJECT}:${DATASET}"
+  if [[ "$SINK" == "qdrant" ]]; then  # the workers read the API key, and only that secret (docs/DEPLOY.md §9)
+    run gcloud secrets add-iam-policy-binding "${QDRANT_API_KEY_SECRET##*/secrets/}" --project="$PROJECT" \
+      --member="serviceAccount:${SERVICE_ACCOUNT}" --role=roles/secretmanager.secretAccessor
+  fi
 }
 
 build_image() {
@@ -192,6 +201,8 @@ launch_embed() {
 }
 
 launch_index() {
+  if [[ "$SINK" == "qdrant" ]]; then launch_index_qdrant; return; fi
+  [[ "$SINK" == "faiss" ]] || { echo "deploy.sh: SINK must be faiss or qdrant, not '${SINK}'" >&2; exit 2; }
   positive NUM_SHARDS; positive INDEX_MAX_WORKERS
   # Records keyed by shard and batched by a stateful step: Dataflow acks Pub/Sub only once a batch
   # is checkpointed; each shard's writer is restored from INDEX_DIR on the worker that owns it, and
@@ -199,6 +210,17 @@ launch_index() {
   flex_run index "$INDEX_MACHINE_TYPE" "$INDEX_MAX_WORKERS" \
     "input_subscription=projects/${PROJECT}/subscriptions/${INDEX_SUBSCRIPTION}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~index_dir=${INDEX_DIR}~num_shards=${NUM_SHARDS}~segment_kind=${SEGMENT_KIND}~ivf_nprobe=${IVF_NPROBE}${FILTERABLE:+~filterable=${FILTERABLE}}~commit_batching=stateful~model=${MODEL}" \
     --additional-pipeline-options="disk_size_gb=${INDEX_DISK_GB}"
+}
+
+# The index job into a Qdrant collection: no shards of ours (the engine shards and replicates), no
+# stateful batching (each bundle's batches are conditional writes the engine orders), so plain
+# workers; the API key stays in Secret Manager and is read by the workers (docs/DEPLOY.md §9).
+launch_index_qdrant() {
+  [[ "$QDRANT_URL" =~ ^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?$ ]] || {
+    echo "deploy.sh: SINK=qdrant needs QDRANT_URL=https://HOST[:PORT] (Qdrant Cloud, or the Helm release), not '${QDRANT_URL}'" >&2; exit 2; }
+  positive QDRANT_WORKERS
+  flex_run index "n2-standard-4" "$QDRANT_WORKERS" \
+    "input_subscription=projects/${PROJECT}/subscriptions/${INDEX_SUBSCRIPTION}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~sink=qdrant~collection=${COLLECTION}~qdrant_url=${QDRANT_URL}~qdrant_api_key_secret=${QDRANT_API_KEY_SECRET}~segment_kind=${SEGMENT_KIND}${FILTERABLE:+~filterable=${FILTERABLE}}~model=${MODEL}"
 }
 
 # The endpoint of shard group N inside the VPC: an internal load balancer's service label makes it

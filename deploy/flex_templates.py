@@ -15,8 +15,9 @@ import json
 from pathlib import Path
 
 from model_handlers.config import DEVICES, PRECISIONS
-from pipelines.options import (SUBSCRIPTION_PATTERN, TABLE_PATTERN, TOPIC_PATTERN, EmbedOptions, IndexOptions,
-                               SharedOptions)
+from pipelines.options import (SINKS, SUBSCRIPTION_PATTERN, TABLE_PATTERN, TOPIC_PATTERN, EmbedOptions, IndexOptions,
+                               SharedOptions, SinkOptions)
+from search.qdrant.collection import COLLECTION_PATTERN, SECRET_PATTERN
 from search.segment import SEGMENT_KINDS
 from transforms.bigquery import WRITE_METHODS
 
@@ -66,6 +67,12 @@ REGEXES = {
     "filterable": r"^([A-Za-z_][A-Za-z0-9_]{0,63}(:(keyword|float|int|bool))?(,[A-Za-z_][A-Za-z0-9_]{0,63}(:(keyword|float|int|bool))?)*)?$",
     "commit_batching": "^(auto|bundle|stateful)$",
     "commit_max_delay_secs": _NON_NEGATIVE_NUMBER,
+    "sink": "^(" + "|".join(SINKS) + ")$",
+    "collection": COLLECTION_PATTERN,
+    "qdrant_url": r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?$",
+    "qdrant_api_key_secret": SECRET_PATTERN,
+    "qdrant_timeout_secs": _POSITIVE_INT,
+    "qdrant_retries": r"^[0-9]+$",
 }
 
 # Beam's own flag, passed through to Dataflow (the Shopify memory lesson): a template parameter too.
@@ -85,12 +92,13 @@ TEMPLATES = {
     "index": {
         "name": "product-embeddings-index",
         "description": "Streaming: embedding records on Pub/Sub → the sharded FAISS index "
-                       "(docs/ARCHITECTURE.md §10), batched per shard by a stateful step, each commit fenced. "
-                       "index_dir: gs://... (each shard's writer restored on the worker that owns it), or a path "
-                       "mounted on the workers.",
-        "options": (SharedOptions, IndexOptions),
-        "required": ("input_subscription", "index_dir"),
-        "excluded": ("input_dir", "dead_letter_dir"),
+                       "(docs/ARCHITECTURE.md §10), batched per shard by a stateful step, each commit fenced "
+                       "(index_dir: gs://..., each shard's writer restored on the worker that owns it, or a path "
+                       "mounted on the workers); or, with sink=qdrant, a Qdrant collection, last writer wins in "
+                       "the engine (collection, qdrant_url, the API key from qdrant_api_key_secret; §18).",
+        "options": (SharedOptions, IndexOptions, SinkOptions),
+        "required": ("input_subscription",),
+        "excluded": ("input_dir", "dead_letter_dir", "qdrant_path"),
         "harness_threads": False,
     },
 }

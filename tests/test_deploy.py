@@ -148,6 +148,27 @@ def test_every_deploy_target_dry_runs_to_complete_commands(target, tools):
             assert wanted in run.replace("\\", ""), wanted
 
 
+def test_the_index_job_launches_into_a_qdrant_collection_with_the_key_left_in_secret_manager():
+    url = "https://abc.us-east4-0.gcp.cloud.qdrant.io:6333"
+    result = make_dry_run("launch-index", PROJECT="my-project", SINK="qdrant", QDRANT_URL=url, FILTERABLE="brand")
+    assert result.returncode == 0, result.stderr
+    (run,) = [c.replace("\\", "") for c in result.stdout.splitlines() if c.startswith("+ ")]
+    for wanted in ("gcloud dataflow flex-template run index-", "~sink=qdrant~", "~collection=products-v1~",
+                   f"~qdrant_url={url}~", "~qdrant_api_key_secret=projects/my-project/secrets/qdrant-api-key~",
+                   "~filterable=brand~", "--enable-streaming-engine"):
+        assert wanted in run, wanted
+    assert "index_dir" not in run and "commit_batching" not in run and "api_key=" not in run
+    parameters = dict(p.split("=", 1) for p in run.split("^~^", 1)[1].split()[0].split("~"))
+    template = {p["name"]: p for p in flex_templates.metadata("index")["parameters"]}
+    for name, value in parameters.items():  # what the launch passes, the template takes
+        if name not in ("sdk_container_image", "sdk_location"):
+            assert re.match(template[name]["regexes"][0], value), (name, value)
+    grants = make_dry_run("deploy-infra", PROJECT="my-project", SINK="qdrant").stdout
+    assert "gcloud secrets add-iam-policy-binding qdrant-api-key --project=my-project" in grants
+    refused = make_dry_run("launch-index", PROJECT="my-project", SINK="qdrant")
+    assert refused.returncode != 0 and "SINK=qdrant needs QDRANT_URL" in refused.stderr and not refused.stdout.strip()
+
+
 def test_a_top_tuned_head_reaches_the_embed_job_the_index_updater_and_the_search_service():
     head = "gs://my-bucket/heads/packaged-fashion-mnist-v1.pt"
     (embed,) = [c for c in make_dry_run("launch-embed", PROJECT="my-project", PROJECTION=head).stdout.splitlines()
