@@ -48,8 +48,8 @@ setup: apt-deps pubsub-emulator $(VENV)/.installed ## Create the virtualenv with
 test: setup ## Set everything up and run the whole test suite
 	$(PY) -m pytest -q tests
 
-demo: setup ## Set everything up; real product photos → Pub/Sub → embed → BigQuery + index → search (SERVE=1 keeps the page up)
-	$(RUN) -m localstack.demo --output_dir $(OUT)/demo $(if $(SERVE),--serve,)
+demo: setup ## Set everything up; real product photos → Pub/Sub → embed → BigQuery + index → search (SERVE=1 keeps the page up; BACKEND=qdrant: a Qdrant collection)
+	$(RUN) -m localstack.demo --output_dir $(OUT)/demo $(if $(SERVE),--serve,) $(if $(BACKEND),--backend $(BACKEND),)
 
 # make rollout MODEL=SPEC PROJECTION=HEAD (make eval writes a head under out/eval-heads/); none: the default model again.
 rollout: setup ## Roll a new model (or head) out locally: new streaming jobs, backfill, gate, alias switch, search answering throughout

@@ -59,7 +59,9 @@ SINK="${SINK:-faiss}"  # launch-index: faiss (the sharded index on the bucket) o
 COLLECTION="${COLLECTION:-products-${INDEX_NAME}}"  # SINK=qdrant: the collection the index job writes
 QDRANT_URL="${QDRANT_URL:-}"  # SINK=qdrant: https://HOST:6333 (Qdrant Cloud, or the Helm release's service)
 QDRANT_API_KEY_SECRET="${QDRANT_API_KEY_SECRET:-projects/${PROJECT}/secrets/qdrant-api-key}"
-QDRANT_WORKERS="${QDRANT_WORKERS:-2}"  # SINK=qdrant: the engine shards; the job only writes
+QDRANT_WORKERS="${QDRANT_WORKERS:-2}"  # SINK=qdrant: Dataflow workers (the engine shards; the job only writes)
+QDRANT_SHARDS="${QDRANT_SHARDS:-6}"  # SINK=qdrant, a new collection: shards, a multiple of the nodes (docs/DEPLOY.md §9)
+QDRANT_REPLICATION="${QDRANT_REPLICATION:-2}"  # SINK=qdrant, a new collection: copies of each shard
 SHARDS_PER_REPLICA="${SHARDS_PER_REPLICA:-2}"
 SEARCH_MACHINE_TYPE="${SEARCH_MACHINE_TYPE:-n2-highmem-8}"
 SEARCH_REPLICAS="${SEARCH_REPLICAS:-2}"  # instances per shard group
@@ -218,9 +220,9 @@ launch_index() {
 launch_index_qdrant() {
   [[ "$QDRANT_URL" =~ ^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?$ ]] || {
     echo "deploy.sh: SINK=qdrant needs QDRANT_URL=https://HOST[:PORT] (Qdrant Cloud, or the Helm release), not '${QDRANT_URL}'" >&2; exit 2; }
-  positive QDRANT_WORKERS
+  positive QDRANT_WORKERS; positive QDRANT_SHARDS; positive QDRANT_REPLICATION
   flex_run index "n2-standard-4" "$QDRANT_WORKERS" \
-    "input_subscription=projects/${PROJECT}/subscriptions/${INDEX_SUBSCRIPTION}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~sink=qdrant~collection=${COLLECTION}~qdrant_url=${QDRANT_URL}~qdrant_api_key_secret=${QDRANT_API_KEY_SECRET}~segment_kind=${SEGMENT_KIND}${FILTERABLE:+~filterable=${FILTERABLE}}~model=${MODEL}"
+    "input_subscription=projects/${PROJECT}/subscriptions/${INDEX_SUBSCRIPTION}~dead_letter_topic=projects/${PROJECT}/topics/${DLQ_TOPIC}~sink=qdrant~collection=${COLLECTION}~qdrant_url=${QDRANT_URL}~qdrant_api_key_secret=${QDRANT_API_KEY_SECRET}~qdrant_shards=${QDRANT_SHARDS}~qdrant_replication_factor=${QDRANT_REPLICATION}~segment_kind=${SEGMENT_KIND}${FILTERABLE:+~filterable=${FILTERABLE}}~model=${MODEL}"
 }
 
 # The endpoint of shard group N inside the VPC: an internal load balancer's service label makes it

@@ -73,6 +73,8 @@ REGEXES = {
     "qdrant_api_key_secret": SECRET_PATTERN,
     "qdrant_timeout_secs": _POSITIVE_INT,
     "qdrant_retries": r"^[0-9]+$",
+    "qdrant_shards": r"^[0-9]+$",
+    "qdrant_replication_factor": r"^[0-9]+$",
 }
 
 # Beam's own flag, passed through to Dataflow (the Shopify memory lesson): a template parameter too.

@@ -7,6 +7,10 @@ rate plus one broken event of each kind, reads the output topic, the dead-letter
 BigQuery table back, prints counts and freshness (publish → output topic), then starts the
 search service on the index and prints a few text queries with their top results and the URL
 of the search page. Everything it started is stopped, also on Ctrl-C.
+
+`--backend qdrant` (`make demo BACKEND=qdrant`): the index job writes a Qdrant collection instead
+(`--sink qdrant`, qdrant-client's local mode in <out>/qdrant: the job, the wait and the search
+service share one process and so one client), and the search service serves it.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ __all__ = ["DemoReport", "run_streaming_demo"]
 @dataclasses.dataclass
 class DemoReport:
     model: str
+    backend: str
     rate: float
     published: int
     broken: int
@@ -181,23 +186,45 @@ def _demo_settings():
     return StoreSettings(filterable=parse_filterable(DEMO_FILTERABLE))
 
 
-def _index_job(ps: PubSubEmulator, index_dir: Path, model: str) -> StreamingJob:
+COLLECTION = "products"  # --backend qdrant: the collection in <out>/qdrant
+
+
+def _qdrant_target(out: Path):
+    from search.qdrant.collection import QdrantTarget
+
+    return QdrantTarget(collection=COLLECTION, path=str(out / "qdrant"))
+
+
+def _index_job(ps: PubSubEmulator, out: Path, model: str, backend: str = "faiss") -> StreamingJob:
     """The index pipeline on the embeddings topic, with dead letters of its own."""
     from pipelines import index
 
     ps.create_topic("index-dlq")
     subscription = ps.create_subscription("product-embeddings", "index-pipeline")
+    where = (["--sink", "qdrant", "--collection", COLLECTION, "--qdrant_path", str(out / "qdrant")]
+             if backend == "qdrant" else ["--index_dir", str(out / "index"), "--num_shards", "2"])
     config = index.IndexJobConfig.from_options(PipelineOptions([
-        "--streaming", "--input_subscription", subscription, "--index_dir", str(index_dir), "--model", model,
-        "--num_shards", "2", "--dead_letter_topic", ps.topic("index-dlq"), "--filterable", DEMO_FILTERABLE]))
+        "--streaming", "--input_subscription", subscription, *where, "--model", model,
+        "--dead_letter_topic", ps.topic("index-dlq"), "--filterable", DEMO_FILTERABLE]))
     pipeline = beam.Pipeline(options=PipelineOptions(["--streaming", "--runner", "BundleBasedDirectRunner"]))
     index.build_pipeline(pipeline, config)
     return StreamingJob(pipeline, wake_topic=ps.topic("product-embeddings"))
 
 
-def _wait_indexed(index_dir: Path, model: str, dim: int, count: int, timeout_s: float) -> int:
+def _wait_indexed(out: Path, model: str, dim: int, count: int, timeout_s: float, backend: str = "faiss") -> int:
+    if backend == "qdrant":
+        from search.qdrant.collection import connected
+
+        deadline = time.monotonic() + timeout_s
+        with connected(_qdrant_target(out)) as collection:
+            while True:
+                live = collection.count_live() if collection.layout() else 0
+                if live >= count or time.monotonic() > deadline:
+                    return live
+                time.sleep(0.5)
     from search.sharded import ShardedIndex
 
+    index_dir = out / "index"
     ShardedIndex.ensure_layout(index_dir, 2, model, dim, _demo_settings())
     reader = ShardedIndex.open(index_dir)
     deadline = time.monotonic() + timeout_s
@@ -212,7 +239,7 @@ def _wait_indexed(index_dir: Path, model: str, dim: int, count: int, timeout_s: 
 def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say=print,
                        search: bool = True, serve: bool = False, burst: int = 1,
                        max_batch_duration_secs: float = 0.0, dataset: str = "embeddings",
-                       router: bool = False) -> DemoReport:
+                       router: bool = False, backend: str = "faiss") -> DemoReport:
     """`burst` events are published together every `burst / rate` seconds (1: a steady stream).
     `router`: also serve the index as a deployment does (a replica per shard, `search.router` in
     front) and measure publish → searchable through it for every product.
@@ -264,7 +291,7 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
             stack.callback(collector.stop)
         probe = None
         if search:
-            stack.enter_context(_index_job(ps, out / "index", model))
+            stack.enter_context(_index_job(ps, out, model, backend))
         if search and router:
             from localstack.search_stack import SearchStack
             from model_handlers.backends import embedding_dim
@@ -325,11 +352,12 @@ def run_streaming_demo(products: int, rate: float, model: str, out: Path, *, say
             from model_handlers.backends import embedding_dim
 
             dim = embedding_dim(model)
-            indexed = _wait_indexed(out / "index", model, dim, len(out_records) + 1, 60)
-            queries, page_url = _search(out / "index", model, dim, serve, say, server.url(""))
+            indexed = _wait_indexed(out, model, dim, len(out_records) + 1, 60, backend)
+            queries, page_url = _search(out, model, dim, serve, say, server.url(""), backend)
         event_letters = [d for d in decoded_letters if not d["image_url"] and d["payload"] != "wake-up"]
         return DemoReport(
             model=model,
+            backend=backend,
             rate=rate,
             published=len(catalogue),
             broken=len(broken_events(server.url(""))),
@@ -370,16 +398,24 @@ def _batch_sizes(records: list[dict], gap_ms: float = 5.0) -> dict:
             "max": max(sizes, default=0)}
 
 
-def _search(index_dir: Path, model: str, dim: int, serve: bool, say, images_url: str) -> tuple[dict, str]:
-    """Starts the search service on the index and runs the demo queries over HTTP."""
+def _search(out: Path, model: str, dim: int, serve: bool, say, images_url: str, backend: str = "faiss"
+            ) -> tuple[dict, str]:
+    """Starts the search service on the index (or the collection) and runs the demo queries over HTTP."""
     import requests
 
     from background_server import BackgroundServer
     from search.query.embedder import QueryEmbedder
     from search.server import create_app
-    from search.sharded import ShardedIndex
 
-    app = create_app(ShardedIndex.open(index_dir), QueryEmbedder(model, dim, fetch=FetchConfig(allow_private_hosts=True)))
+    if backend == "qdrant":
+        from search.qdrant.index import QdrantIndex
+
+        index = QdrantIndex.open(_qdrant_target(out))
+    else:
+        from search.sharded import ShardedIndex
+
+        index = ShardedIndex.open(out / "index")
+    app = create_app(index, QueryEmbedder(model, dim, fetch=FetchConfig(allow_private_hosts=True)))
     with BackgroundServer(app) as service:
         queries = {}
         for text in DEMO_QUERIES:
@@ -407,13 +443,17 @@ def print_report(report: DemoReport, say=print) -> None:
         say(f"searchable: publish -> found through the router p50 {p(report.searchable_ms, 50):.0f} ms, "
             f"p99 {p(report.searchable_ms, 99):.0f} ms ({len(report.searchable_ms)} of {report.published} products)")
     if report.queries:
-        say(f"index:      {report.indexed} live products in 2 shards (the catalogue + the warm-up product); "
+        where = (f"Qdrant collection {COLLECTION} (local mode, <out>/qdrant)" if report.backend == "qdrant"
+                 else "2 shards")
+        say(f"index:      {report.indexed} live products in {where} (the catalogue + the warm-up product); "
             "through the query service (keywords and vectors, fused by rank):")
         for text, hits in report.queries.items():
             say(f"  {text!r}: " + "; ".join(f"{h['title']} ({h['attributes'].get('material', '?')}, "
                                             f"{h['attributes'].get('price', 0):.2f})" for h in hits))
+        serve = (f"--backend qdrant --qdrant_path <out>/qdrant --collection {COLLECTION}" if report.backend == "qdrant"
+                 else "--index_dir <out>/index")
         say(f"search page: {report.page_url} while it runs; `make demo SERVE=1` keeps it up, or afterwards: "
-            f"python -m search.server --index_dir <out>/index")
+            f"python -m search.server {serve}")
         if report.images_url:
             # The image server stops with the demo; its photos stay on disk, at the paths the index's
             # image URLs name. Without a server there, the page shows a placeholder for each image.
@@ -430,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate", type=float, default=5.0, help="events per second")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the model spec both pipelines and search use")
     parser.add_argument("--serve", action="store_true", help="keep the search page up until Ctrl-C")
+    parser.add_argument("--backend", choices=("faiss", "qdrant"), default="faiss",
+                        help="where the index job writes and search reads: the FAISS index, or a Qdrant collection "
+                             "(local mode)")
     return parser
 
 
@@ -449,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         report = run_streaming_demo(args.products, args.rate, args.model, Path(args.output_dir).resolve(),
-                                    serve=args.serve)
+                                    serve=args.serve, backend=args.backend)
     except KeyboardInterrupt:
         print("interrupted: emulators, image server and pipeline stopped")
         raise SystemExit(130)

@@ -234,6 +234,12 @@ class SinkOptions(PipelineOptions):
         # only delays the bundle's failure, which Beam retries anyway.
         qdrant.add_argument("--qdrant_timeout_secs", type=bounded(int, 1, 600), default=10,
                             help="Timeout of one request to the Qdrant server, in seconds.")
+        qdrant.add_argument("--qdrant_shards", type=bounded(int, 0, 1024), default=0,
+                            help="A new collection's shards (0: the engine's default, one per node); fixed when "
+                                 "it is made. A multiple of the node count lets the engine spread them evenly.")
+        qdrant.add_argument("--qdrant_replication_factor", type=bounded(int, 0, 16), default=0,
+                            help="A new collection's copies of each shard (0: the engine's default, 1; 2 keeps "
+                                 "serving through a node's loss).")
         qdrant.add_argument("--qdrant_retries", type=bounded(int, 0, 10), default=5,
                             help="Retries of a transient failure (connection, timeout, 429, 5xx), with exponential "
                                  "backoff, before the bundle fails and Beam retries it.")
@@ -499,7 +505,8 @@ class IndexJobConfig:
         if sink.sink == "qdrant":
             target = QdrantTarget(collection=sink.collection, url=sink.qdrant_url or "", path=sink.qdrant_path or "",
                                   api_key_secret=sink.qdrant_api_key_secret or "", timeout_s=sink.qdrant_timeout_secs,
-                                  retries=sink.qdrant_retries)
+                                  retries=sink.qdrant_retries, shards=sink.qdrant_shards,
+                                  replication=sink.qdrant_replication_factor)
             where = target.where
             layout = None if dry_run else _existing_collection(target)
         else:

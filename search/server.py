@@ -208,8 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     stats = index.stats()
     queries = "" if embedder.backend is not None else "; vector queries only: this service cannot run the model"
-    served = f"{index.num_shards} shards" if len(index.shard_ids) == index.num_shards else \
-        f"shards {','.join(map(str, index.shard_ids))} of {index.num_shards}"
+    if qdrant is not None:
+        served = f"Qdrant collection {follower.current().name if follower else args.collection}"
+    elif len(index.shard_ids) == index.num_shards:
+        served = f"{index.num_shards} shards"
+    else:
+        served = f"shards {','.join(map(str, index.shard_ids))} of {index.num_shards}"
     alias = f"alias {args.alias} -> {follower.current().name}, " if follower else ""
     ready = (f"search page: http://{host}:{port}/ ({alias}{stats['live_docs']} products, {served}, "
              f"model {index.model}{queries})")

@@ -155,7 +155,7 @@ def test_the_index_job_launches_into_a_qdrant_collection_with_the_key_left_in_se
     (run,) = [c.replace("\\", "") for c in result.stdout.splitlines() if c.startswith("+ ")]
     for wanted in ("gcloud dataflow flex-template run index-", "~sink=qdrant~", "~collection=products-v1~",
                    f"~qdrant_url={url}~", "~qdrant_api_key_secret=projects/my-project/secrets/qdrant-api-key~",
-                   "~filterable=brand~", "--enable-streaming-engine"):
+                   "~filterable=brand~", "~qdrant_shards=6~qdrant_replication_factor=2~", "--enable-streaming-engine"):
         assert wanted in run, wanted
     assert "index_dir" not in run and "commit_batching" not in run and "api_key=" not in run
     parameters = dict(p.split("=", 1) for p in run.split("^~^", 1)[1].split()[0].split("~"))

@@ -559,3 +559,24 @@ print(sorted(m for m in ("torch", "apache_beam.ml", "qdrant_client") if m in sys
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "['qdrant_client']"
+
+
+def test_a_new_collection_asks_the_engine_for_the_shards_and_copies_given(tmp_path):
+    """The local mode keeps one shard whatever it is asked; a server takes shard_number and
+    replication_factor from the create request, which is what this checks."""
+    target = QdrantTarget(collection="products", path=str(tmp_path / "qdrant"), shards=6, replication=2)
+    with connected(target) as collection:
+        asked = {}
+        create = collection.client.create_collection
+
+        def recording(name, **kwargs):
+            asked.update(kwargs)
+            return create(name, **kwargs)
+        collection.client.create_collection = recording
+        try:
+            collection.ensure(MODEL, DIM, StoreSettings())
+        finally:
+            collection.client.create_collection = create
+    assert asked["shard_number"] == 6 and asked["replication_factor"] == 2
+    parsed = cli("pipelines.index", "--help")
+    assert "--qdrant_shards" in parsed.stdout and "--qdrant_replication_factor" in parsed.stdout

@@ -90,6 +90,8 @@ class QdrantTarget:
     api_key_secret: str = ""
     timeout_s: int = 10
     retries: int = 5
+    shards: int = 0  # a new collection's shards (0: the engine's default, one per node)
+    replication: int = 0  # a new collection's copies of each shard (0: the engine's default, 1)
 
     def __post_init__(self):
         if bool(self.url) == bool(self.path):
@@ -344,7 +346,8 @@ class QdrantCollection:
                 try:
                     self.client.create_collection(self.target.collection,
                                                   vectors_config={VECTOR_NAME: _vector_params(dim, settings)},
-                                                  metadata=metadata)
+                                                  metadata=metadata, shard_number=self.target.shards or None,
+                                                  replication_factor=self.target.replication or None)
                     _log.info("made %s (%s, %d-d, %s)", self.target.where, model, dim, settings.segment.kind)
                 except Exception as e:  # made meanwhile by another worker: a 409 from a server
                     if status_of(e) != 409 and "already exists" not in str(e):
