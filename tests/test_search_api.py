@@ -1,8 +1,10 @@
 """One API contract, two backends: the storefront's HTTP answers from `python -m search.server` over the
-embedded FAISS index and over a Qdrant collection (local mode), holding the same products.
+embedded FAISS index and over a Qdrant collection, holding the same products: in the local mode
+(`--qdrant_path`), and on a server (`--qdrant_url`, the local stand-in localstack.qdrant_server, with an
+API key), written there by the sink over HTTP.
 
-Every test in the first part runs against both servers, each started as a user starts it; the last part
-asks both the same questions and compares the answers where both are exact (vector scores, filters,
+Every test in the first part runs against every server, each started as a user starts it; the last part
+asks them the same questions and compares the answers where all are exact (vector scores, filters,
 facets, pages, similar products). Keyword ranking is compared as behaviour only: the FAISS store ranks
 by FTS5's BM25 with a stemmer, Qdrant by its own BM25 without one (docs/ARCHITECTURE.md §18).
 """
@@ -21,12 +23,14 @@ from search.fields import parse_filterable, typed
 from search.qdrant.collection import QdrantTarget
 from search.sharded import ShardedIndex
 from search.store import StoreSettings
+from localstack.qdrant_server import QdrantStandIn
 from tests.conftest import DIM, TINY_CLIP
 from tests.support.index_helpers import last_writer_wins, record
 from tests.support.qdrant_helpers import write_collection
 from tests.support.server_process import ServerProcess
 from tests.test_storefront import passes
 
+API_KEY = "stand-in-key-0123"
 FIELDS = parse_filterable("brand,category,price:float,size:int,in_stock:bool")
 SETTINGS = StoreSettings(filterable=FIELDS)
 WORDS = ("linen", "wool", "denim", "silk")
@@ -69,21 +73,35 @@ def servers(tmp_path_factory):
     writer.apply(RECORDS[48:])
     writer.close()
     target = QdrantTarget(collection="products", path=str(root / "qdrant"))
-    outputs = write_collection(target, RECORDS[:48], SETTINGS)
-    outputs += write_collection(target, RECORDS[48:], SETTINGS)
-    assert not [v for tag, v in outputs if tag != "commits"], outputs
     started = {}
-    try:
-        started["faiss"] = ServerProcess(index_dir)
-        started["qdrant"] = ServerProcess(None, "--backend", "qdrant", "--qdrant_path", target.path,
-                                          "--collection", "products")
-        yield started
-    finally:
-        for server in started.values():
-            server.stop()
+    with QdrantStandIn(root / "qdrant-server", root / "qdrant-server.log", api_key=API_KEY) as engine:
+        remote = QdrantTarget(collection="products", url=engine.url)
+        for where in (target, remote):
+            outputs = write_collection(where, RECORDS[:48], SETTINGS)
+            outputs += write_collection(where, RECORDS[48:], SETTINGS)
+            assert not [v for tag, v in outputs if tag != "commits"], outputs
+        try:
+            started["faiss"] = ServerProcess(index_dir)
+            started["qdrant"] = ServerProcess(None, "--backend", "qdrant", "--qdrant_path", target.path,
+                                              "--collection", "products")
+            started["qdrant-server"] = ServerProcess(None, "--backend", "qdrant", "--qdrant_url", engine.url,
+                                                     "--collection", "products")
+            yield started
+        finally:
+            for server in started.values():
+                server.stop()
 
 
-@pytest.fixture(params=["faiss", "qdrant"])
+@pytest.fixture(autouse=True, scope="module")
+def api_key():
+    """The key the stand-in asks of every request, given as users give it: QDRANT_API_KEY (the sink here,
+    the server processes through their environment)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QDRANT_API_KEY", API_KEY)
+        yield
+
+
+@pytest.fixture(params=["faiss", "qdrant", "qdrant-server"])
 def api(request, servers):
     return servers[request.param]
 
@@ -243,10 +261,11 @@ QUESTIONS = [
 ]
 
 
+@pytest.mark.parametrize("other", ["qdrant", "qdrant-server"])
 @pytest.mark.parametrize("question", QUESTIONS, ids=[json.dumps(q) for q in QUESTIONS])
-def test_both_backends_give_the_same_answer(servers, question):
+def test_the_backends_give_the_same_answer(servers, question, other):
     body = {**question, "vector": vector_of(question["vector"])}
-    faiss, qdrant = (search(servers[name], **body).json() for name in ("faiss", "qdrant"))
+    faiss, qdrant = (search(servers[name], **body).json() for name in ("faiss", other))
     assert [h["product_id"] for h in faiss["results"]] == [h["product_id"] for h in qdrant["results"]]
     assert np.allclose([h["score"] for h in faiss["results"]], [h["score"] for h in qdrant["results"]], atol=1e-5)
     for name in faiss["facets"]:
@@ -254,11 +273,34 @@ def test_both_backends_give_the_same_answer(servers, question):
     assert faiss["facets"].keys() == qdrant["facets"].keys()
 
 
-def test_both_backends_give_the_same_similar_products(servers):
+def test_the_backends_give_the_same_similar_products_and_keywords(servers):
     for pid, params in (("p10", {"k": 6}), ("p11", {"k": 4, "filter": json.dumps({"in_stock": True})})):
         answers = [ids(requests.get(f"{servers[name].url}/v1/products/{pid}/similar", params=params, timeout=10))
-                   for name in ("faiss", "qdrant")]
-        assert answers[0] == answers[1] and len(answers[0]) == params["k"]
+                   for name in ("faiss", "qdrant", "qdrant-server")]
+        assert answers[0] == answers[1] == answers[2] and len(answers[0]) == params["k"]
+    # Qdrant's BM25 is one formula in the local mode and behind the server's REST API (equal scores may
+    # come in another order: each engine breaks ties by its own point order).
+    local, remote = ({(h["product_id"], round(h["score"], 5)) for h in
+                      search(servers[name], text="wool coat", mode="lexical", k=48).json()["results"]}
+                     for name in ("qdrant", "qdrant-server"))
+    assert local == remote and len(local) == len({pid for pid, r in LIVE.items()
+                                                  if {"wool", "coat"} & set(f"{r.title} {r.description}".split())})
+
+
+def test_a_server_refuses_requests_without_the_key(servers, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.support.server_process import ROOT
+
+    url = servers["qdrant-server"].ready_line and servers["qdrant-server"]
+    engine = next(a for a in url.process.args if a.startswith("http://127.0.0.1"))
+    env = {k: v for k, v in __import__("os").environ.items() if k != "QDRANT_API_KEY"}
+    result = subprocess.run([sys.executable, "-m", "search.server", "--port", "0", "--backend", "qdrant",
+                             "--qdrant_url", engine, "--collection", "products"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert result.returncode == 1 and "401" in result.stderr and API_KEY not in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("argv, code, message", [
