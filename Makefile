@@ -52,9 +52,10 @@ demo: setup ## Set everything up; real product photos → Pub/Sub → embed → 
 	$(RUN) -m localstack.demo --output_dir $(OUT)/demo $(if $(SERVE),--serve,) $(if $(BACKEND),--backend $(BACKEND),)
 
 # make rollout MODEL=SPEC PROJECTION=HEAD (make eval writes a head under out/eval-heads/); none: the default model again.
-rollout: setup ## Roll a new model (or head) out locally: new streaming jobs, backfill, gate, alias switch, search answering throughout
+rollout: setup ## Roll a new model (or head) out locally: new streaming jobs, backfill, gate, alias switch, search answering throughout (BACKEND=qdrant: on collections)
 	$(RUN) -m localstack.rollout --model $(or $(MODEL),packaged:effnet-lite0+minilm) $(if $(PROJECTION),--projection $(PROJECTION),) \
-	  --products 300 --qrels evaluation/judged/demo.jsonl --photos fashion-mnist --output_dir $(OUT)/rollout
+	  --products 300 --qrels evaluation/judged/demo.jsonl --photos fashion-mnist --output_dir $(OUT)/rollout \
+	  $(if $(BACKEND),--backend $(BACKEND),)
 
 BENCHMARKS := decode pipeline memory batching index scale exact_switch search_latency page_memory freshness_scale backfill_scale gpu_readiness allocator
 

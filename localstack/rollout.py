@@ -21,6 +21,11 @@ The sequence of docs/DEPLOY.md §5, each step the command a deployment runs (as 
 7. the jobs stopped (here the old model's jobs were batch runs: a deployment drains its old
    streaming jobs, `deploy/deploy.sh rollout` prints how).
 Everything it started is stopped at the end, also on failure.
+
+`--backend qdrant` (`make rollout BACKEND=qdrant`): the same sequence on Qdrant collections, v1 and NAME,
+in a Qdrant stand-in (localstack.qdrant_server, the local mode behind the REST API, in OUTPUT_DIR/qdrant),
+which every command reaches with `--qdrant_url`, as it would reach a server: the index jobs write with
+`--sink qdrant`, the service serves `--backend qdrant --alias live`, and the alias is a collection alias.
 """
 
 from __future__ import annotations
@@ -70,6 +75,40 @@ def _run(args: list[str], log: Path, say, timeout_s: float = 900, ok: tuple[int,
                             + "\n".join(lines[-5:]) + log.read_text(errors="replace")[-1500:])
     say(f"  $ python -m {' '.join(args)}  [{time.monotonic() - started:.0f} s]")
     return result.stdout
+
+
+class _Backend:
+    """Where the named indexes live, as each command's flags say it: a root of FAISS indexes, or the
+    collections of a Qdrant server at `qdrant_url`."""
+
+    def __init__(self, root: Path, qdrant_url: str = ""):
+        self.root, self.qdrant_url = root, qdrant_url
+
+    def index_flags(self, name: str) -> list[str]:
+        if self.qdrant_url:
+            return ["--sink", "qdrant", "--collection", name, "--qdrant_url", self.qdrant_url]
+        return ["--index_dir", str(self.root / name)]
+
+    def root_flags(self) -> list[str]:
+        return ["--qdrant_url", self.qdrant_url] if self.qdrant_url else ["--root", str(self.root)]
+
+    def server_flags(self) -> list[str]:
+        return ["--backend", "qdrant", "--qdrant_url", self.qdrant_url] if self.qdrant_url else \
+            ["--index_dir", str(self.root)]
+
+    def where(self, name: str) -> str:
+        return f"collection {name}" if self.qdrant_url else str(self.root / name)
+
+    def live(self, name: str) -> dict[str, int]:
+        """product → version of the index's live products ({} while it does not exist)."""
+        if self.qdrant_url:
+            from search.qdrant.collection import QdrantTarget, connected
+
+            with connected(QdrantTarget(collection=name, url=self.qdrant_url)) as collection:
+                if collection.layout() is None:
+                    return {}
+                return {pid: version for pid, (version, _) in collection.live_products().items()}
+        return _live(self.root / name)
 
 
 class _Client(threading.Thread):
@@ -133,45 +172,53 @@ def _changes(catalogue, count: int) -> list[dict]:
     return changes
 
 
-def _wait_for(index_dir: Path, expected: dict[str, int], what: str, logs: Path, say, timeout_s: float = 600
-              ) -> dict[str, int]:
+def _wait_for(backend: _Backend, name: str, expected: dict[str, int], what: str, logs: Path, say,
+              timeout_s: float = 600) -> dict[str, int]:
     """Waits until the index holds exactly `expected` (product → version) live; RolloutFailed after `timeout_s`."""
-    say(f"  waiting until {index_dir.name} holds {len(expected)} live products at the versions of {what}")
+    say(f"  waiting until {name} holds {len(expected)} live products at the versions of {what}")
     deadline, live = time.monotonic() + timeout_s, {}
     while time.monotonic() < deadline:
-        live = _live(index_dir)
+        live = backend.live(name)
         if live == expected:
             return live
         time.sleep(1)
     missing = sorted(set(expected) - set(live))[:5]
     stale = sorted(p for p in expected if p in live and live[p] != expected[p])[:5]
-    raise RolloutFailed(f"{index_dir} holds {len(live)} of {len(expected)} products (missing {missing}, stale {stale}); "
-                        f"see the logs in {logs}")
+    raise RolloutFailed(f"{backend.where(name)} holds {len(live)} of {len(expected)} products (missing {missing}, "
+                        f"stale {stale}); see the logs in {logs}")
 
 
 def rollout(model: str, projection: str, from_model: str, products: int, out: Path, name: str = "v2",
             qrels: str | None = None, photos: str | None = None, photo_queries: int = 300, changes: int = 5,
-            linger_secs: float = 2.0, say=print) -> dict:
+            linger_secs: float = 2.0, say=print, backend_name: str = "faiss") -> dict:
     """Runs the sequence (module docstring); returns what it measured. RolloutFailed when a step fails."""
     out.mkdir(parents=True, exist_ok=True)
     root, logs = out / "indexes", out / "logs"
     logs.mkdir(exist_ok=True)
     new_flags = ["--model", model, *(["--projection", projection] if projection else [])]
-    report: dict = {"name": name, "model": model, "projection": projection}
+    report: dict = {"name": name, "model": model, "projection": projection, "backend": backend_name}
     with contextlib.ExitStack() as stack:
+        backend = _Backend(root)
+        if backend_name == "qdrant":
+            from localstack.qdrant_server import QdrantStandIn
+
+            engine = stack.enter_context(QdrantStandIn(out / "qdrant", logs / "qdrant.log"))
+            backend = _Backend(root, engine.url)
+            say(f"local stack: a Qdrant stand-in at {engine.url} (localstack.qdrant_server, data in {out / 'qdrant'})")
         say(f"local stack: Pub/Sub emulator, image server; catalogue of {products} product photos")
         ps = stack.enter_context(PubSubEmulator(log_dir=logs))
         images = stack.enter_context(ImageServer(out / "photos"))
         catalogue = build_catalogue(out / "photos", images.url(""), products)
         (out / "events.jsonl").write_text("".join(json.dumps(p.event) + "\n" for p in catalogue))
 
-        say(f"1. serving: {from_model} embeds the catalogue, indexed as {root / SERVING}, alias live -> {SERVING}")
+        say(f"1. serving: {from_model} embeds the catalogue, indexed as {backend.where(SERVING)}, alias live -> "
+            f"{SERVING}")
         _run(["pipelines.embed", "--input_file", str(out / "events.jsonl"), "--output_dir", str(out / "serving"),
               "--model", from_model, "--allow_private_hosts"], logs / "embed-serving.log", say)
-        _run(["pipelines.index", "--input_dir", str(out / "serving" / "embeddings"), "--index_dir",
-              str(root / SERVING), "--filterable", FILTERABLE], logs / "index-serving.log", say)
-        _run(["search.aliases", "--root", str(root), "--set", f"live={SERVING}"], logs / "alias.log", say)
-        server = ServiceProcess(["search.server", "--index_dir", str(root), "--alias", "live", "--device", "cpu"],
+        _run(["pipelines.index", "--input_dir", str(out / "serving" / "embeddings"), *backend.index_flags(SERVING),
+              "--filterable", FILTERABLE], logs / "index-serving.log", say)
+        _run(["search.aliases", *backend.root_flags(), "--set", f"live={SERVING}"], logs / "alias.log", say)
+        server = ServiceProcess(["search.server", *backend.server_flags(), "--alias", "live", "--device", "cpu"],
                                 logs / "search.log", 300)
         stack.callback(server.stop)
         say(f"search: {server.url}/ (alias live -> {SERVING})")
@@ -179,7 +226,7 @@ def rollout(model: str, projection: str, from_model: str, products: int, out: Pa
         client.start()
         stack.callback(client.stop)
 
-        say(f"2. the new model's topics and subscriptions; its index job into {root / name}")
+        say(f"2. the new model's topics and subscriptions; its index job into {backend.where(name)}")
         ps.create_topic("product-events")
         events_sub = ps.create_subscription("product-events", f"product-events-{name}")  # buffers changes from now
         ps.create_topic(f"product-embeddings-{name}")
@@ -195,7 +242,7 @@ def rollout(model: str, projection: str, from_model: str, products: int, out: Pa
             say(f"  $ python -m {' '.join(args)}  [streaming]")
 
         start("index", ["pipelines.index", "--streaming", "--runner", "BundleBasedDirectRunner", "--input_subscription",
-                        records_sub, "--index_dir", str(root / name), "--filterable", FILTERABLE, *new_flags])
+                        records_sub, *backend.index_flags(name), "--filterable", FILTERABLE, *new_flags])
 
         say("3. backfill from the product state, while the catalogue changes")
         pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="backfill"))
@@ -217,11 +264,11 @@ def rollout(model: str, projection: str, from_model: str, products: int, out: Pa
         _run(["pipelines.embed", "--input_file", str(out / "changes.jsonl"), "--output_dir",
               str(out / "serving-changes"), "--model", from_model, "--allow_private_hosts"],
              logs / "embed-serving-changes.log", say)
-        _run(["pipelines.index", "--input_dir", str(out / "serving-changes" / "embeddings"), "--index_dir",
-              str(root / SERVING)], logs / "index-serving-changes.log", say)
+        _run(["pipelines.index", "--input_dir", str(out / "serving-changes" / "embeddings"),
+              *backend.index_flags(SERVING)], logs / "index-serving-changes.log", say)
         backfill.result()  # its RolloutFailed, if it failed
         backfilled = {p.event["product_id"]: p.event["version"] for p in catalogue}
-        _wait_for(root / name, backfilled, "the backfill", logs, say)
+        _wait_for(backend, name, backfilled, "the backfill", logs, say)
 
         # Only now the changes: a patch needs the product's vector in the new index, so the new model's
         # embed job starts on a subscription that has held every change since before the backfill read
@@ -236,10 +283,10 @@ def rollout(model: str, projection: str, from_model: str, products: int, out: Pa
                 expected.pop(event["product_id"])
             else:
                 expected[event["product_id"]] = event["version"]
-        report["indexed"] = len(_wait_for(root / name, expected, "the changes", logs, say))
+        report["indexed"] = len(_wait_for(backend, name, expected, "the changes", logs, say))
 
         say(f"5. gate: {name} against the serving {SERVING}")
-        gate = _run(["evaluation.gate", "--root", str(root), "--candidate", name, "--device", "cpu",
+        gate = _run(["evaluation.gate", *backend.root_flags(), "--candidate", name, "--device", "cpu",
                      *(["--qrels", qrels] if qrels else []),
                      *(["--photos", photos, "--photo_queries", str(photo_queries)] if photos else [])],
                     logs / "gate.log", say, ok=(0, 1))
@@ -251,7 +298,7 @@ def rollout(model: str, projection: str, from_model: str, products: int, out: Pa
             return report
 
         say(f"6. switch: alias live -> {name}")
-        _run(["search.aliases", "--root", str(root), "--set", f"live={name}", "--expect", SERVING],
+        _run(["search.aliases", *backend.root_flags(), "--set", f"live={name}", "--expect", SERVING],
              logs / "alias.log", say)
         switched = time.monotonic()
         deadline = switched + 120
@@ -287,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--photo_queries", type=int, default=300, help="How many, with --photos.")
     parser.add_argument("--linger_secs", type=float, default=2.0, help="Searching on after the switch, before stopping.")
     parser.add_argument("--output_dir", default="out/rollout", help="Indexes, product state, photos and logs go here.")
+    parser.add_argument("--backend", choices=("faiss", "qdrant"), default="faiss",
+                        help="Named FAISS indexes under OUTPUT_DIR/indexes, or Qdrant collections in a local "
+                             "Qdrant stand-in (OUTPUT_DIR/qdrant) with a collection alias.")
     return parser
 
 
@@ -298,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         report = rollout(args.model, args.projection, args.from_model, args.products, Path(args.output_dir).resolve(),
                          args.name, args.qrels, args.photos, args.photo_queries, args.changes, args.linger_secs,
-                         say)
+                         say, args.backend)
     except RolloutFailed as e:
         raise SystemExit(f"rollout failed: {e}") from None
     if not report.get("gate"):

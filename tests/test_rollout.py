@@ -11,11 +11,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
 import torch
 
 from model_handlers.projection import build_head, load_projection, save_projection
 from search.filters import parse_filter
+from search.qdrant.collection import QdrantTarget
+from search.qdrant.index import QdrantIndex
 from search.sharded import ShardedIndex
 from tests.conftest import DIM, TINY_CLIP
 
@@ -57,14 +60,16 @@ class Storefront(threading.Thread):
                 self.failures.append(f"{response.status_code} {response.text[:200]}")
 
 
-def test_a_rollout_to_a_new_head_while_a_storefront_queries(tmp_path):
+@pytest.mark.parametrize("backend", ["faiss", "qdrant"])
+def test_a_rollout_to_a_new_head_while_a_storefront_queries(tmp_path, backend):
     head = identity_head(tmp_path / "identity.pt")
     new_model = load_projection(str(head)).model_id
     out = tmp_path / "rollout"
     process = subprocess.Popen(
         [sys.executable, "-m", "localstack.rollout", "--from_model", TINY_CLIP, "--model", TINY_CLIP, "--projection",
          str(head), "--products", "24", "--photos", "fashion-mnist", "--photo_queries", "60", "--linger_secs", "3",
-         "--output_dir", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "--output_dir", str(out), "--backend", backend], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
     lines, client, switched_at = [], None, None
     deadline = time.monotonic() + 900
     try:
@@ -96,8 +101,10 @@ def test_a_rollout_to_a_new_head_while_a_storefront_queries(tmp_path):
     assert set(client.answers) == {TINY_CLIP, new_model} and len(client.answers) > switched_at
 
     # What changed during the backfill is in the new index at its latest version, whatever came last.
-    index = ShardedIndex.open(out / "indexes" / "v2")
-    live = {pid: version for shard in index.shards for pid, (version, _) in shard.live_products().items()}
+    # (Qdrant: the stand-in has stopped; its directory opens in the local mode.)
+    index = QdrantIndex.open(QdrantTarget(collection="v2", path=str(out / "qdrant"))) if backend == "qdrant" else \
+        ShardedIndex.open(out / "indexes" / "v2")
+    live = {pid: version for pid, (version, _) in index.live_products().items()}
     base = 1_700_000_000_000
     assert len(live) == 23 and "prod-000004" not in live  # deleted during the backfill
     for n in range(4):
@@ -109,3 +116,4 @@ def test_a_rollout_to_a_new_head_while_a_storefront_queries(tmp_path):
     titles = {hit.product_id: hit.title for hit in index.search(np.ones(DIM, np.float32), k=30)}
     assert titles["prod-000000"].endswith("(new season)") and titles["prod-000002"].endswith("(new season)")
     assert index.model == new_model
+    index.close()
