@@ -56,7 +56,14 @@ class ProductEmbeddingHandler(ModelHandler[EmbeddingRequest, PredictionResult, E
         Metrics.distribution("embed", "batch_size").update(len(batch))
         Metrics.distribution("embed", "batch_images").update(sum(len(request.images) for request in batch))
         vectors = model.embed_products([(request.images, request.text) for request in batch])
-        return [PredictionResult(request, result, model.model_id) for request, result in zip(batch, vectors)]
+        return [PredictionResult(request, result, self._model_id()) for request, result in zip(batch, vectors)]
+
+    def _model_id(self) -> str:
+        """From the config, not the model: a model shared across processes (`large_model`) is a proxy
+        that forwards method calls only, so `model.model_id` (a property) failed every batch."""
+        if getattr(self, "_id", None) is None:
+            self._id = self.config.model_id
+        return self._id
 
     def get_num_bytes(self, batch: Sequence[EmbeddingRequest]) -> int:
         return sum(sum(image.nbytes for image in request.images) + len(request.text) for request in batch)

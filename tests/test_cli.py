@@ -248,6 +248,23 @@ def test_a_batch_run_ends_with_a_readable_summary(tmp_path):
     assert "apache_beam.typehints" not in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_model_shared_across_worker_processes_embeds_every_product(tmp_path):
+    """--share_model_across_processes with several SDK processes (as a Dataflow worker runs one per core):
+    every batch failed here once, as an `inference` dead letter, because the shared model is a proxy."""
+    events = [{"event_id": f"e{n}", "product_id": f"p{n}", "op": "upsert", "version": 1, "title": f"linen shirt {n}"}
+              for n in range(12)]
+    (tmp_path / "events.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    result = cli("pipelines.embed", "--input_file", str(tmp_path / "events.jsonl"), "--output_dir",
+                 str(tmp_path / "out"), "--model", TINY_CLIP, "--direct_num_workers", "2", "--direct_running_mode",
+                 "multi_processing", "--share_model_across_processes", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (summary,) = [line for line in result.stdout.splitlines() if line.startswith("embed: ")]
+    assert "embed: DONE" in summary and ": 12 records, 0 dead letters" in summary, summary
+    records = [json.loads(line) for part in (tmp_path / "out" / "embeddings").glob("part*") for line in part.open()]
+    assert sorted(r["product_id"] for r in records) == sorted(e["product_id"] for e in events)
+    assert {r["model"] for r in records} == {TINY_CLIP}
+
+
 @pytest.fixture
 def custom_index(tmp_path):
     """An index built by the CLI from records of a model this product cannot run."""
