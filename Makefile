@@ -57,7 +57,7 @@ rollout: setup ## Roll a new model (or head) out locally: new streaming jobs, ba
 	  --products 300 --qrels evaluation/judged/demo.jsonl --photos fashion-mnist --output_dir $(OUT)/rollout \
 	  $(if $(BACKEND),--backend $(BACKEND),)
 
-BENCHMARKS := decode pipeline memory batching index scale exact_switch search_latency page_memory freshness_scale backfill_scale gpu_readiness allocator
+BENCHMARKS := decode pipeline memory batching index scale exact_switch search_latency page_memory freshness_scale backfill_scale gpu_readiness allocator qdrant_recall decode_scaling
 
 bench: setup ## Run every benchmark; each prints its figures against its baseline and writes bench/results/NAME.json
 	$(RUN) -m bench.freshness --output_dir $(OUT)/bench-freshness

@@ -25,6 +25,8 @@ setuptools.setup(
         # faiss-cpu and faiss-gpu install the same module: pick exactly one.
         "cpu": ["faiss-cpu==1.15.1"],
         "gpu": ["faiss-gpu==1.15.1"],
-        "dev": ["faiss-cpu==1.15.1", "pytest==9.2.0", "hypothesis==6.170.15", "bqemulator==1.4.0", "ruff==0.17.5", "selenium==4.51.0"],
+        "dev": ["faiss-cpu==1.15.1", "pytest==9.2.0", "hypothesis==6.170.15", "bqemulator==1.4.0", "ruff==0.17.5", "selenium==4.51.0",
+                # Qdrant's own engine in process: bench.qdrant_recall measures its filtered HNSW recall.
+                "qdrant-edge-py==0.9.0"],
     },
 )

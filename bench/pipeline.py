@@ -87,27 +87,36 @@ def image_work_ms(model: str, urls: list[str]) -> float:
 
 
 def pipeline(model: str, events_file: Path, out: Path, device: str = "cpu", precision: str = "fp32",
-             batch: int = BATCH) -> tuple[float, float, float, float, float]:
+             batch: int = BATCH, workers: int = 1) -> tuple[float, float, float, float, float]:
     """(whole job's seconds without the model load, model load seconds, steady-state records/s,
-    share of the steady state with a batch in the model, a batch's mean seconds in the model)."""
+    share of the steady state with a batch in the model, a batch's mean seconds in the model).
+    `workers` > 1: that many worker processes (FnApiRunner's multi_processing mode), one model shared
+    by them (`--share_model_across_processes`), as a Dataflow worker runs an SDK process per core."""
     started = time.perf_counter()
+    processes = ["--direct_num_workers", str(workers), "--direct_running_mode", "multi_processing",
+                 "--share_model_across_processes"] if workers > 1 else []
     result = embed.run([
         "--input_file", str(events_file), "--output_dir", str(out), "--model", model, "--device", device,
         "--precision", precision, "--allow_private_hosts", "--min_batch_size", str(batch),
         "--max_batch_size", str(batch), "--image_batch_size", str(max(64, batch)), "--runner", "FnApiRunner",
+        *processes,
     ])
     wall = time.perf_counter() - started
 
     def distribution(name: str):
-        return result.metrics().query(MetricsFilter().with_name(name))["distributions"][0].committed
+        found = result.metrics().query(MetricsFilter().with_name(name))["distributions"]
+        return found[0].committed if found else None  # worker processes' metrics do not come back
 
-    load = distribution("load_model_latency_milli_secs").sum / 1000
+    loaded = distribution("load_model_latency_milli_secs")
+    load = loaded.sum / 1000 if loaded else 0.0
     batches = distribution("inference_batch_latency_micro_secs")
     stamps = sorted(dt.datetime.fromisoformat(json.loads(line)["embedded_at"].replace("Z", "+00:00"))
                     for part in (out / "embeddings").glob("part*") for line in part.open())
     # The first batch's records are stamped when it ends; every later record is one batch cycle on.
     window = (stamps[-1] - stamps[0]).total_seconds()
     steady = (len(stamps) - batch) / window
+    if batches is None:
+        return wall - load, load, steady, float("nan"), float("nan")
     batch_s = batches.sum / 1e6 / batches.count
     # Every batch but the first runs inside the window; batches are all of the same size.
     busy = batch_s * (batches.count - 1) / window

@@ -69,3 +69,29 @@ def test_the_backfill_benchmark_runs_the_index_pipeline_and_queries_over_http(tm
     for cell, size in zip(report["cells"], (2000, 4000)):
         assert cell["products"] == cell["live_docs"] == size and cell["within_policy"]
         assert cell["shop_query_p50_ms"] > 0
+
+
+def test_the_qdrant_recall_benchmark_builds_qdrants_engine_and_the_store_on_the_same_vectors(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.qdrant_recall", "--sizes", "2500", "--queries", "8",
+                             "--ef_search", "16,256", "--output_dir", str(tmp_path)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "qdrant_recall.json").read_text())
+    row = report["sizes"]["2500"]
+    assert row["qdrant"]["indexed_vectors"] == 2500  # Qdrant's graph was built, not a plain segment
+    for engine in ("qdrant", "faiss"):
+        scopes = row[engine]["scopes"]
+        assert set(scopes) == {"unscoped", "shop-50pct", "shop-5pct", "shop-0.5pct"}
+        for rows in scopes.values():
+            assert set(rows) == {"16", "256"}
+            assert all(0 <= r["recall_min"] <= r["recall_mean"] <= 1 and r["p50_ms"] > 0 for r in rows.values())
+            assert rows["256"]["recall_mean"] >= 0.9  # a deep search over 2,500 vectors finds nearly all
+
+
+def test_the_decode_scaling_benchmark_compares_threads_with_processes(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.decode_scaling", "--threads", "1,2", "--processes", "2",
+                             "--images", "2", "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "decode_scaling.json").read_text())
+    assert set(report["images_per_s"]) == {"1 threads", "2 threads", "2 processes"}
+    assert all(v > 0 for v in report["images_per_s"].values()) and report["speedup_vs_one_thread"]["1 threads"] == 1.0
