@@ -29,6 +29,7 @@ __all__ = [
     "format_timestamp",
     "non_finite_number",
     "unrepresentable",
+    "valid_unicode",
     "vector",
 ]
 
@@ -57,6 +58,15 @@ class Stage:
     SINK = "sink"
 
     ALL = (PARSE, VALIDATE, DOWNLOAD, DECODE, INFERENCE, SINK)
+
+
+def valid_unicode(text: str) -> bool:
+    """JSON accepts lone surrogates (`"\ud800"`); no UTF-8 writer, and no engine, does."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def unrepresentable(item: Any) -> bool:

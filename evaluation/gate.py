@@ -345,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
                     index.close()
     except (AliasError, OSError, ValueError) as e:
         parser.exit(2, f"evaluation.gate: {e}\n")
+    except Exception as e:
+        if not qdrant:
+            raise
+        from search.qdrant.collection import describe_failure  # an engine that does not answer or refuses
+
+        parser.exit(2, f"evaluation.gate: {describe_failure(e, qdrant_cli.targets(args)(args.candidate))}\n")
     except RecursionError:
         parser.exit(2, "evaluation.gate: an input is nested too deep to read\n")
     rows = compare(figures[serving], figures[args.candidate], args.tolerance)

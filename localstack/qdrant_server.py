@@ -157,7 +157,7 @@ def build_app(path: str, api_key: str | None = None) -> FastAPI:
 def main(argv: list[str] | None = None) -> None:
     from search.http.app import listen, port
 
-    parser = argparse.ArgumentParser(prog="python -m localstack.qdrant_server", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m localstack.qdrant_server", description=" ".join(__doc__.split("\n\n")[0].split()),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--path", required=True, help="The local-mode directory that holds the collections.")
     parser.add_argument("--port", type=port, default=6333, help="Port on 127.0.0.1 (0: any free port).")
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
-            parser.exit(2, f"localstack.qdrant_server: ${args.api_key_env} is not set\n")
+            parser.exit(2, f"localstack.qdrant_server: ${args.api_key_env} is not set, or empty\n")
     try:
         sock = listen("127.0.0.1", args.port)
     except OSError as e:
@@ -191,12 +191,12 @@ class QdrantStandIn:
     """The stand-in as a child process on a free loopback port, for tests and the local rollout:
     `with QdrantStandIn(path, log) as qdrant: ... qdrant.url`. `api_key`: required of every request."""
 
-    def __init__(self, path: Path, log_path: Path, api_key: str | None = None):
+    def __init__(self, path: Path, log_path: Path, api_key: str | None = None, port: int | None = None):
         import sys
 
         from localstack.emulator import EmulatorProcess, free_port
 
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "localstack.qdrant_server", "--path", str(path), "--port", str(self.port)]
         env = {}

@@ -14,7 +14,6 @@ import glob
 import os
 import re
 import stat
-import urllib.parse
 from pathlib import Path
 
 from apache_beam.options.pipeline_options import (DebugOptions, DirectOptions, PipelineOptions, StandardOptions,
@@ -33,7 +32,7 @@ from media.decode import DEFAULT_MAX_PIXELS
 from media.download import FetchConfig
 from transforms.bigquery import EMULATOR_ENV, WRITE_METHODS
 from transforms.images import ImageOptions
-from search.qdrant.collection import API_KEY_ENV, COLLECTION_PATTERN, SECRET_PATTERN, QdrantTarget
+from search.qdrant.collection import API_KEY_ENV, COLLECTION_PATTERN, SECRET_PATTERN, QdrantTarget, url_problem
 
 __all__ = ["EmbedJobConfig", "EmbedOptions", "IndexJobConfig", "IndexOptions", "InvalidOptions", "LaunchOptions",
            "ReembedJobConfig", "ReembedOptions", "SharedOptions", "SinkOptions"]
@@ -592,17 +591,8 @@ def _sink_problems(o: IndexOptions, sink: SinkOptions, options: PipelineOptions,
     if o.commit_batching == "stateful":
         problems.append("--commit_batching stateful is for --sink faiss: the Qdrant sink writes per bundle (every "
                         "write is conditional, so a replayed bundle changes nothing)")
-    if sink.qdrant_url:
-        url = urllib.parse.urlsplit(sink.qdrant_url)
-        try:
-            url.port
-        except ValueError:
-            url = url._replace(netloc="")
-        if url.username or url.password:  # not echoed: it holds a credential
-            problems.append(f"--qdrant_url must not carry credentials: put the API key in a secret "
-                            f"(--qdrant_api_key_secret) or {API_KEY_ENV}")
-        elif url.scheme not in ("http", "https") or not url.hostname:
-            problems.append(f"--qdrant_url {sink.qdrant_url!r} is not http(s)://HOST[:PORT]")
+    if sink.qdrant_url and (problem := url_problem(sink.qdrant_url)):
+        problems.append(f"--qdrant_url {problem}")
     if sink.qdrant_api_key_secret:
         if sink.qdrant_path:
             problems.append("--qdrant_api_key_secret is for --qdrant_url: a local directory takes no API key")
@@ -625,7 +615,7 @@ def _existing_collection(target: QdrantTarget) -> dict | None:
     """The collection's layout, or None when there is none yet; asked of the server (or the local
     directory) at launch, so an unreachable server, a refused API key or a collection of other vectors
     is one line before the job starts."""
-    from search.qdrant.collection import LayoutMismatch, QdrantUnavailable, connected
+    from search.qdrant.collection import LayoutMismatch, QdrantUnavailable, connected, describe_failure
 
     try:
         if target.path:
@@ -639,16 +629,7 @@ def _existing_collection(target: QdrantTarget) -> dict | None:
     except QdrantUnavailable as e:
         raise SystemExit(f"cannot start: {e}") from e
     except Exception as e:
-        if target.path and "already accessed" in str(e):
-            raise SystemExit(f"cannot start: --qdrant_path {target.path} is open in another process (qdrant-client's "
-                             f"local mode allows one): stop it, or use a Qdrant server (--qdrant_url)") from e
-        status = getattr(e, "status_code", None)
-        if status in (401, 403):
-            source = f"secret {target.api_key_secret}" if target.api_key_secret else \
-                API_KEY_ENV if os.environ.get(API_KEY_ENV) else "none given"
-            raise SystemExit(f"cannot start: {target.url} refused the API key ({status}; key from {source})") from e
-        raise SystemExit(f"cannot start: cannot reach {target.where} within {target.timeout_s} s: "
-                         f"{type(e).__name__}: {e}") from e
+        raise SystemExit(f"cannot start: {describe_failure(e, target)}") from e
 
 
 def _existing_layout(index_dir: str) -> dict | None:

@@ -239,7 +239,9 @@ def _main_qdrant(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     except (AliasError, OSError) as e:
         parser.exit(1, f"search.aliases: {e}\n")
     except Exception as e:  # an engine that does not answer or refuses: one line
-        parser.exit(1, f"search.aliases: {type(e).__name__}: {e}\n")
+        from search.qdrant.collection import describe_failure
+
+        parser.exit(1, f"search.aliases: {describe_failure(e, target('aliases'))}\n")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from schemas import valid_unicode
 from search.fields import SHOP, Field, FieldIndex, typed
 
 __all__ = ["Filter", "FilterError", "MAX_CLAUSES", "MAX_FILTER_NESTING", "parse_filter"]
@@ -97,6 +98,8 @@ def parse_filter(data: Any, fields: tuple[Field, ...]) -> Filter:
         return parts[0] if len(parts) == 1 else ("and", sorted(parts, key=json.dumps))
 
     def value(field: Field, raw: Any, where: str) -> Any:
+        if isinstance(raw, str) and not valid_unicode(raw):  # JSON allows "\ud800"; no engine stores it
+            raise FilterError(f"{where}: not valid Unicode (it holds a lone surrogate)")
         checked = typed(Field(field.name, "float") if field.numeric else field, raw)
         if checked is None:
             expected = {"keyword": "a string", "bool": "true or false"}.get(field.type, "a number")

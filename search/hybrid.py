@@ -10,9 +10,10 @@ incomparable scores (cosine, BM25) never meet.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Sequence
 
-__all__ = ["BM25_WEIGHTS", "FUSION_WINDOW", "MODES", "RRF_K", "fts_query", "fuse", "fusion_window", "query_terms"]
+__all__ = ["BM25_WEIGHTS", "FUSION_WINDOW", "MODES", "RRF_K", "fold", "fts_query", "fuse", "fusion_window", "query_terms"]
 
 MODES = ("vector", "lexical", "hybrid")
 RRF_K = 60
@@ -31,6 +32,14 @@ _TERM = re.compile(r"\w+", re.UNICODE)
 def query_terms(text: str) -> list[str]:
     """A shopper's words, lowercased, each once, at most MAX_TERMS: what both backends match."""
     return list(dict.fromkeys(term.lower() for term in _TERM.findall(text)))[:MAX_TERMS]
+
+
+def fold(text: str) -> str:
+    """`text` without diacritics ("Café naïve" → "Cafe naive"), as FTS5's `remove_diacritics` folds the
+    FAISS store's keywords: the Qdrant backend folds its keywords and queries with it, since a Qdrant text
+    index that folds (`ascii_folding`) cannot be scored in its local mode."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return unicodedata.normalize("NFC", "".join(c for c in decomposed if not unicodedata.combining(c)))
 
 
 def fts_query(text: str) -> str | None:

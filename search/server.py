@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import re
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -58,7 +59,7 @@ def create_app(index: ShardedIndex | None, embedder: QueryEmbedder | None, refre
     the embedder's download deadline)."""
     service = Service(follower or Fixed(Served(index, embedder)), refresh_secs, image_timeout_secs, image_slots)
     app = http.new_app("product search", on_bad_request=service.requests.labels("bad_request").inc,
-                       refused=(QueryError,))
+                       refused=(QueryError,), on_unavailable=service.requests.labels("unavailable").inc)
     app.state.service = service
     for routes in (search.router, products.router, health.router, page.router):
         app.include_router(routes)
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m search.server",
                                      usage="%(prog)s (--index_dir DIR | --backend qdrant --collection NAME "
                                            "(--qdrant_url URL | --qdrant_path DIR)) [options]",
-                                     description=__doc__.splitlines()[0],
+                                     description=" ".join(__doc__.split("\n\n")[0].split()),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--backend", choices=("faiss", "qdrant"), default="faiss",
                         help="faiss: the embedded index pipelines.index writes (--index_dir); qdrant: a Qdrant "
@@ -142,7 +143,7 @@ def backend_refusal(args: argparse.Namespace) -> str | None:
                     if getattr(args, name)]
     if args.backend == "faiss":
         if qdrant_flags:
-            return f"{', '.join(qdrant_flags)} need --backend qdrant"
+            return f"{', '.join(qdrant_flags)} {'needs' if len(qdrant_flags) == 1 else 'need'} --backend qdrant"
         return None if args.index_dir else "give --index_dir (or --backend qdrant with --collection)"
     if args.index_dir or args.cache_dir or args.shards:
         return "--index_dir, --cache_dir and --shards are for --backend faiss (Qdrant routes its own shards)"
@@ -200,6 +201,11 @@ def main(argv: list[str] | None = None) -> None:
         sock.close()
         if qdrant is None and not isinstance(e, (ValueError, FileNotFoundError)):
             raise
+        if qdrant is not None and not isinstance(e, (ValueError, FileNotFoundError)):
+            from search.qdrant.collection import describe_failure
+
+            name = args.collection or (args.alias if re.match(COLLECTION_PATTERN, args.alias) else "aliases")
+            e = describe_failure(e, qdrant(collection=name))
         parser.exit(1, f"search.server: {e}\n")
     # A remote index is polled for new commits (an object listing per shard) less often; Qdrant serves
     # its own newest writes, and the service reads its count at most every second.

@@ -135,5 +135,5 @@ def test_the_faiss_alias_file_and_collection_aliases_refuse_the_same_bad_names(t
     path = str(tmp_path / "qdrant")
     build(path, "v1", products=3)
     for alias, name in (("bad alias", "v1"), ("live", "../v1")):
-        with pytest.raises(faiss_aliases.AliasError, match="use letters, digits"):
+        with pytest.raises(faiss_aliases.AliasError, match="a Qdrant name is letters, digits"):
             aliases.set_alias(target_of(path), alias, name)

@@ -299,13 +299,19 @@ def test_a_server_refuses_requests_without_the_key(servers, tmp_path):
     result = subprocess.run([sys.executable, "-m", "search.server", "--port", "0", "--backend", "qdrant",
                              "--qdrant_url", engine, "--collection", "products"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120, env=env)
-    assert result.returncode == 1 and "401" in result.stderr and API_KEY not in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 1 and API_KEY not in result.stderr, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert f"{engine} refused the API key (401; no key given" in line and "Traceback" not in result.stderr
+    for module, argv, code in (("search.aliases", [], 1), ("evaluation.gate", ["--candidate", "products"], 2)):
+        result = subprocess.run([sys.executable, "-m", module, "--qdrant_url", engine, *argv], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == code and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+        assert f"{engine} refused the API key (401;" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("argv, code, message", [
     (["--backend", "qdrant", "--qdrant_path", "{tmp}/q"], 2, "exactly one of --collection and --alias"),
-    (["--index_dir", "{tmp}/i", "--collection", "products"], 2, "--collection need --backend qdrant"),
+    (["--index_dir", "{tmp}/i", "--collection", "products"], 2, "--collection needs --backend qdrant"),
     (["--backend", "qdrant", "--collection", "products"], 2, "exactly one of --qdrant_url and --qdrant_path"),
     (["--backend", "qdrant", "--collection", "a b", "--qdrant_path", "{tmp}/q"], 2, "must be a collection name"),
     (["--backend", "qdrant", "--collection", "missing", "--qdrant_path", "{tmp}/q"], 1, "does not exist"),
@@ -324,3 +330,75 @@ def test_the_qdrant_flags_are_refused_in_one_line(tmp_path, argv, code, message)
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == code and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("backend", ["faiss", "qdrant", "qdrant-server"])
+def test_a_filter_value_that_is_not_valid_unicode_is_a_400(servers, backend):
+    for body in ('{"vector": %s, "filter": {"brand": "\\udc00"}}' % json.dumps(vector_of("p0")),
+                 '{"text": "coat", "mode": "lexical", "filter": {"category": {"in": ["coat", "\\ud800"]}}}'):
+        response = requests.post(f"{servers[backend].url}/v1/search", data=body, timeout=30)
+        assert response.status_code == 400 and "not valid Unicode" in response.json()["error"], response.text
+    response = requests.get(f"{servers[backend].url}/v1/products/p1/similar",
+                            params={"filter": '{"brand": "\\ud800"}'}, timeout=10)
+    assert response.status_code == 400 and "not valid Unicode" in response.json()["error"]
+
+
+def test_keywords_match_without_their_accents_on_both_backends(servers):
+    """FTS5 folds diacritics away; the Qdrant backend folds its keywords and queries the same way."""
+    expected = {pid for pid, r in LIVE.items() if r.attributes.get("brand") == "café"}
+    for backend in ("faiss", "qdrant", "qdrant-server"):
+        for word in ("cafe", "café", "CAFÉ"):
+            got = set(ids(search(servers[backend], text=word, mode="lexical", k=48)))
+            assert got == expected, (backend, word)
+
+
+def test_an_engine_that_stops_answering_is_a_503_and_the_service_recovers(tmp_path):
+    """The search service on a Qdrant server that goes down: searches and /healthz answer 503 with the
+    reason (a load balancer takes the replica out), counted; when the engine is back, so is search."""
+    from localstack.qdrant_server import QdrantStandIn
+
+    data, log = tmp_path / "engine", tmp_path / "engine.log"
+    engine = QdrantStandIn(data, log).__enter__()
+    try:
+        target = QdrantTarget(collection="products", url=engine.url)
+        write_collection(target, RECORDS[:48], SETTINGS)
+        server = ServerProcess(None, "--backend", "qdrant", "--qdrant_url", engine.url, "--collection", "products",
+                               "--qdrant_timeout_secs", "2")
+        try:
+            assert ids(search(server, vector=vector_of("p0"), k=1)) == ["p0"]
+            engine.__exit__(None, None, None)
+            response = search(server, vector=vector_of("p0"), k=1)
+            assert response.status_code == 503 and engine.url in response.json()["error"], response.text
+            assert requests.get(f"{server.url}/v1/products/p0/vector", timeout=10).status_code == 503
+            import time
+
+            time.sleep(1.2)  # the service reads the engine's state at most every second
+            health = requests.get(f"{server.url}/healthz", timeout=10)
+            assert health.status_code == 503 and health.json()["status"] == "unavailable", health.text
+            metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+            assert 'search_requests_total{outcome="unavailable"} 2.0' in metrics
+            engine = QdrantStandIn(data, log, port=engine.port).__enter__()  # back, same place
+            time.sleep(1.2)
+            assert requests.get(f"{server.url}/healthz", timeout=10).status_code == 200
+            assert ids(search(server, vector=vector_of("p0"), k=1)) == ["p0"]
+        finally:
+            server.stop()
+    finally:
+        engine.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("search.server", ["--port", "0", "--backend", "qdrant", "--collection", "products"]),
+    ("search.aliases", []),
+])
+def test_a_url_with_credentials_or_no_scheme_is_refused_by_every_command(tmp_path, module, argv):
+    import subprocess
+    import sys
+
+    from tests.support.server_process import ROOT
+
+    for url, message in (("http://user:pw@127.0.0.1:6333", "must not carry credentials"),
+                         ("127.0.0.1:6333", "is not http(s)://HOST[:PORT]")):
+        result = subprocess.run([sys.executable, "-m", module, *argv, "--qdrant_url", url], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr and "pw" not in result.stderr, result.stderr[-2000:]

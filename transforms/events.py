@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from schemas import MAX_ID_CHARS, MAX_IMAGE_URLS, OPS, DeadLetter, ProductEvent, Stage, unrepresentable
+from schemas import MAX_ID_CHARS, MAX_IMAGE_URLS, OPS, DeadLetter, ProductEvent, Stage, unrepresentable, valid_unicode
 
 __all__ = ["InvalidEvent", "ParseEvents", "ids_in_text", "parse_event", "parse_outcome", "readable_id",
            "MAX_MESSAGE_BYTES"]
@@ -143,18 +143,9 @@ def ids_in_text(raw: bytes) -> dict[str, str]:
 
 def readable_id(value: Any) -> str:
     """`value` if it is a string that can stand in a dead letter as an id, else ''."""
-    if isinstance(value, str) and 1 <= len(value) <= MAX_ID_CHARS and _encodable(value):
+    if isinstance(value, str) and 1 <= len(value) <= MAX_ID_CHARS and valid_unicode(value):
         return value
     return ""
-
-
-def _encodable(text: str) -> bool:
-    """JSON accepts lone surrogates (`"\ud800"`); no UTF-8 writer does."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _check_structure(data: dict[str, Any], fail) -> None:
@@ -164,7 +155,7 @@ def _check_structure(data: dict[str, Any], fail) -> None:
     while stack:
         value, depth, where = stack.pop()
         if isinstance(value, str):
-            if not _encodable(value):
+            if not valid_unicode(value):
                 raise fail(f"{where} is not valid Unicode (it holds a lone surrogate)")
         elif unrepresentable(value):  # 1e400 reads as inf
             raise fail(f"{where} is not a finite number (NaN, or outside the float or 64-bit integer range)")
@@ -173,7 +164,7 @@ def _check_structure(data: dict[str, Any], fail) -> None:
                 raise fail(f"{where} is nested over {MAX_EVENT_NESTING} levels deep")
             if isinstance(value, dict):
                 for key, item in value.items():
-                    if not _encodable(key):
+                    if not valid_unicode(key):
                         raise fail(f"a key in {where} is not valid Unicode (it holds a lone surrogate)")
                     stack.append((item, depth + 1, key if depth == 1 else f"{where}.{key}"))
             else:

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from search.filters import FilterError
-from search.index.errors import IndexMismatch
+from search.index.errors import IndexMismatch, IndexUnavailable
 
 __all__ = ["HEADER_TIMEOUT_SECS", "MAX_BODY_BYTES", "PAGE", "BadRequest", "HeaderTimeoutProtocol", "JsonBody",
            "HeadAsGet", "error", "json_param", "listen", "new_app", "port", "serve"]
@@ -46,9 +46,10 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 def new_app(title: str, on_bad_request: Callable[[], None] = lambda: None,
-            refused: tuple[type[Exception], ...] = ()) -> FastAPI:
+            refused: tuple[type[Exception], ...] = (), on_unavailable: Callable[[], None] = lambda: None) -> FastAPI:
     """A FastAPI app with the services' error shape, body handling and offline API docs. `refused`:
-    more exceptions that are a 400 with their message; `on_bad_request` hears of each 400 (a metric)."""
+    more exceptions that are a 400 with their message; `on_bad_request` hears of each 400 and
+    `on_unavailable` of each 503 (an index whose engine does not answer), for the metrics."""
     app = FastAPIOffline(title=title)
     app.add_middleware(JsonBody)
     app.add_middleware(HeadAsGet)
@@ -69,6 +70,11 @@ def new_app(title: str, on_bad_request: Callable[[], None] = lambda: None,
         async def refused(_request: Request, e: Exception):
             on_bad_request()
             return error(400, str(e))
+
+    @app.exception_handler(IndexUnavailable)
+    async def unavailable(_request: Request, e: IndexUnavailable):
+        on_unavailable()
+        return error(503, str(e))
 
     _document_errors_as_sent(app)
     return app

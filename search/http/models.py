@@ -176,7 +176,9 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = Field(description="ok, or degraded: a shard's newest generation failed to load")
+    status: str = Field(description="ok; degraded: a shard's newest generation failed to load (the last good one "
+                                    "serves); unavailable (a 503): the engine that holds the index does not answer "
+                                    "(Qdrant), `errors` says why")
     model: str
     dim: int
     index: str = Field("", description="the index served, when the service follows an alias (--alias)")

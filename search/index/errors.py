@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["IndexLocked", "IndexMismatch", "StoreCorrupted", "StoreError"]
+__all__ = ["IndexLocked", "IndexMismatch", "IndexUnavailable", "StoreCorrupted", "StoreError"]
 
 
 class StoreError(Exception):
@@ -19,3 +19,8 @@ class IndexMismatch(StoreError, ValueError):
 
 class IndexLocked(StoreError, RuntimeError):
     """Another process holds the store's writer lock: one writer per store."""
+
+
+class IndexUnavailable(StoreError, RuntimeError):
+    """The engine that holds the index does not answer (a Qdrant server down or overloaded): the
+    request cannot be served now, a 503, and a later one may be."""

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from search.aliases import NAME, AliasError
-from search.qdrant.collection import LayoutMismatch, QdrantTarget, connected
+import re
+
+from search.aliases import AliasError
+from search.qdrant.collection import (COLLECTION_PATTERN, LayoutMismatch, QdrantTarget, connected,
+                                      describe_failure, status_of)
 
 __all__ = ["aliases", "collections", "resolve", "set_alias"]
 
@@ -39,9 +42,10 @@ def resolve(target: Callable[[str], QdrantTarget], alias: str) -> str:
     """The collection `alias` names; AliasError when it names none."""
     found = aliases(target)
     if alias not in found:
-        where = target(alias)
+        where = target("aliases")
+        flag = f"--qdrant_url {where.url}" if where.url else f"--qdrant_path {where.path}"
         raise AliasError(f"no collection alias {alias!r} at {where.url or where.path} (aliases: "
-                         f"{', '.join(sorted(found)) or 'none'}; set one: python -m search.aliases --qdrant_... "
+                         f"{', '.join(sorted(found)) or 'none'}; set one: python -m search.aliases {flag} "
                          f"--set {alias}=COLLECTION)")
     return found[alias]
 
@@ -53,21 +57,31 @@ def set_alias(target: Callable[[str], QdrantTarget], alias: str, name: str, expe
     from qdrant_client import models
 
     for value, what in ((alias, "alias"), (name, "collection name")):
-        if not NAME.match(value):
-            raise AliasError(f"{what} {value!r}: use letters, digits, '.', '_' or '-' (at most 100)")
+        if not re.match(COLLECTION_PATTERN, value):
+            raise AliasError(f"{what} {value[:80]!r}: a Qdrant name is letters, digits, '.', '_' or '-', "
+                             f"starting with a letter or digit, at most 255 characters")
     with connected(target(name)) as collection:
+        found = aliases(target)
+        if name in found:
+            raise AliasError(f"{name!r} is an alias (of {found[name]!r}), not a collection: point {alias!r} at a "
+                             f"collection")
         try:
             layout = collection.layout()
         except LayoutMismatch as e:
             raise AliasError(str(e)) from None
         if layout is None:
             raise AliasError(f"no collection {name!r} at {collection.target.url or collection.target.path}")
-        before = aliases(target).get(alias)
+        before = found.get(alias)
         if expect is not None and before != expect:
             raise AliasError(f"alias {alias!r} names {before!r}, not {expect!r}: it was switched meanwhile")
         changes = [models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias))] if before else []
         changes.append(models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=name,
                                                                                    alias_name=alias)))
-        with collection.locked():
-            collection.client.update_collection_aliases(changes)
+        try:
+            with collection.locked():
+                collection.client.update_collection_aliases(changes)
+        except Exception as e:  # e.g. an alias named like a collection: the engine's reason, in one line
+            if status_of(e) is None and not isinstance(e, ValueError):
+                raise
+            raise AliasError(f"alias {alias!r} not set: {describe_failure(e, collection.target)}") from None
     return before

@@ -8,7 +8,7 @@ import functools
 from typing import Callable
 
 from argtypes import bounded, matching
-from search.qdrant.collection import API_KEY_ENV, SECRET_PATTERN, QdrantTarget
+from search.qdrant.collection import API_KEY_ENV, SECRET_PATTERN, QdrantTarget, url_problem
 
 __all__ = ["add_flags", "refusal", "targets"]
 
@@ -29,6 +29,8 @@ def refusal(args: argparse.Namespace) -> str | None:
     """Why the flags do not name one engine, or None."""
     if bool(args.qdrant_url) == bool(args.qdrant_path):
         return "give exactly one of --qdrant_url and --qdrant_path"
+    if args.qdrant_url and (problem := url_problem(args.qdrant_url)):
+        return f"--qdrant_url {problem}"
     if args.qdrant_path and args.qdrant_api_key_secret:
         return "--qdrant_api_key_secret is for --qdrant_url (the local mode has no key)"
     return None

@@ -45,7 +45,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 from schemas import EmbeddingRecord, format_timestamp
 from search.fields import Field, parse_filterable, typed
-from search.hybrid import BM25_WEIGHTS
+from search.hybrid import BM25_WEIGHTS, fold
 from search.index.settings import StoreSettings
 
 __all__ = ["API_KEY_ENV", "Clients", "LayoutMismatch", "PRODUCT", "QdrantCollection", "QdrantTarget",
@@ -63,6 +63,50 @@ SECRET_PATTERN = r"^projects/[^/\s]+/secrets/[A-Za-z0-9_-]{1,255}(/versions/(lat
 COLLECTION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$"
 _HALF = 1 << 32
 
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` cannot name a Qdrant server (never echoing a credential in it), or None."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port
+    except ValueError:
+        return f"{url!r} is not http(s)://HOST[:PORT] (a bad port)"
+    if parts.username or parts.password:
+        return (f"must not carry credentials: put the API key in a secret (--qdrant_api_key_secret) or "
+                f"{API_KEY_ENV}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{url!r} is not http(s)://HOST[:PORT]"
+    return None
+
+
+def describe_failure(error: BaseException, target: "QdrantTarget") -> str:
+    """One line for an engine that could not be reached or refused a request: what a command prints
+    instead of the client's multi-line error (the API key never in it)."""
+    if target.path and "already accessed" in str(error):
+        return (f"--qdrant_path {target.path} is open in another process (qdrant-client's local mode allows one): "
+                f"stop it, or use a Qdrant server (--qdrant_url)")
+    status = status_of(error)
+    if status in (401, 403):
+        source = f"secret {target.api_key_secret}" if target.api_key_secret else \
+            f"${API_KEY_ENV}" if os.environ.get(API_KEY_ENV) else f"no key given (--qdrant_api_key_secret or ${API_KEY_ENV})"
+        return f"{target.url} refused the API key ({status}; {source})"
+    if status is not None:
+        content = getattr(error, "content", b"")
+        text = content.decode("utf-8", "replace") if isinstance(content, bytes) else str(content)
+        try:
+            import json
+
+            text = json.loads(text)["status"]["error"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        return f"{target.url or target.path} answered {status}: {' '.join(str(text).split())[:300]}"
+    if isinstance(error, QdrantUnavailable):
+        return str(error)
+    reason = " ".join(str(error).split())[:300]
+    return f"cannot reach {target.where} within {target.timeout_s} s: {type(error).__name__}: {reason}"
 
 
 def point_id(product_id: str) -> str:
@@ -124,14 +168,27 @@ def api_key(target: QdrantTarget) -> str | None:
     return os.environ.get(API_KEY_ENV) or None
 
 
+def _loopback(url: str) -> bool:
+    import ipaddress
+    import urllib.parse
+
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _open_client(target: QdrantTarget):
     from qdrant_client import QdrantClient
 
     if target.path:
         return QdrantClient(path=target.path)
     key = api_key(target)
-    if key and target.url.startswith("http:"):
+    if key and target.url.startswith("http:") and not _loopback(target.url):
         _log.warning("%s: the API key goes over plain http (use https outside a private network)", target.url)
+    # qdrant-client talks through httpx, which logs every request at INFO: a line per search.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     with warnings.catch_warnings():  # said once above, in one line
         warnings.filterwarnings("ignore", message="Api key is used with an insecure connection")
         # As Beam's Qdrant writer opens it: no version handshake before the first request.
@@ -226,12 +283,13 @@ def searchable(attributes: dict, title: str, description: str, filterable: Seque
     types them (search.fields.typed: NFC keywords, whole numbers for int fields; a value of another type
     is left out, neither filtered nor counted), and `keywords`, the text BM25 ranks. `keywords` holds
     the title three times, the description once and the declared keyword attributes twice: BM25F's
-    field weights (search.hybrid.BM25_WEIGHTS) as one field, since a Qdrant text index scores one."""
+    field weights (search.hybrid.BM25_WEIGHTS) as one field, since a Qdrant text index scores one;
+    diacritics folded away (search.hybrid.fold), as the FAISS store's FTS5 index folds them."""
     fields = {field.name: value for field in filterable if (value := typed(field, attributes.get(field.name))) is not None}
     words = [attributes[f.name] for f in filterable if f.type == "keyword" and isinstance(attributes.get(f.name), str)]
     title_weight, description_weight, attribute_weight = (int(w) for w in BM25_WEIGHTS)
     text = [*[title] * title_weight, *[description] * description_weight, *words * attribute_weight]
-    return {"fields": fields, "keywords": " ".join(t for t in text if t)}
+    return {"fields": fields, "keywords": fold(" ".join(t for t in text if t))}
 
 
 def point_payload(record: EmbeddingRecord, filterable: Sequence[Field] = ()) -> dict[str, Any]:

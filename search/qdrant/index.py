@@ -25,6 +25,7 @@ its own shards are: Qdrant routes and merges them itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Callable
@@ -37,12 +38,15 @@ from search import hybrid
 from search.merge import MAX_FACET_VALUES
 from search.query.searcher import Hit
 from search.sharded import DUPLICATE_COSINE, SIMILAR_POOL, collapse_near_copies
-from search.qdrant.collection import VECTOR_NAME, Clients, QdrantCollection, QdrantTarget, live_only, point_id
+from search.index.errors import IndexUnavailable
+from search.qdrant.collection import (VECTOR_NAME, Clients, QdrantCollection, QdrantTarget, describe_failure,
+                                      live_only, point_id, status_of)
 
 __all__ = ["QdrantIndex", "qdrant_filter"]
 
 _log = logging.getLogger(__name__)
 STATS_SECS = 1.0  # the live count and the layout are read again at most this often
+_UNAVAILABLE_STATUS = (401, 403, 404, 408, 429, 500, 502, 503, 504)  # the engine cannot answer this now
 FACET_VALUES = 100 * MAX_FACET_VALUES  # values a facet reads from the engine: the answer lists the most frequent
 PAYLOAD = ["product_id", "shop_id", "version", "title", "image_url", "attributes", "embedded_at"]
 
@@ -116,9 +120,30 @@ class QdrantIndex:
     def filterable(self) -> tuple[Field, ...]:
         return self._filterable
 
+    @property
+    def available(self) -> bool:
+        """False while the engine does not answer (the last read failed): /healthz is then a 503."""
+        return 0 not in self.reload_errors
+
+    @contextlib.contextmanager
+    def _engine(self):
+        """Engine calls: one that cannot be answered now (unreachable, timed out, overloaded, the key
+        refused, the collection gone) is IndexUnavailable, a 503 naming why; anything else is raised."""
+        try:
+            with self._collection.locked():
+                yield self._collection.client
+        except Exception as e:
+            from qdrant_client.http.exceptions import ResponseHandlingException
+
+            status = status_of(e)
+            transport = status is None and isinstance(e, (ResponseHandlingException, ConnectionError, TimeoutError))
+            if transport or status in _UNAVAILABLE_STATUS:
+                raise IndexUnavailable(describe_failure(e, self.target)) from e
+            raise
+
     def _query(self, **kwargs):
-        with self._collection.locked():
-            return self._collection.client.query_points(self.target.collection, with_payload=PAYLOAD, **kwargs).points
+        with self._engine() as client:
+            return client.query_points(self.target.collection, with_payload=PAYLOAD, **kwargs).points
 
     def refresh(self) -> bool:
         """The engine serves its newest writes itself; this re-reads the live count and the declared
@@ -134,10 +159,11 @@ class QdrantIndex:
             self._filterable = parse_filterable(layout["filterable"])
             self._stats = {"live_docs": self._collection.count_live(), "generation": 0}
         except Exception as e:
+            reason = describe_failure(e, self.target)
             if 0 not in self.reload_errors:
                 self.failed_reloads += 1
-                _log.error("cannot read %s: %s", self.target.where, e)
-            self.reload_errors[0] = f"{type(e).__name__}: {e}"
+                _log.error("%s; searches answer 503 until it does", reason)
+            self.reload_errors[0] = reason
             return False
         self.reload_errors.pop(0, None)
         return True
@@ -176,7 +202,7 @@ class QdrantIndex:
     def _lexical(self, text: str | None, k: int, where, offset: int = 0) -> list:
         from qdrant_client import models
 
-        words = hybrid.query_terms(text or "")
+        words = hybrid.query_terms(hybrid.fold(text or ""))
         if not words:
             return []
         return self._query(query=models.TextQuery(text=" ".join(words)), using="keywords", query_filter=where, limit=k,
@@ -199,8 +225,7 @@ class QdrantIndex:
 
         where = qdrant_filter(filter.tree if filter else None, shop_id)
         out = {}
-        with self._collection.locked():
-            client = self._collection.client
+        with self._engine() as client:
             for name in names:
                 key = f"fields.{name}"
                 edges = (buckets or {}).get(name)
@@ -220,9 +245,9 @@ class QdrantIndex:
 
     def product_vector(self, product_id: str) -> np.ndarray | None:
         """A live product's stored vector, or None."""
-        with self._collection.locked():
-            points = self._collection.client.retrieve(self.target.collection, [point_id(product_id)],
-                                                      with_payload=["deleted"], with_vectors=[VECTOR_NAME])
+        with self._engine() as client:
+            points = client.retrieve(self.target.collection, [point_id(product_id)], with_payload=["deleted"],
+                                     with_vectors=[VECTOR_NAME])
         if not points or (points[0].payload or {}).get("deleted") or not points[0].vector:
             return None
         return np.asarray(points[0].vector[VECTOR_NAME], np.float32)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from search.http.models import Health
@@ -24,10 +24,14 @@ def healthz(http: Request, current: Annotated[Served, Depends(served)]):
     errors = {str(shard): why for shard, why in sorted(index.reload_errors.items())}
     if service.source.error:
         errors["alias"] = service.source.error
-    return {"status": "degraded" if errors else "ok", "model": index.model, "dim": index.dim,
+    available = getattr(index, "available", True)  # an engine that does not answer (Qdrant) cannot serve
+    body = {"status": "degraded" if errors else "ok", "model": index.model, "dim": index.dim,
             "index": current.name, "live_docs": stats["live_docs"], "generation": stats["generation"],
             "num_shards": index.num_shards, "shards": index.shard_ids, "queries": list(current.embedder.kinds),
             "errors": errors, "filterable": [str(field) for field in index.filterable]}
+    if not available:
+        return JSONResponse({**body, "status": "unavailable"}, status_code=503)
+    return body
 
 
 @router.get("/livez")
