@@ -218,9 +218,10 @@ class GpuSampler:
 
 
 def measure_pipeline(plan: dict, device: str, best: dict[str, dict], budget: Budget, workers: int = 1) -> dict:
-    """The pipeline at each model's best setting in one worker process; with `workers` > 1, again with
-    that many worker processes sharing one model (`--share_model_across_processes`), as a Dataflow
-    worker runs an SDK process per core: whether one process's CPU work is what starves the GPU."""
+    """The pipeline at each model's best setting in one worker process; with `workers` > 1, again in
+    that many worker processes, each with its own model on the GPU (Dataflow's default, an SDK
+    process per core), the input split so that each gets work: whether one process's CPU work is
+    what starves the GPU."""
     from bench.common import photo_jpeg
     from bench.pipeline import bare_model, pipeline, studio_products
     from localstack.static_server import StaticFileServer
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget_secs", type=float, default=480.0, help="sections past this are skipped")
     parser.add_argument("--output_dir", default=str(RESULTS), help="where the JSON results go")
     parser.add_argument("--pipeline_workers", type=int, default=1,
-                        help="also run the pipeline in this many worker processes sharing one model")
+                        help="also run the pipeline in this many worker processes, each with its own model")
     parser.add_argument("--models_from", help="a models.json of an earlier run: its best settings, section 1 skipped")
     args = parser.parse_args(argv)
     import torch

@@ -87,16 +87,27 @@ def image_work_ms(model: str, urls: list[str]) -> float:
 
 
 def pipeline(model: str, events_file: Path, out: Path, device: str = "cpu", precision: str = "fp32",
-             batch: int = BATCH, workers: int = 1) -> tuple[float, float, float, float, float]:
+             batch: int = BATCH, workers: int = 1, share_model: bool = False) -> tuple[float, float, float, float, float]:
     """(whole job's seconds without the model load, model load seconds, steady-state records/s,
     share of the steady state with a batch in the model, a batch's mean seconds in the model).
-    `workers` > 1: that many worker processes (FnApiRunner's multi_processing mode), one model shared
-    by them (`--share_model_across_processes`), as a Dataflow worker runs an SDK process per core."""
+    `workers` > 1: that many worker processes (FnApiRunner's multi_processing mode), as a Dataflow
+    worker runs an SDK process per core, each with its own model (Dataflow's default) or, with
+    `share_model`, one model shared by them (`--share_model_across_processes`)."""
+    processes, source = [], str(events_file)
+    if workers > 1:
+        # The local runner hands a file's records to one worker as one bundle: a file per worker and more,
+        # so every process gets work, as Dataflow spreads a stream over a worker's SDK processes.
+        lines = events_file.read_text().splitlines()
+        parts = events_file.parent / f"{events_file.stem}-{workers}-parts"
+        parts.mkdir(exist_ok=True)
+        for n in range(2 * workers):
+            (parts / f"part-{n:03d}.jsonl").write_text("\n".join(lines[n::2 * workers]) + "\n")
+        processes = ["--direct_num_workers", str(workers), "--direct_running_mode", "multi_processing",
+                     *(["--share_model_across_processes"] if share_model else [])]
+        source = str(parts / "part-*.jsonl")
     started = time.perf_counter()
-    processes = ["--direct_num_workers", str(workers), "--direct_running_mode", "multi_processing",
-                 "--share_model_across_processes"] if workers > 1 else []
     result = embed.run([
-        "--input_file", str(events_file), "--output_dir", str(out), "--model", model, "--device", device,
+        "--input_file", source, "--output_dir", str(out), "--model", model, "--device", device,
         "--precision", precision, "--allow_private_hosts", "--min_batch_size", str(batch),
         "--max_batch_size", str(batch), "--image_batch_size", str(max(64, batch)), "--runner", "FnApiRunner",
         *processes,
@@ -115,6 +126,8 @@ def pipeline(model: str, events_file: Path, out: Path, device: str = "cpu", prec
     # The first batch's records are stamped when it ends; every later record is one batch cycle on.
     window = (stamps[-1] - stamps[0]).total_seconds()
     steady = (len(stamps) - batch) / window
+    if workers > 1:
+        load = 0.0  # the processes load their models at once: their summed load times are not wall time
     if batches is None:
         return wall - load, load, steady, float("nan"), float("nan")
     batch_s = batches.sum / 1e6 / batches.count

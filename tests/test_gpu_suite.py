@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_gpu_suite_dry_runs_on_the_cpu_and_writes_every_section(tmp_path):
-    result = subprocess.run(["bash", "bench/gpu_suite.sh", "--device", "cpu", "--quick", "--output_dir", str(tmp_path)],
+    result = subprocess.run(["bash", "bench/gpu_suite.sh", "--device", "cpu", "--quick", "--pipeline_workers", "2",
+                             "--output_dir", str(tmp_path)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHON": str(Path(os.sys.executable))})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -23,6 +24,8 @@ def test_the_gpu_suite_dry_runs_on_the_cpu_and_writes_every_section(tmp_path):
     assert all(r["images_per_s"] > 0 and r["h2d_bytes_per_image"] == 64 * 64 * 3 for r in measured)  # uint8
     (pipeline,) = json.loads((tmp_path / "pipeline.json").read_text())["rows"].values()
     assert pipeline["pipeline_images_per_s"] > 0 and pipeline["ratio"] > 0
+    workers = pipeline["workers_2"]  # the same pipeline in two processes, the input split between them
+    assert workers["pipeline_images_per_s"] > 0 and workers["whole_job_images_per_s"] > 0
     assert pipeline["gpu_utilisation"].startswith("n/a")
     faiss = json.loads((tmp_path / "faiss.json").read_text())
     assert faiss["ivf_cpu_vectors_per_s"] > 0 and faiss["hnsw_cpu_vectors_per_s"] > 0
