@@ -309,12 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     output = _check_output(parser, args.output) if args.output else None
-    qdrant = bool(args.qdrant_url or args.qdrant_path or args.qdrant_api_key_secret)
-    if qdrant:
-        refused = qdrant_cli.refusal(args) or ("--root is for named FAISS indexes, not with --qdrant_*"
-                                               if args.root else None)
-    else:
-        refused = None if args.root else "give --root (named FAISS indexes) or --qdrant_url / --qdrant_path"
+    qdrant = qdrant_cli.chosen(args)
+    refused = qdrant_cli.root_or_engine_refusal(args)
     if refused:
         parser.error(refused)
     try:

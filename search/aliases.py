@@ -174,10 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.expect and not args.set:
         parser.error("--expect goes with --set")
-    if args.qdrant_url or args.qdrant_path or args.qdrant_api_key_secret:
+    from search.qdrant import cli as qdrant_cli
+
+    refused = qdrant_cli.root_or_engine_refusal(args)
+    if refused:
+        parser.error(refused)
+    if qdrant_cli.chosen(args):
         return _main_qdrant(parser, args)
-    if not args.root:
-        parser.error("give --root (named FAISS indexes) or --qdrant_url / --qdrant_path (Qdrant collections)")
     try:
         check_root(args.root)
         if args.show:
@@ -211,10 +214,6 @@ def _main_qdrant(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     from search.qdrant import aliases as collection_aliases
     from search.qdrant import cli as qdrant_cli
 
-    refused = qdrant_cli.refusal(args) or ("--root is for named FAISS indexes, not with --qdrant_*"
-                                           if args.root else None)
-    if refused:
-        parser.error(refused)
     target = qdrant_cli.targets(args)
     try:
         if args.show:

@@ -43,32 +43,18 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import DeadLetter, EmbeddingRecord, Stage
-from search.fields import Field, parse_filterable
+from search.fields import Field
 from search.index.writer import refusal
 from search.qdrant.collection import (VECTOR_NAME, Clients, LayoutMismatch, QdrantCollection, QdrantTarget,
                                       QdrantUnavailable, Stored, live_only, patch_payload, point_id, point_payload,
-                                      stored_older_than, tombstone_payload)
+                                      stored_older_than, tombstone_payload, transient)
 from search.store import StoreSettings
 from transforms.dead_letter import not_created
 
 __all__ = ["WriteToQdrant", "plan"]
 
 _log = logging.getLogger(__name__)
-_TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 _REFUSED_STATUS = (400, 422)
-
-
-def _transient(error: BaseException) -> bool:
-    """Worth retrying: the engine unreachable, slow, overloaded or failing for now."""
-    from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
-    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
-
-    if isinstance(error, (ResponseHandlingException, ResourceExhaustedResponse, ConnectionError, TimeoutError)):
-        return True
-    if isinstance(error, UnexpectedResponse):
-        return error.status_code in _TRANSIENT_STATUS
-    code = getattr(error, "code", None)  # a gRPC error
-    return callable(code) and getattr(code(), "name", "") in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
 
 
 def _refused_by_engine(error: BaseException, local: bool) -> str | None:
@@ -193,9 +179,7 @@ class _ConditionalWriteFn(beam.DoFn):
             if self._layout[0] != self._model:
                 raise LayoutMismatch(f"{self._target.where} holds {self._layout[0]} vectors, not {self._model}")
         else:
-            layout = self._call(self._collection.layout, "read the collection")
-            if layout is not None:
-                self._layout = layout["model"], layout["dim"], parse_filterable(layout["filterable"])
+            self._layout = self._call(self._collection.current, "read the collection")
 
     def teardown(self):
         if getattr(self, "_collection", None) is not None:
@@ -229,7 +213,7 @@ class _ConditionalWriteFn(beam.DoFn):
             try:
                 return call()
             except Exception as e:
-                if not _transient(e):
+                if not transient(e):
                     raise
                 if attempt >= self._target.retries:
                     raise QdrantUnavailable(f"{self._target.where}: could not {what} in {attempt + 1} attempts: "
@@ -252,9 +236,7 @@ class _ConditionalWriteFn(beam.DoFn):
                 self._layout = self._call(lambda: self._collection.ensure(
                     upsert.model, int(upsert.embedding.size), self._settings, self._projection), "make the collection")
             else:
-                layout = self._call(self._collection.layout, "read the collection")
-                self._layout = (layout["model"], layout["dim"], parse_filterable(layout["filterable"])) \
-                    if layout else None
+                self._layout = self._call(self._collection.current, "read the collection")
         return self._layout
 
     def _write(self, records: list[EmbeddingRecord]):

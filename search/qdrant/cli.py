@@ -10,7 +10,7 @@ from typing import Callable
 from argtypes import bounded, matching
 from search.qdrant.collection import API_KEY_ENV, SECRET_PATTERN, QdrantTarget, url_problem
 
-__all__ = ["add_flags", "refusal", "targets"]
+__all__ = ["add_flags", "chosen", "refusal", "root_or_engine_refusal", "targets"]
 
 
 def add_flags(parser: argparse.ArgumentParser, title: str) -> None:
@@ -34,6 +34,19 @@ def refusal(args: argparse.Namespace) -> str | None:
     if args.qdrant_path and args.qdrant_api_key_secret:
         return "--qdrant_api_key_secret is for --qdrant_url (the local mode has no key)"
     return None
+
+
+def chosen(args: argparse.Namespace) -> bool:
+    """Whether the flags name a Qdrant engine."""
+    return bool(args.qdrant_url or args.qdrant_path or args.qdrant_api_key_secret)
+
+
+def root_or_engine_refusal(args: argparse.Namespace) -> str | None:
+    """For the commands that take named FAISS indexes (`--root`) or a Qdrant engine's collections
+    (search.aliases, evaluation.gate): why the flags do not name exactly one, or None."""
+    if chosen(args):
+        return refusal(args) or ("--root is for named FAISS indexes, not with --qdrant_*" if args.root else None)
+    return None if args.root else "give --root (named FAISS indexes) or --qdrant_url / --qdrant_path (Qdrant collections)"
 
 
 def targets(args: argparse.Namespace) -> Callable[..., QdrantTarget]:

@@ -50,7 +50,7 @@ from search.index.settings import StoreSettings
 
 __all__ = ["API_KEY_ENV", "Clients", "LayoutMismatch", "PRODUCT", "QdrantCollection", "QdrantTarget",
            "QdrantUnavailable", "Stored", "VECTOR_NAME", "connected", "live_only", "patch_payload", "point_id",
-           "point_payload", "status_of", "stored_older_than", "tombstone_payload"]
+           "point_payload", "status_of", "stored_older_than", "tombstone_payload", "transient"]
 
 _log = logging.getLogger(__name__)
 
@@ -355,6 +355,28 @@ def status_of(error: BaseException) -> int | None:
     return getattr(error, "status_code", None)
 
 
+_TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+def transient(error: BaseException) -> bool:
+    """The engine unreachable, slow, overloaded or failing for now: the sink retries it, the server
+    answers 503."""
+    from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    if isinstance(error, (ResponseHandlingException, ResourceExhaustedResponse, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(error, UnexpectedResponse):
+        return error.status_code in _TRANSIENT_STATUS
+    code = getattr(error, "code", None)  # a gRPC error
+    return callable(code) and getattr(code(), "name", "") in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
+
+
+def _written_with(layout: dict) -> tuple[str, int, tuple[Field, ...]]:
+    """What a layout says a write needs: (model, dim, the declared fields)."""
+    return layout["model"], layout["dim"], parse_filterable(layout["filterable"])
+
+
 class QdrantCollection:
     """A collection through a shared client (`connected`): its layout, made when missing, and reads."""
 
@@ -391,6 +413,12 @@ class QdrantCollection:
                 "segment_kind": metadata.get("segment_kind", "hnsw"), "filterable": metadata.get("filterable", []),
                 "projection": metadata.get("projection", ""), "indexed": set(info.payload_schema or {})}
 
+    def current(self) -> tuple[str, int, tuple[Field, ...]] | None:
+        """The collection's (model, dim, filterable fields), as `ensure` answers them, or None when there is
+        no such collection yet."""
+        layout = self.layout()
+        return None if layout is None else _written_with(layout)
+
     def ensure(self, model: str, dim: int, settings: StoreSettings, projection: str = ""
                ) -> tuple[str, int, tuple[Field, ...]]:
         """The collection's (model, dim, filterable fields): made from the layout when missing (another worker may make it at
@@ -411,13 +439,13 @@ class QdrantCollection:
                     if status_of(e) != 409 and "already exists" not in str(e):
                         raise
                 layout = self.layout()
-            missing = [(field, schema) for field, schema in _payload_indexes(parse_filterable(layout["filterable"]))
-                       if field not in layout["indexed"]]
+            fields = _written_with(layout)[2]
+            missing = [(field, schema) for field, schema in _payload_indexes(fields) if field not in layout["indexed"]]
             with warnings.catch_warnings():  # the local mode's "payload indexes have no effect" (said in the docs)
                 warnings.filterwarnings("ignore", message="Payload indexes have no effect", category=UserWarning)
                 for field, schema in missing:
                     self.client.create_payload_index(self.target.collection, field, field_schema=schema, wait=True)
-        return layout["model"], layout["dim"], parse_filterable(layout["filterable"])
+        return _written_with(layout)
 
     def stored(self, records: Sequence[EmbeddingRecord]) -> dict[str, Stored]:
         """product_id → what is stored of the products of `records` that have a point."""

@@ -40,13 +40,13 @@ from search.query.searcher import Hit
 from search.sharded import DUPLICATE_COSINE, SIMILAR_POOL, collapse_near_copies
 from search.index.errors import IndexUnavailable
 from search.qdrant.collection import (VECTOR_NAME, Clients, QdrantCollection, QdrantTarget, describe_failure,
-                                      live_only, point_id, status_of)
+                                      live_only, point_id, status_of, transient)
 
 __all__ = ["QdrantIndex", "qdrant_filter"]
 
 _log = logging.getLogger(__name__)
 STATS_SECS = 1.0  # the live count and the layout are read again at most this often
-_UNAVAILABLE_STATUS = (401, 403, 404, 408, 429, 500, 502, 503, 504)  # the engine cannot answer this now
+_REFUSING_STATUS = (401, 403, 404)  # the key refused, the collection gone: not transient, still not the query's fault
 FACET_VALUES = 100 * MAX_FACET_VALUES  # values a facet reads from the engine: the answer lists the most frequent
 PAYLOAD = ["product_id", "shop_id", "version", "title", "image_url", "attributes", "embedded_at"]
 
@@ -101,16 +101,25 @@ class QdrantIndex:
         self._collection = QdrantCollection(target, client, lock)
         self.reload_errors: dict[int, str] = {}
         self.failed_reloads = 0
-        layout = self._collection.layout()
-        if layout is None:
+        try:
+            layout = self._read()
+        except Exception:
             Clients.release(target)
-            raise FileNotFoundError(f"{target.where} does not exist: write it with pipelines.index --sink qdrant")
+            raise
         self.model, self.dim, self.projection = layout["model"], layout["dim"], layout["projection"]
         self.segment_kind = layout["segment_kind"]
+        self._closed = False
+
+    def _read(self) -> dict:
+        """Reads the collection's layout (its declared fields) and live count; FileNotFoundError when it is
+        missing."""
+        layout = self._collection.layout()
+        if layout is None:
+            raise FileNotFoundError(f"{self.target.where} does not exist: write it with pipelines.index --sink qdrant")
         self._filterable = parse_filterable(layout["filterable"])
         self._stats = {"live_docs": self._collection.count_live(), "generation": 0}
         self._read_at = time.monotonic()
-        self._closed = False
+        return layout
 
     @classmethod
     def open(cls, target: QdrantTarget) -> "QdrantIndex":
@@ -133,11 +142,7 @@ class QdrantIndex:
             with self._collection.locked():
                 yield self._collection.client
         except Exception as e:
-            from qdrant_client.http.exceptions import ResponseHandlingException
-
-            status = status_of(e)
-            transport = status is None and isinstance(e, (ResponseHandlingException, ConnectionError, TimeoutError))
-            if transport or status in _UNAVAILABLE_STATUS:
+            if transient(e) or status_of(e) in _REFUSING_STATUS:
                 raise IndexUnavailable(describe_failure(e, self.target)) from e
             raise
 
@@ -151,13 +156,9 @@ class QdrantIndex:
         last figures stand and queries answer (or fail) on their own."""
         if time.monotonic() - self._read_at < STATS_SECS:
             return False
-        self._read_at = time.monotonic()
+        self._read_at = time.monotonic()  # a failed read waits its turn too
         try:
-            layout = self._collection.layout()
-            if layout is None:
-                raise FileNotFoundError(f"{self.target.where} is gone")
-            self._filterable = parse_filterable(layout["filterable"])
-            self._stats = {"live_docs": self._collection.count_live(), "generation": 0}
+            self._read()
         except Exception as e:
             reason = describe_failure(e, self.target)
             if 0 not in self.reload_errors:
